@@ -1,0 +1,96 @@
+"""What every lapa node shares: parameter declaration with clear errors, and a clean run loop.
+
+A user mistake in a parameter (wrong type, out of range, bad topic name, unknown task) must end
+in one readable line and a non-zero exit, never a traceback. And a node must get the chance to
+publish its last messages (a zero twist, say) on SIGINT/SIGTERM before the context goes away.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any, Callable
+
+import rclpy
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import (InvalidParameterTypeException, InvalidParameterValueException,
+                              ParameterUninitializedException)
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the parameter and the fix."""
+
+
+def declare(node: Node, name: str, default: Any, description: str, *,
+            integer_range: IntegerRange | None = None, float_range: FloatingPointRange | None = None) -> Any:
+    """Declare a read-only-at-start parameter with a description (and range); return its value."""
+    descriptor = ParameterDescriptor(description=description)
+    if integer_range is not None:
+        descriptor.integer_range = [integer_range]
+    if float_range is not None:
+        descriptor.floating_point_range = [float_range]
+    try:
+        value = node.declare_parameter(name, default, descriptor).value
+    except (InvalidParameterTypeException, ParameterUninitializedException) as e:
+        raise ConfigError(f"parameter '{name}' has the wrong type (expected {type(default).__name__}): {e}") from None
+    except InvalidParameterValueException as e:
+        raise ConfigError(f"parameter '{name}': {_range_text(integer_range, float_range)}; {e}") from None
+    if isinstance(default, float) and isinstance(value, int):
+        value = float(value)
+    return value
+
+
+def _range_text(ir: IntegerRange | None, fr: FloatingPointRange | None) -> str:
+    r = ir or fr
+    return f"must lie in [{r.from_value}, {r.to_value}]" if r else "invalid value"
+
+
+def validate_topic(node: Node, param: str, topic: str) -> str:
+    """The fully resolved topic name, or a ConfigError that names the parameter."""
+    try:
+        return node.resolve_topic_name(topic)
+    except Exception as e:  # rclpy raises several types for malformed names
+        raise ConfigError(f"parameter '{param}': '{topic}' is not a valid ROS topic name ({e})") from None
+
+
+def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) -> int:
+    """Create and spin a node until SIGINT/SIGTERM; returns the process exit code.
+
+    Signals are handled here rather than by rclpy so that the node's ``on_shutdown()`` (if it has
+    one) still runs with a live context and can publish final messages.
+    """
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = {"signal": None}
+
+    def _handler(signum, _frame):
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    node = None
+    try:
+        try:
+            node = node_factory()
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        executor = getattr(node, "executor_class", SingleThreadedExecutor)()
+        executor.add_node(node)
+        while stop["signal"] is None and rclpy.ok():
+            executor.spin_once(timeout_sec=0.05)
+        if stop["signal"] is not None:
+            node.get_logger().info(f"{signal.Signals(stop['signal']).name} received, shutting down")
+        if hasattr(node, "on_shutdown"):
+            node.on_shutdown()
+        executor.shutdown()
+        return 0
+    except ExternalShutdownException:
+        return 0
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,108 @@
+"""Shared test fixtures: ROS 2 isolation, a spinning test node, and node processes.
+
+Every test run gets its own ROS_DOMAIN_ID and localhost-only discovery, so parallel runs on one
+machine (and anything else on the network) never see each other. Nodes under test run as
+separate processes and talk to the test over real DDS.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+os.environ["ROS_DOMAIN_ID"] = str(random.Random(os.getpid() ^ time.time_ns()).randint(1, 100))
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+os.environ["ROS_LOG_DIR"] = tempfile.mkdtemp(prefix="lapa-test-roslog-")
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
+    """Poll predicate until it returns a truthy value; fail the test with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.1f} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def ros():
+    import rclpy
+
+    rclpy.init()
+    yield rclpy
+    rclpy.try_shutdown()
+
+
+@pytest.fixture(scope="module")
+def test_node(ros):
+    """A node for the test's own publishers/subscribers, spun in a background thread."""
+    from rclpy.executors import SingleThreadedExecutor
+
+    node = ros.create_node(f"lapa_test_{os.getpid()}_{random.randint(0, 1 << 30)}")
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.02)
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    yield node
+    stop.set()
+    thread.join(timeout=2)
+    executor.shutdown()
+    node.destroy_node()
+
+
+class NodeProcess:
+    """A node under test, in its own process, with its output captured to a file."""
+
+    def __init__(self, module: str, params: dict | None = None, extra: list[str] | None = None):
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{module.rsplit('.', 1)[-1]}-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", module, "--ros-args"]
+        for k, v in (params or {}).items():
+            cmd += ["-p", f"{k}:={v}"]
+        cmd += extra or []
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self, sig=None, timeout: float = 10.0) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def run_to_exit(module: str, params: dict, timeout: float = 60.0) -> tuple[int, str]:
+    """Start a node that is expected to exit by itself (e.g. on bad parameters)."""
+    node = NodeProcess(module, params)
+    try:
+        node.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        node.stop()
+        pytest.fail(f"{module} with {params} did not exit within {timeout} s:\n{node.output()}")
+    return node.proc.returncode, node.output()
