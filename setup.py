@@ -31,6 +31,7 @@ setup(
         "console_scripts": [
             "lapa = lapa_cli.main:main",
             "lapa_sim_arm = lapa_policy_node.sim_arm_node:main",
+            "lapa_recorder = lapa_policy_node.recorder_node:main",
         ],
     },
 )

@@ -38,8 +38,9 @@ stamp=$VENV/.lapa-install.sha256
 want=$(cat requirements.txt setup.py setup.cfg package.xml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing requirements (a few minutes the first time)"
-  "$VENV/bin/python" -m pip install --quiet -r requirements.txt
-  "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+  # (the sed drops pip's noise about find-links folders of this machine's pip config that do not exist)
+  "$VENV/bin/python" -m pip install --quiet -r requirements.txt 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
+  "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | sed '/is ignored: it is neither/d'
   echo "$want" >"$stamp"
 else
   say "requirements up to date"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lapa_cli import UserError, demo, sim
+from lapa_cli import UserError, demo, record, sim
 
-SUBCOMMANDS = {"sim": sim, "demo": demo}
+SUBCOMMANDS = {"sim": sim, "record": record, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,22 @@ def test_node(ros):
     node.destroy_node()
 
 
+class Latest:
+    """Keeps the newest message of a topic and counts them."""
+
+    def __init__(self, node, msg_type, topic, qos=10):
+        self.msg, self.count, self.lock = None, 0, threading.Lock()
+        node.create_subscription(msg_type, topic, self._on, qos)
+
+    def _on(self, msg):
+        with self.lock:
+            self.msg, self.count = msg, self.count + 1
+
+    def get(self):
+        with self.lock:
+            return self.msg
+
+
 class NodeProcess:
     """A node under test, in its own process, with its output captured to a file."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 
 import numpy as np
@@ -14,26 +13,10 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, JointState
 from std_msgs.msg import Float64, String
 
-from conftest import NodeProcess, run_to_exit, wait_for
+from conftest import Latest, NodeProcess, run_to_exit, wait_for
 
 SIM = "lapa_policy_node.sim_arm_node"
 PARAMS = {"image_width": 96, "image_height": 72, "camera_rate": 15.0, "twist_topic": "/test/servo/delta_twist_cmds"}
-
-
-class Latest:
-    """Keeps the newest message of a topic and counts them."""
-
-    def __init__(self, node, msg_type, topic, qos=10):
-        self.msg, self.count, self.lock = None, 0, threading.Lock()
-        node.create_subscription(msg_type, topic, self._on, qos)
-
-    def _on(self, msg):
-        with self.lock:
-            self.msg, self.count = msg, self.count + 1
-
-    def get(self):
-        with self.lock:
-            return self.msg
 
 
 def _position(pose: PoseStamped) -> np.ndarray:

@@ -1,0 +1,217 @@
+"""``lapa_recorder``: records demonstration episodes, one rosbag2 bag per episode.
+
+Services
+    ~/start     lapa_interfaces/srv/StartEpisode  (instruction, optional name/task/seed)
+    ~/stop      lapa_interfaces/srv/StopEpisode   (task_success) -> the finished bag
+    ~/discard   std_srvs/srv/Trigger              drop the episode being recorded
+Publishes
+    ~/status    std_msgs/String (JSON, latched): recording or idle, episode, instruction, counts
+
+Records the camera image topic(s) (sensor-data QoS), camera info, the commanded end-effector twist
+(MoveIt Servo's input) and gripper command, joint states, the EE pose, and the instruction (as a
+std_msgs/String on /lapa/instruction plus the bag metadata). Messages are taken as serialized CDR
+straight from DDS and written without a deserialize/serialize round trip. An empty topic parameter
+switches that stream off.
+
+Crash safety: each episode is written under <output_dir>/.recording/ and moved next to the others
+only when it is closed, so a recorder killed mid-episode never damages earlier episodes and never
+leaves a half-written bag that looks finished. On SIGINT/SIGTERM the episode in progress is closed
+and kept with success unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from geometry_msgs.msg import PoseStamped, TwistStamped
+from rcl_interfaces.msg import FloatingPointRange
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
+from std_msgs.msg import Float64, String
+from std_srvs.srv import Trigger
+
+from lapa_policy_node.runtime import ConfigError, declare, validate_topic
+from lapa_training.data import bag_format
+from lapa_training.data.episode_writer import STORAGES, EpisodeBagWriter, EpisodeWriterError
+
+# parameter -> (default, message class, bag message type, QoS kind, description)
+STREAMS = {
+    "image_topics": ([bag_format.IMAGE_TOPIC], Image, "sensor_msgs/msg/Image", "sensor", "raw camera images"),
+    "compressed_image_topics": ([""], CompressedImage, "sensor_msgs/msg/CompressedImage", "sensor",
+                                "compressed camera images"),
+    "camera_info_topics": ([bag_format.CAMERA_INFO_TOPIC], CameraInfo, "sensor_msgs/msg/CameraInfo", "sensor",
+                           "camera intrinsics"),
+    "twist_topic": (bag_format.TWIST_TOPIC, TwistStamped, "geometry_msgs/msg/TwistStamped", "reliable",
+                    "commanded end-effector twist (MoveIt Servo input)"),
+    "gripper_topic": (bag_format.GRIPPER_TOPIC, Float64, "std_msgs/msg/Float64", "reliable",
+                      "gripper command (opening 0 closed .. 1 open)"),
+    "joint_state_topic": (bag_format.JOINT_STATE_TOPIC, JointState, "sensor_msgs/msg/JointState", "reliable",
+                          "joint states"),
+    "ee_pose_topic": (bag_format.EE_POSE_TOPIC, PoseStamped, "geometry_msgs/msg/PoseStamped", "reliable",
+                      "end-effector pose in the base frame"),
+}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class RecorderNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__("lapa_recorder", **kwargs)
+        self.output_dir = Path(declare(self, "output_dir", "data/bags", "directory that receives one bag per episode"))
+        self.storage = declare(self, "storage", "mcap", "rosbag2 storage: mcap or sqlite3")
+        if self.storage not in STORAGES:
+            raise ConfigError(f"parameter 'storage': '{self.storage}' is not one of {', '.join(STORAGES)}")
+        self.robot = declare(self, "robot", "panda", "robot name stored in each episode's metadata")
+        self.max_episode_s = declare(self, "max_episode_seconds", 600.0,
+                                     "an episode longer than this is stopped and kept (success unknown)",
+                                     float_range=FloatingPointRange(from_value=1.0, to_value=86400.0))
+        self.streams: dict[str, tuple[type, str, str]] = {}  # resolved topic -> (class, bag type, qos)
+        for param, (default, cls, msgtype, qos, text) in STREAMS.items():
+            value = declare(self, param, default, f"{text}; empty = not recorded")
+            for topic in (value if isinstance(value, list) else [value]):
+                if topic:
+                    self.streams[validate_topic(self, param, topic)] = (cls, msgtype, qos)
+        if not self.streams:
+            raise ConfigError("every topic parameter is empty: nothing to record")
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"parameter 'output_dir': cannot create {self.output_dir}: {e}") from None
+
+        self.writer: EpisodeBagWriter | None = None
+        self._started = 0.0
+        for topic, (cls, _, qos) in self.streams.items():
+            profile = qos_profile_sensor_data if qos == "sensor" else 10
+            self.create_subscription(cls, topic, lambda data, t=topic: self._on_message(t, data), profile, raw=True)
+
+        from lapa_interfaces.srv import StartEpisode, StopEpisode  # built by setup.sh into the venv
+
+        self.create_service(StartEpisode, "~/start", self._on_start)
+        self.create_service(StopEpisode, "~/stop", self._on_stop)
+        self.create_service(Trigger, "~/discard", self._on_discard)
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.status_pub = self.create_publisher(String, "~/status", latched)
+        self.create_timer(1.0, self._check_duration)
+        self._publish_status()
+        self.get_logger().info(f"recorder ready: {len(self.streams)} topics -> {self.output_dir.resolve()} "
+                               f"({self.storage}); call ~/start to record an episode")
+
+    # ------------------------------------------------------------------ episode control
+    def _on_start(self, request, response):
+        response.success = False
+        instruction = request.instruction.strip()
+        if self.writer is not None:
+            response.message = f"already recording '{self.writer.name}'; stop or discard it first"
+            return response
+        if not instruction:
+            response.message = "empty instruction: every episode needs its language instruction"
+            return response
+        name = request.name or time.strftime("%Y%m%d_%H%M%S_") + (request.task or "episode")
+        if not NAME_RE.match(name):
+            response.message = f"bad episode name '{name}': use letters, digits, '_', '-' or '.'"
+            return response
+        metadata = {"instruction": instruction, "robot": self.robot, "source": "lapa_recorder",
+                    "task": request.task or None, "seed": int(request.seed) if request.seed >= 0 else None}
+        try:
+            writer = EpisodeBagWriter(self.output_dir, name, storage=self.storage, metadata=metadata)
+            for topic, (_, msgtype, qos) in self.streams.items():
+                writer.add_topic(topic, msgtype, qos)
+            writer.add_topic(bag_format.INSTRUCTION_TOPIC, "std_msgs/msg/String", "latched")
+            writer.write_msg(bag_format.INSTRUCTION_TOPIC, self.get_clock().now().nanoseconds,
+                             _string(instruction))
+        except (EpisodeWriterError, OSError) as e:
+            response.message = str(e)
+            return response
+        self.writer, self._started = writer, time.monotonic()
+        response.success, response.bag_path = True, str(writer.final_path)
+        response.message = f"recording '{name}': {instruction}"
+        self.get_logger().info(response.message)
+        self._publish_status()
+        return response
+
+    def _on_stop(self, request, response):
+        if self.writer is None:
+            response.success, response.message = False, "not recording"
+            return response
+        writer = self.writer
+        try:
+            path = self._finish(bool(request.task_success))
+        except (EpisodeWriterError, OSError) as e:
+            response.success, response.message = False, f"could not close the bag: {e}"
+            return response
+        response.success, response.bag_path = True, str(path)
+        response.message_count, response.duration_s = writer.message_count, writer.duration_s
+        response.message = (f"saved '{writer.name}': {writer.message_count} messages, "
+                            f"{writer.duration_s:.1f} s, success={bool(request.task_success)}")
+        return response
+
+    def _on_discard(self, _request, response):
+        if self.writer is None:
+            response.success, response.message = False, "not recording"
+            return response
+        name = self.writer.name
+        self.writer.discard()
+        self.writer = None
+        response.success, response.message = True, f"discarded '{name}'"
+        self.get_logger().info(response.message)
+        self._publish_status()
+        return response
+
+    def _finish(self, success: bool | None, **extra) -> Path:
+        writer, self.writer = self.writer, None
+        images = max((writer.counts.get(t, 0) for t, (_, m, _) in self.streams.items() if m.endswith("Image")),
+                     default=0)
+        fps = images / writer.duration_s if writer.duration_s > 0 else None
+        path = writer.close(success, fps=round(fps, 2) if fps else None, **extra)
+        self.get_logger().info(f"saved episode {path} ({writer.message_count} messages, "
+                               f"{writer.duration_s:.1f} s, success={success})")
+        self._publish_status()
+        return path
+
+    # ------------------------------------------------------------------ data
+    def _on_message(self, topic: str, data: bytes) -> None:
+        if self.writer is not None:
+            self.writer.write(topic, self.get_clock().now().nanoseconds, data)
+
+    def _check_duration(self) -> None:
+        if self.writer is not None and time.monotonic() - self._started > self.max_episode_s:
+            self.get_logger().warn(f"episode '{self.writer.name}' reached max_episode_seconds "
+                                   f"({self.max_episode_s:.0f} s): stopping it (kept, success unknown)")
+            self._finish(None, stopped_by="max_episode_seconds")
+        elif self.writer is not None:
+            self._publish_status()
+
+    def _publish_status(self) -> None:
+        w = self.writer
+        status = {"recording": w is not None, "output_dir": str(self.output_dir)}
+        if w is not None:
+            status.update(episode=w.name, instruction=w.metadata["instruction"], messages=w.message_count,
+                          seconds=round(time.monotonic() - self._started, 1))
+        self.status_pub.publish(String(data=json.dumps(status)))
+
+    def on_shutdown(self) -> None:
+        """SIGINT/SIGTERM while recording: keep what was recorded, with success unknown."""
+        if self.writer is not None:
+            self.get_logger().warn(f"shutting down while recording '{self.writer.name}': saving it "
+                                   "(success unknown)")
+            self._finish(None, stopped_by="shutdown")
+
+
+def _string(text: str):
+    from lapa_training.data.episode_writer import typestore
+
+    return typestore().types["std_msgs/msg/String"](data=text)
+
+
+def main(args=None) -> int:
+    from lapa_policy_node.runtime import run_node
+
+    return run_node(RecorderNode, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

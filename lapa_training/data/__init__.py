@@ -1,0 +1,1 @@
+"""From rosbags and videos to datasets the trainers read: bag conventions, episode writing, ingest."""

@@ -1,0 +1,175 @@
+"""lapa_recorder over real DDS: episodes recorded from the simulated arm driven by a scripted teleop,
+service errors, crash safety under SIGKILL, and a clean save on SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+
+import pytest
+import yaml
+from rosbags.rosbag2 import Reader
+
+from conftest import NodeProcess, run_to_exit, wait_for
+from lapa_training.data import bag_format
+
+SIM = "lapa_policy_node.sim_arm_node"
+RECORDER = "lapa_policy_node.recorder_node"
+
+
+@pytest.fixture(scope="module")
+def sim(ros):
+    proc = NodeProcess(SIM, {"image_width": 64, "image_height": 64, "camera_rate": 10.0})
+    yield proc
+    assert proc.stop() == 0, proc.output()
+
+
+@contextlib.contextmanager
+def spinning_teleop(recorder_node: str = "/lapa_recorder"):
+    """A ScriptedTeleop (the test's client of sim and recorder), spun in a background thread."""
+    from rclpy.executors import SingleThreadedExecutor
+
+    from lapa_policy_node.scripted_teleop import ScriptedTeleop
+
+    node = ScriptedTeleop(recorder_node=recorder_node)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [executor.spin_once(timeout_sec=0.02) for _ in iter(stop.is_set, True)],
+                              daemon=True)
+    thread.start()
+    try:
+        yield node
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        executor.shutdown()
+        node.destroy_node()
+
+
+@pytest.fixture(scope="module")
+def teleop(ros, sim):
+    with spinning_teleop() as node:
+        yield node
+
+
+def _recorder(out_dir, name: str = "lapa_recorder", **params) -> NodeProcess:
+    # A recorder that dies by SIGKILL stays in the DDS graph for a while: tests that kill one give
+    # it a name of its own, so that later clients never wait on a dead server.
+    proc = NodeProcess(RECORDER, {"output_dir": str(out_dir), **params}, extra=["-r", f"__node:={name}"])
+    wait_for(lambda: "recorder ready" in proc.output() or proc.proc.poll() is not None, 60, what="the recorder")
+    assert proc.proc.poll() is None, proc.output()
+    return proc
+
+
+def _read(bag_dir) -> dict[str, int]:
+    with Reader(bag_dir) as reader:
+        return {c.topic: sum(1 for _ in reader.messages(connections=[c])) for c in reader.connections}
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_teleop_episode_is_recorded_as_a_complete_bag(tmp_path, sim, teleop, storage):
+    rec = _recorder(tmp_path, storage=storage)
+    try:
+        teleop.wait_ready(timeout=60)
+        ep = teleop.run_episode("reach", 3)
+    finally:
+        assert rec.stop() == 0, rec.output()
+    assert ep.success, "the scripted teleop should solve reach/3 through ROS"
+    bag = tmp_path / "reach_000003"
+    assert ep.bag_path == str(bag) and bag.is_dir()
+    assert not (tmp_path / bag_format.STAGING_DIR).exists()
+    counts = _read(bag)
+    assert counts[bag_format.INSTRUCTION_TOPIC] == 1
+    assert counts[bag_format.TWIST_TOPIC] >= ep.steps - 2  # every command the teleop sent, give or take the edges
+    assert counts[bag_format.IMAGE_TOPIC] >= 0.7 * ep.steps  # 10 Hz camera over the same time as 10 Hz commands
+    for topic in (bag_format.JOINT_STATE_TOPIC, bag_format.EE_POSE_TOPIC, bag_format.GRIPPER_TOPIC,
+                  bag_format.CAMERA_INFO_TOPIC):
+        assert counts[topic] > 0, topic
+    meta = json.loads((bag / bag_format.EPISODE_JSON).read_text())
+    assert meta["instruction"] == ep.instruction and meta["success"] is True and meta["status"] == "complete"
+    assert meta["task"] == "reach" and meta["seed"] == 3 and meta["robot"] == "panda"
+    info = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]  # what ros2 bag info reads
+    assert info["storage_identifier"] == storage
+    custom = info["custom_data"]
+    assert custom["lapa.instruction"] == ep.instruction and custom["lapa.success"] == "true"
+
+
+def test_episode_control_services_refuse_mistakes_and_discard_leaves_nothing(tmp_path, ros, teleop):
+    from lapa_interfaces.srv import StartEpisode, StopEpisode
+    from std_srvs.srv import Trigger
+
+    rec = _recorder(tmp_path)
+    try:
+        assert teleop.start_client.wait_for_service(timeout_sec=20)
+        call = teleop._call
+        empty = call(teleop.start_client, StartEpisode.Request(instruction="  "))
+        assert not empty.success and "empty instruction" in empty.message
+        bad_name = call(teleop.start_client, StartEpisode.Request(instruction="x", name="../escape"))
+        assert not bad_name.success and "bad episode name" in bad_name.message
+        idle = call(teleop.stop_client, StopEpisode.Request(task_success=True))
+        assert not idle.success and idle.message == "not recording"
+
+        ok = call(teleop.start_client, StartEpisode.Request(instruction="wave", name="keep_me"))
+        assert ok.success, ok.message
+        twice = call(teleop.start_client, StartEpisode.Request(instruction="wave again"))
+        assert not twice.success and "already recording 'keep_me'" in twice.message
+        assert call(teleop.stop_client, StopEpisode.Request(task_success=False)).success
+        taken = call(teleop.start_client, StartEpisode.Request(instruction="wave", name="keep_me"))
+        assert not taken.success and "already exists" in taken.message
+
+        assert call(teleop.start_client, StartEpisode.Request(instruction="oops", name="drop_me")).success
+        time.sleep(0.3)
+        dropped = call(teleop.discard_client, Trigger.Request())
+        assert dropped.success and "drop_me" in dropped.message
+    finally:
+        assert rec.stop() == 0, rec.output()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep_me"]
+    assert json.loads((tmp_path / "keep_me" / bag_format.EPISODE_JSON).read_text())["success"] is False
+
+
+def test_sigkill_mid_episode_leaves_earlier_episodes_intact_and_marks_the_cut_one(tmp_path, sim):
+    from lapa_interfaces.srv import StartEpisode
+
+    rec = _recorder(tmp_path, name="lapa_recorder_killed")
+    with spinning_teleop("/lapa_recorder_killed") as teleop:
+        teleop.wait_ready(timeout=60)
+        first = teleop.run_episode("reach", 5)
+        started = teleop._call(teleop.start_client, StartEpisode.Request(instruction="doomed", name="cut_short"))
+        assert started.success
+        time.sleep(1.0)  # images and states stream into the second bag
+        rec.proc.send_signal(signal.SIGKILL)
+        rec.proc.wait(timeout=10)
+
+    assert _read(first.bag_path)[bag_format.IMAGE_TOPIC] > 0  # fully readable after the crash
+    assert json.loads((tmp_path / "reach_000005" / bag_format.EPISODE_JSON).read_text())["status"] == "complete"
+    assert not (tmp_path / "cut_short").exists()  # never looks like a finished episode
+    staged = tmp_path / bag_format.STAGING_DIR / "cut_short"
+    assert json.loads((staged / bag_format.EPISODE_JSON).read_text())["status"] == bag_format.STATUS_RECORDING
+
+
+def test_sigterm_while_recording_saves_the_episode_with_unknown_success(tmp_path, sim, teleop):
+    from lapa_interfaces.srv import StartEpisode
+
+    rec = _recorder(tmp_path, storage="sqlite3")
+    assert teleop.start_client.wait_for_service(timeout_sec=20)
+    assert teleop._call(teleop.start_client, StartEpisode.Request(instruction="hold still", name="interrupted")).success
+    time.sleep(0.8)
+    assert rec.stop(signal.SIGTERM) == 0, rec.output()
+    meta = json.loads((tmp_path / "interrupted" / bag_format.EPISODE_JSON).read_text())
+    assert meta["success"] is None and meta["stopped_by"] == "shutdown"
+    assert _read(tmp_path / "interrupted")[bag_format.IMAGE_TOPIC] > 0
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"storage": "zip"}, "parameter 'storage': 'zip' is not one of mcap, sqlite3"),
+    ({"twist_topic": "'no spaces allowed'"}, "parameter 'twist_topic'"),
+    ({"output_dir": "/proc/lapa-cannot-write-here"}, "parameter 'output_dir': cannot create"),
+])
+def test_bad_recorder_parameters_exit_with_a_clear_error(ros, tmp_path, params, message):
+    code, output = run_to_exit(RECORDER, {"output_dir": str(tmp_path), **params})
+    assert code == 2, output
+    assert message in output and "Traceback" not in output, output
