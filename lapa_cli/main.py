@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lapa_cli import UserError, demo, record, sim
+from lapa_cli import UserError, data, demo, record, sim
 
-SUBCOMMANDS = {"sim": sim, "record": record, "demo": demo}
+SUBCOMMANDS = {"sim": sim, "record": record, "demo": demo, "data": data}
 
 
 def main(argv: list[str] | None = None) -> int:

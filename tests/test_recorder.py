@@ -150,6 +150,11 @@ def test_sigkill_mid_episode_leaves_earlier_episodes_intact_and_marks_the_cut_on
     staged = tmp_path / bag_format.STAGING_DIR / "cut_short"
     assert json.loads((staged / bag_format.EPISODE_JSON).read_text())["status"] == bag_format.STATUS_RECORDING
 
+    from lapa_training.data.ingest import IngestOptions, ingest
+
+    report = ingest([tmp_path], tmp_path / "dataset", IngestOptions(image_size=32, progress=False))
+    assert report.episodes_added == 1 and len(report.incomplete) == 1 and "cut_short" in report.incomplete[0]
+
 
 def test_sigterm_while_recording_saves_the_episode_with_unknown_success(tmp_path, sim, teleop):
     from lapa_interfaces.srv import StartEpisode

@@ -88,8 +88,8 @@ def generate_episode(env, out_dir: Path, task: str, seed: int, *, name: str | No
 
     At every control step k (time t_k = t_0 + k / control_rate) the bag gets the camera image, the
     TCP pose and joint states stamped t_k, then the expert's twist (stamped t_k, base frame) and
-    gripper opening, which the simulator holds until t_{k+1}. With record_actions=False the twist
-    and gripper topics are left out: an action-free episode, like a plain video of the robot.
+    gripper opening, which the simulator holds until t_{k+1}. With record_actions=False only the
+    camera and the instruction are written: an action-free episode, like a plain video of the robot.
     """
     from lapa_sim import tasks
     from lapa_sim.expert import ScriptedExpert
@@ -106,9 +106,9 @@ def generate_episode(env, out_dir: Path, task: str, seed: int, *, name: str | No
     try:
         writer.add_topic(bag_format.INSTRUCTION_TOPIC, "std_msgs/msg/String", "latched")
         writer.add_topic(bag_format.IMAGE_TOPIC, "sensor_msgs/msg/Image", "sensor")
-        writer.add_topic(bag_format.EE_POSE_TOPIC, "geometry_msgs/msg/PoseStamped")
-        writer.add_topic(bag_format.JOINT_STATE_TOPIC, "sensor_msgs/msg/JointState")
         if record_actions:
+            writer.add_topic(bag_format.EE_POSE_TOPIC, "geometry_msgs/msg/PoseStamped")
+            writer.add_topic(bag_format.JOINT_STATE_TOPIC, "sensor_msgs/msg/JointState")
             writer.add_topic(bag_format.TWIST_TOPIC, "geometry_msgs/msg/TwistStamped")
             writer.add_topic(bag_format.GRIPPER_TOPIC, "std_msgs/msg/Float64")
         t0 = EPOCH_NS + seed * 1000 * 10**9
@@ -120,8 +120,9 @@ def generate_episode(env, out_dir: Path, task: str, seed: int, *, name: str | No
             t_ns = t0 + k * period_ns
             rgb = env.render("front")
             writer.write_msg(bag_format.IMAGE_TOPIC, t_ns, msgs.image(t_ns, rgb, "front_camera_optical_frame"))
-            writer.write_msg(bag_format.EE_POSE_TOPIC, t_ns, msgs.pose(t_ns, obs.tcp_pos, obs.tcp_quat))
-            writer.write_msg(bag_format.JOINT_STATE_TOPIC, t_ns, msgs.joints(t_ns, obs))
+            if record_actions:  # robot state would give the actions away (ingest derives them from EE poses)
+                writer.write_msg(bag_format.EE_POSE_TOPIC, t_ns, msgs.pose(t_ns, obs.tcp_pos, obs.tcp_quat))
+                writer.write_msg(bag_format.JOINT_STATE_TOPIC, t_ns, msgs.joints(t_ns, obs))
             if keep_arrays:
                 frames.append(rgb)
             if success or k >= max_steps:

@@ -1,0 +1,138 @@
+"""Ingest speed against a bare rosbags read of the same bag.
+
+    .venv/bin/python benchmarks/ingest.py [--frames 600] [--size 128] [--storage mcap] [--repeats 5]
+
+Writes a synthetic episode bag (rgb8 frames + TwistStamped + gripper at 10 Hz, like `lapa data
+generate`), then times
+  baseline: open the bag with rosbags and deserialize every message (nothing else), and
+  ingest:   the full `lapa data ingest` path to a dataset at native size (decode, resample,
+            actions, frames written to disk, metadata),
+and prints frames/s of both and their ratio (goal: ingest >= 0.8 x baseline). Best of --repeats,
+the two run alternately (the machine's load varies).
+When the goal is missed it prints a profile of the ingest, so it says where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lapa_training.data import bag_format
+from lapa_training.data.bag_reader import typestore
+from lapa_training.data.ingest import IngestOptions, ingest
+
+
+def write_bag(path: Path, frames: int, size: int, storage: str) -> None:
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    ts = typestore()
+    t = ts.types
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8)
+
+    def header(t_ns: int, frame: str):
+        return t["std_msgs/msg/Header"](stamp=t["builtin_interfaces/msg/Time"](sec=t_ns // 10**9, nanosec=t_ns % 10**9),
+                                        frame_id=frame)
+
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    with Writer(path, version=9, storage_plugin=plugin) as w:
+        w.set_custom_data("lapa.instruction", "push the red block left")
+        img = w.add_connection(bag_format.IMAGE_TOPIC, "sensor_msgs/msg/Image", typestore=ts)
+        tw = w.add_connection(bag_format.TWIST_TOPIC, "geometry_msgs/msg/TwistStamped", typestore=ts)
+        gr = w.add_connection(bag_format.GRIPPER_TOPIC, "std_msgs/msg/Float64", typestore=ts)
+        vec = t["geometry_msgs/msg/Vector3"]
+        t0 = 1_700_000_000 * 10**9
+        for k in range(frames):
+            t_ns = t0 + k * 100_000_000
+            msg = t["sensor_msgs/msg/Image"](header=header(t_ns, "camera"), height=size, width=size, encoding="rgb8",
+                                             is_bigendian=0, step=3 * size, data=pixels[k % 16].reshape(-1))
+            w.write(img, t_ns, ts.serialize_cdr(msg, "sensor_msgs/msg/Image"))
+            v = rng.normal(size=6) * 0.05
+            twist = t["geometry_msgs/msg/TwistStamped"](
+                header=header(t_ns, bag_format.BASE_FRAME),
+                twist=t["geometry_msgs/msg/Twist"](linear=vec(x=v[0], y=v[1], z=v[2]),
+                                                   angular=vec(x=v[3], y=v[4], z=v[5])))
+            w.write(tw, t_ns, ts.serialize_cdr(twist, "geometry_msgs/msg/TwistStamped"))
+            w.write(gr, t_ns, ts.serialize_cdr(t["std_msgs/msg/Float64"](data=float(k % 2)), "std_msgs/msg/Float64"))
+
+
+def bare_read(path: Path) -> int:
+    """The baseline: every message read and deserialized with rosbags, nothing else."""
+    from rosbags.rosbag2 import Reader
+
+    ts = typestore()
+    n = 0
+    with Reader(path) as reader:
+        for conn, _, raw in reader.messages():
+            ts.deserialize_cdr(raw, conn.msgtype)
+            n += conn.msgtype == "sensor_msgs/msg/Image"
+    return n
+
+
+def run_ingest(bag: Path, out_root: Path, size: int) -> int:
+    """A full ingest into a new dataset directory (removing old ones is not part of the timing)."""
+    out = out_root / f"dataset_{len(list(out_root.iterdir())) if out_root.exists() else 0}"
+    report = ingest([bag], out, IngestOptions(image_size=size, progress=False, warn=lambda m: None))
+    return report.frames_added
+
+
+def interleaved_best(repeats: int, *jobs) -> list[tuple[float, int]]:
+    """Best wall time (and result) of each job, running them in turn so machine load hits all alike."""
+    best = [(float("inf"), 0)] * len(jobs)
+    for _ in range(repeats):
+        for i, (fn, *args) in enumerate(jobs):
+            t0 = time.perf_counter()
+            result = fn(*args)
+            best[i] = min(best[i], (time.perf_counter() - t0, result))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=600)
+    ap.add_argument("--size", type=int, default=128, help="square image size of the bag (px)")
+    ap.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
+    ap.add_argument("--repeats", type=int, default=9)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="lapa-bench-ingest-"))
+    try:
+        bag, out = tmp / "episode", tmp / "datasets"
+        write_bag(bag, args.frames, args.size, args.storage)
+        os.sync()  # no write-back of the new bag during the measurements
+        out.mkdir()
+        bare_read(bag)  # warm the page cache and the typestore for both
+        run_ingest(bag, out, args.size)
+        (t_base, n_base), (t_ingest, n_ingest) = interleaved_best(
+            args.repeats, (bare_read, bag), (run_ingest, bag, out, args.size))
+        assert n_base == n_ingest == args.frames, (n_base, n_ingest)
+        fps_base, fps_ingest = n_base / t_base, n_ingest / t_ingest
+        ratio = fps_ingest / fps_base
+        mb = sum(p.stat().st_size for p in bag.iterdir()) / 2**20
+        print(f"bag: {args.frames} rgb8 {args.size}x{args.size} frames + twists + gripper, {args.storage}, "
+              f"{mb:.1f} MiB")
+        print(f"bare rosbags read + deserialize: {fps_base:9.0f} frames/s  ({t_base * 1e3:7.1f} ms)")
+        print(f"full ingest to dataset:          {fps_ingest:9.0f} frames/s  ({t_ingest * 1e3:7.1f} ms)")
+        print(f"ratio ingest / bare read: {ratio:.2f}  (goal >= 0.8: {'met' if ratio >= 0.8 else 'MISSED'})")
+        if ratio < 0.8:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            run_ingest(bag, out, args.size)
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+            print("where the ingest time goes (by own time):\n" + text.getvalue())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

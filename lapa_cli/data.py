@@ -1,0 +1,261 @@
+"""`lapa data <action>`: datasets for training, from rosbags, human videos and other datasets.
+
+    lapa data ingest bags/ videos/ --out runs/data/mix     # build (or --append to) a dataset
+    lapa data info runs/data/mix                           # what is in it
+    lapa data generate --out bags/sim --episodes 50        # simulated demos, in-process (fast)
+    lapa data collect --out bags/ros --episodes 5          # simulated demos through ROS nodes
+
+Each action is an (add_parser, run) pair in ACTIONS; add one there to add an action. Heavy imports
+happen inside run functions so `lapa --help` stays instant. Bad input (IngestError) becomes a
+UserError: one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from lapa_cli import UserError
+
+
+# ---------------------------------------------------------------- ingest
+def add_ingest_parser(sub) -> None:
+    p = sub.add_parser(
+        "ingest", help="build a dataset from rosbags, video folders and datasets",
+        description="Read rosbag2 bags (MCAP or sqlite3), folders of videos with captions, and existing datasets, "
+                    "and write one dataset (docs/DATASET_FORMAT.md): frames resized once, 7-D end-effector "
+                    "actions on a fixed control rate, instructions, train/val/test split by episode.")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                   help="bag directory, folder (searched for bags and videos), video file or dataset")
+    p.add_argument("--out", type=Path, required=True, help="dataset directory to write")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace the dataset at --out")
+    mode.add_argument("--append", action="store_true", help="add episodes to the dataset at --out")
+    p.add_argument("--image-size", type=int, default=128,
+                   help="square frame size in px (center-crop, then INTER_AREA); 0 keeps the source size (default 128)")
+    p.add_argument("--rate", type=float, default=10.0, help="control rate of bag frames and actions in Hz (default 10)")
+    topics = p.add_argument_group("bag topics (defaults: lapa-ros / MoveIt Servo names, when the bag has them)")
+    topics.add_argument("--image-topic", help="sensor_msgs/Image or CompressedImage (default /camera/image_raw, "
+                                              "else the bag's only image topic)")
+    topics.add_argument("--twist-topic",
+                        help="geometry_msgs/TwistStamped commands (default /servo_node/delta_twist_cmds)")
+    topics.add_argument("--pose-topic", help="geometry_msgs/PoseStamped TCP pose (default /ee_pose)")
+    topics.add_argument("--gripper-topic", help="std_msgs/Float64 gripper opening command (default /gripper/command)")
+    topics.add_argument("--instruction-topic", help="std_msgs/String instruction (default /lapa/instruction)")
+    frames = p.add_argument_group("frames and actions")
+    frames.add_argument("--actions", choices=("auto", "twist", "pose", "none"), default="auto",
+                        help="where bag actions come from: auto (twists, else EE poses, else action-free), "
+                             "or force one; none ingests bags as action-free video")
+    frames.add_argument("--base-frame", default="panda_link0", help="robot base frame of actions (default panda_link0)")
+    frames.add_argument("--tcp-frame", default="panda_hand_tcp", help="TCP frame twists may be given in")
+    frames.add_argument("--stale-timeout", type=float, default=0.25,
+                        help="seconds after which a twist command counts as zero (default 0.25, as MoveIt Servo)")
+    frames.add_argument("--gripper-open", type=float, default=1.0, help="gripper command value for open (default 1)")
+    frames.add_argument("--gripper-closed", type=float, default=0.0,
+                        help="gripper command value for closed (default 0)")
+    frames.add_argument("--window-s", type=float,
+                        help="LAQ window in seconds (default 0.6 for bags, 2.4 for videos)")
+    frames.add_argument("--window-frames", type=int, default=6,
+                        help="stored frames per window; sets the video frame stride (default 6)")
+    text = p.add_argument_group("instructions")
+    text.add_argument("--instructions", type=Path, metavar="FILE",
+                      help="CSV or JSON mapping bag/video name to instruction (also Something-Something-v2 JSON)")
+    text.add_argument("--allow-empty-instruction", action="store_true",
+                      help="ingest episodes that have no instruction (with an empty one)")
+    p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions of episodes (default 0.8,0.1,0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad inputs with a warning (and count them) instead of stopping")
+
+
+def run_ingest(args) -> int:
+    from lapa_training.data.bag_reader import BagOptions
+    from lapa_training.data.dataset import parse_split
+    from lapa_training.data.ingest import IngestOptions, ingest
+
+    if args.image_size < 0:
+        raise UserError(f"--image-size must be >= 0, not {args.image_size}")
+    for name in ("rate", "stale_timeout"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    if args.window_s is not None and not args.window_s > 0:
+        raise UserError(f"--window-s must be positive, not {args.window_s}")
+    if args.window_frames < 1:
+        raise UserError(f"--window-frames must be at least 1, not {args.window_frames}")
+    if args.gripper_open == args.gripper_closed:
+        raise UserError("--gripper-open and --gripper-closed must differ")
+    if args.instructions is not None and not args.instructions.is_file():
+        raise UserError(f"instructions file not found: {args.instructions}")
+    bag = BagOptions(image_topic=args.image_topic, twist_topic=args.twist_topic, pose_topic=args.pose_topic,
+                     gripper_topic=args.gripper_topic, instruction_topic=args.instruction_topic, actions=args.actions,
+                     rate_hz=args.rate,
+                     stale_timeout_s=args.stale_timeout, base_frame=args.base_frame, tcp_frame=args.tcp_frame,
+                     gripper_open=args.gripper_open, gripper_closed=args.gripper_closed)
+    options = IngestOptions(image_size=args.image_size, bag=bag, window_s=args.window_s,
+                            window_frames=args.window_frames, instructions_file=args.instructions,
+                            allow_empty_instruction=args.allow_empty_instruction, split=parse_split(args.split),
+                            seed=args.seed, skip_bad=args.skip_bad,
+                            mode="overwrite" if args.overwrite else "append" if args.append else "create",
+                            progress=sys.stderr.isatty())
+    report = ingest(args.inputs, args.out, options)
+    print(f"ingested {report.summary()}")
+    for path, reason in report.skipped:
+        print(f"  skipped (bad): {reason}")
+    for path in report.incomplete:
+        print(f"  skipped (incomplete recording): {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- info
+def add_info_parser(sub) -> None:
+    p = sub.add_parser("info", help="summarize a dataset", description="Summarize a dataset: episodes, frames, "
+                       "splits, tasks, instructions, sources, disk size, action statistics.")
+    p.add_argument("dataset", type=Path, help="dataset directory")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run_info(args) -> int:
+    from lapa_training.data.dataset import Dataset, summarize
+
+    summary = summarize(Dataset(args.dataset))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    h, w = s["frame_shape"][:2] if s["frame_shape"] else (0, 0)
+    lines = [
+        f"dataset      {s['path']}  ({s['format']}, {s['disk_bytes'] / 2**20:.1f} MiB on disk)",
+        f"frames       {s['frames']}  ({w}x{h} RGB; control rate {s['control_rate_hz']:g} Hz; "
+        f"stored fps {_counts(s['fps'])}; window frames {_counts(s['window_frames'])})",
+        f"episodes     {s['episodes']}  ({s['episodes_with_actions']} with actions, "
+        f"{s['episodes_without_actions']} action-free; "
+        f"success {s['success']['succeeded']}/{s['success']['known']} known)",
+        "splits       " + ", ".join(f"{k} {v['episodes']} ep / {v['frames']} frames / {v['pairs']} pairs"
+                                    for k, v in s["splits"].items()),
+        f"tasks        {_counts(s['tasks'])}",
+        f"instructions {s['instructions']} ({s['distinct_instructions']} distinct)",
+        f"sources      {_counts(s['sources'])}",
+        "actions      " + f"{'':8s}{'count':>9s}{'mean':>11s}{'std':>11s}{'min':>11s}{'max':>11s}",
+    ]
+    for name, st in s["action_stats"].items():
+        nums = "".join(f"{v:11.4g}" if v is not None else f"{'-':>11s}"
+                       for v in (st["mean"], st["std"], st["min"], st["max"]))
+        lines.append(f"             {name:8s}{st['count']:9d}{nums}")
+    return "\n".join(lines)
+
+
+def _counts(counter: dict, unit: str = "ep") -> str:
+    return ", ".join(f"{k} ({v} {unit})" for k, v in counter.items()) or "-"
+
+
+# ---------------------------------------------------------------- generate / collect (simulated demos)
+def _add_demo_args(p, episodes_help: str) -> None:
+    p.add_argument("--out", type=Path, required=True, help="directory for the episode bags")
+    p.add_argument("--tasks", default="reach,push,pick_place", help="comma-separated tasks (default: all)")
+    p.add_argument("--episodes", type=int, default=10, help=episodes_help)
+    p.add_argument("--first-seed", type=int, default=0, help="seed of the first episode of each task (default 0)")
+    p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="rosbag2 storage (default mcap)")
+    p.add_argument("--image-size", type=int, default=128, help="camera image size in px (default 128)")
+    p.add_argument("--noise", type=float, default=0.03, help="expert noise in m/s for diverse demos (default 0.03)")
+    p.add_argument("--instruction-set", choices=("train", "paraphrase"), default="train",
+                   help="instruction wordings (default train; paraphrase = held-out wordings)")
+
+
+def _check_demo_args(args) -> list[str]:
+    from lapa_sim.tasks import TASKS
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown:
+        raise UserError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; known tasks: {', '.join(TASKS)}")
+    if args.episodes < 1:
+        raise UserError(f"--episodes must be at least 1, not {args.episodes}")
+    if not 16 <= args.image_size <= 640:
+        raise UserError(f"--image-size must lie in [16, 640], not {args.image_size}")
+    if args.first_seed < 0 or args.noise < 0:
+        raise UserError("--first-seed and --noise must not be negative")
+    return tasks
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="bulk simulated demos, in-process, written as episode bags (fast)",
+                       description="Run the scripted expert in the simulator in-process and write one bag per "
+                                   "episode, in the same format lapa_recorder writes. Seeded: the same seeds give "
+                                   "bit-identical bags. For the real ROS path see `lapa data collect`.")
+    _add_demo_args(p, "episodes per task (default 10)")
+    p.add_argument("--action-free", action="store_true",
+                   help="record only camera and instruction (action-free video of the robot)")
+
+
+def run_generate(args) -> int:
+    from lapa_training.data.episode_writer import EpisodeWriterError
+    from lapa_training.data.generate import generate
+
+    tasks = _check_demo_args(args)
+    try:
+        done = generate(args.out, tasks, args.episodes, first_seed=args.first_seed, storage=args.storage,
+                        image_size=args.image_size, noise=args.noise, instruction_set=args.instruction_set,
+                        record_actions=not args.action_free, progress=sys.stderr.isatty())
+    except EpisodeWriterError as e:
+        raise UserError(str(e)) from None
+    ok = sum(e.success for e in done)
+    print(f"wrote {len(done)} episode bags to {args.out} ({ok} successful)")
+    return 0
+
+
+def add_collect_parser(sub) -> None:
+    p = sub.add_parser("collect", help="record simulated demos through ROS: sim node + recorder node + teleop",
+                       description="Start lapa_sim_arm and lapa_recorder as their own processes and drive the arm "
+                                   "with a scripted teleop over DDS, one bag per episode: the path users take on a "
+                                   "real arm with their own teleop. Runs in real time.")
+    _add_demo_args(p, "episodes per task (default 10)")
+    p.add_argument("--logs", type=Path, help="directory for the nodes' logs (default: a temporary directory)")
+
+
+def run_collect(args) -> int:
+    from lapa_policy_node.collect import CollectError, collect
+
+    tasks = _check_demo_args(args)
+    try:
+        done = collect(args.out, tasks, args.episodes, first_seed=args.first_seed, storage=args.storage,
+                       image_size=args.image_size, noise=args.noise, instruction_set=args.instruction_set,
+                       progress=sys.stderr.isatty(), log_dir=args.logs)
+    except CollectError as e:
+        raise UserError(str(e)) from None
+    ok = sum(e.success for e in done)
+    print(f"recorded {len(done)} episodes through ROS into {args.out} ({ok} successful)")
+    return 0
+
+
+# ---------------------------------------------------------------- the `lapa data` command
+ACTIONS: dict[str, tuple[Callable, Callable[..., int]]] = {
+    "ingest": (add_ingest_parser, run_ingest),
+    "info": (add_info_parser, run_info),
+    "generate": (add_generate_parser, run_generate),
+    "collect": (add_collect_parser, run_collect),
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("data", help="datasets: ingest rosbags and videos, inspect datasets",
+                       description="Datasets for LAPA training. Actions: " + ", ".join(ACTIONS) + ".")
+    actions = p.add_subparsers(dest="data_command", metavar="<action>")
+    for add, _ in ACTIONS.values():
+        add(actions)
+
+
+def run(args) -> int:
+    from lapa_training.data.errors import IngestError
+
+    if args.data_command is None:
+        raise UserError(f"give an action: {', '.join(ACTIONS)} (see lapa data --help)")
+    try:
+        return int(ACTIONS[args.data_command][1](args) or 0)
+    except IngestError as e:
+        raise UserError(" ".join(str(e).split())) from None

@@ -1,0 +1,526 @@
+"""One rosbag2 episode (MCAP or sqlite3) to frames on a fixed control-rate grid plus 7-D actions.
+
+Reads bags that lapa-ros records (bag_format.py) as well as plain ``ros2 bag record`` bags, with the
+``rosbags`` library, in a single pass over the topics it needs:
+
+- Time: header stamps (receive time for header-less types such as std_msgs/Float64, and for a
+  zero stamp). The grid is t_k = t_0 + k / rate for t_k <= last image stamp, t_0 = first image
+  stamp; frame k is the newest image stamped <= t_k + tolerance. Images arriving out of stamp
+  order are re-ordered within a window of REORDER_WINDOW messages (later ones are dropped and
+  counted). Gaps between images longer than gap_periods control periods are reported.
+- Images are deserialized and decoded only when they become a stored frame, each once.
+- Actions: see actions.py (twists first, else EE poses, else none: an action-free episode).
+
+    episode = read_bag(Path("bags/pick_place_000003"), BagOptions(rate_hz=10), sink)
+    # sink.add_frame(rgb) / sink.repeat_frame() got one call per grid step
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+from lapa_training.data import actions as act
+from lapa_training.data import bag_format, cdr
+from lapa_training.data.errors import IncompleteEpisode, IngestError
+from lapa_training.data.images import IMAGE_TYPE, IMAGE_TYPES, compressed_msg_to_rgb, raw_image_to_rgb
+
+TWIST_TYPES = ("geometry_msgs/msg/TwistStamped", "geometry_msgs/msg/Twist")
+POSE_TYPES = ("geometry_msgs/msg/PoseStamped",)
+GRIPPER_TYPES = ("std_msgs/msg/Float64", "std_msgs/msg/Float32")
+STRING_TYPES = ("std_msgs/msg/String",)
+TCP_FRAME = "panda_hand_tcp"
+INSTRUCTION_TXT = "instruction.txt"
+ACTION_SOURCES = ("auto", "twist", "pose", "none")
+REORDER_WINDOW = 16  # images; a camera's stamps are at most this many messages out of arrival order
+
+_TYPESTORE = None
+
+
+def typestore():
+    """ROS 2 Kilted message definitions (standard messages are the same in every recent distro)."""
+    global _TYPESTORE
+    if _TYPESTORE is None:
+        from rosbags.typesys import Stores, get_typestore
+
+        _TYPESTORE = get_typestore(Stores.ROS2_KILTED)
+    return _TYPESTORE
+
+
+class FrameSink(Protocol):
+    """Where frames go as they are resampled (DatasetWriter implements it)."""
+
+    def add_frame(self, rgb: np.ndarray) -> None: ...
+
+    def repeat_frame(self) -> None: ...
+
+
+@dataclass
+class BagOptions:
+    """How to read a bag. Topics left None use bag_format's defaults when the bag has them."""
+
+    image_topic: str | None = None  # None: the default topic, else the bag's only image topic
+    twist_topic: str | None = None
+    pose_topic: str | None = None
+    gripper_topic: str | None = None
+    instruction_topic: str | None = None
+    actions: str = "auto"  # auto: twists, else poses, else none; or force 'twist', 'pose' or 'none'
+    rate_hz: float = 10.0  # control rate of the stored frames and actions
+    window_s: float = 0.6  # LAQ window; recorded per episode as round(window_s * rate_hz) frames
+    stale_timeout_s: float = 0.25  # a twist older than this counts as zero (MoveIt Servo)
+    base_frame: str = bag_format.BASE_FRAME
+    tcp_frame: str = TCP_FRAME
+    gripper_open: float = 1.0  # gripper command value meaning fully open
+    gripper_closed: float = 0.0  # ... and fully closed
+    stamp_tolerance_s: float = 0.001
+    gap_periods: float = 3.0  # report image gaps longer than this many control periods
+    instructions: Mapping[str, str] | None = None  # bag directory name -> instruction (--instructions)
+    allow_empty_instruction: bool = False
+
+    @property
+    def window_frames(self) -> int:
+        return max(1, int(round(self.window_s * self.rate_hz)))
+
+
+@dataclass
+class BagEpisode:
+    """What read_bag found; the frames themselves went to the sink."""
+
+    path: Path
+    grid_ns: np.ndarray  # (N,) int64 stamps of the stored frames [ns]
+    actions: np.ndarray  # (N, 7) float32, row k = step k -> k+1, last row NaN; all NaN if action-free
+    has_actions: bool
+    instruction: str
+    success: bool | None
+    task: str | None
+    fps: float
+    window_frames: int
+    provenance: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def timestamps_s(self) -> np.ndarray:
+        """(N,) seconds since the first stored frame."""
+        return (self.grid_ns - self.grid_ns[0]) * 1e-9 if len(self.grid_ns) else np.zeros(0)
+
+    def record(self) -> dict[str, Any]:
+        """The episodes.jsonl fields (without index/start/length/split, which the writer adds)."""
+        return {"name": self.path.name, "instruction": self.instruction, "has_actions": self.has_actions,
+                "success": self.success, "task": self.task, "fps": self.fps,
+                "window_frames": self.window_frames, "provenance": self.provenance}
+
+
+# ---------------------------------------------------------------- bag metadata
+def episode_metadata(path: Path, custom_data: Mapping[str, str] | None) -> dict[str, Any]:
+    """lapa metadata of a bag: metadata.yaml custom_data (``lapa.`` keys), completed by episode.json.
+
+    Values in custom_data are strings; JSON-looking ones (true, 3, 0.5, {...}) are parsed, except
+    the instruction, which is always kept as written.
+    """
+    meta: dict[str, Any] = {}
+    for key, value in (custom_data or {}).items():
+        if not key.startswith(bag_format.CUSTOM_DATA_PREFIX):
+            continue
+        name = key[len(bag_format.CUSTOM_DATA_PREFIX):]
+        if name == "instruction":
+            meta[name] = value
+            continue
+        try:
+            meta[name] = json.loads(value)
+        except (TypeError, ValueError):
+            meta[name] = value
+    side = path / bag_format.EPISODE_JSON
+    if side.is_file():
+        try:
+            data = json.loads(side.read_text())
+        except (OSError, ValueError) as e:
+            raise IngestError(f"{side}: unreadable episode.json ({e})") from e
+        if isinstance(data, dict):
+            for key, value in data.items():
+                meta.setdefault(key, value)
+    return meta
+
+
+def is_incomplete(path: Path) -> bool:
+    """True for an episode bag that is still being recorded or was interrupted (see bag_format)."""
+    if bag_format.STAGING_DIR in path.parts:
+        return True
+    side = path / bag_format.EPISODE_JSON
+    if side.is_file():
+        try:
+            return json.loads(side.read_text()).get("status") == bag_format.STATUS_RECORDING
+        except (OSError, ValueError, AttributeError):
+            return False
+    return False
+
+
+def _describe_topics(topics: Mapping[str, tuple[str, int]]) -> str:
+    return ", ".join(f"{t} ({typ.replace('/msg/', '/')}, {n} msgs)" for t, (typ, n) in sorted(topics.items())) \
+        or "no topics"
+
+
+def _pick_topic(path: Path, topics: Mapping[str, tuple[str, int]], requested: str | None, default: str | None,
+                types: tuple[str, ...], role: str, option: str) -> str | None:
+    """The topic to read for role: the requested one (must exist), else the default if present."""
+    name = requested if requested else default
+    if name is None or name not in topics:
+        if requested:
+            raise IngestError(f"{path}: no topic '{requested}' ({role}); the bag has: {_describe_topics(topics)}")
+        return None
+    if topics[name][0] not in types:
+        raise IngestError(f"{path}: topic '{name}' ({role}) has type {topics[name][0]}, expected "
+                          f"{' or '.join(types)}; choose another with {option}")
+    return name
+
+
+def _pick_image_topic(path: Path, topics: Mapping[str, tuple[str, int]], requested: str | None) -> str:
+    picked = _pick_topic(path, topics, requested, bag_format.IMAGE_TOPIC, IMAGE_TYPES, "images", "--image-topic")
+    if picked:
+        return picked
+    candidates = sorted(t for t, (typ, _) in topics.items() if typ in IMAGE_TYPES)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise IngestError(f"{path}: no image topic (sensor_msgs/Image or CompressedImage); the bag has: "
+                          f"{_describe_topics(topics)}")
+    raise IngestError(f"{path}: several image topics ({', '.join(candidates)}); choose one with --image-topic")
+
+
+# ---------------------------------------------------------------- helpers
+def _header_ns(header, receive_ns: int) -> int:
+    stamp = int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+    return stamp if stamp else receive_ns
+
+
+class _Resampler:
+    """Turns image stamps in arrival order into the fixed-rate frame grid.
+
+    push(stamp, payload) images as they come; for each grid time t_k = t_0 + k * period the newest
+    image with stamp <= t_k + tol is passed to emit(payload, repeat), where repeat says that it is
+    the same image as the previous grid step. finish() flushes and returns the grid (int64 ns).
+    """
+
+    def __init__(self, period_ns: int, tol_ns: int, gap_ns: int, emit: Callable[[Any, bool], None]):
+        self.period_ns, self.tol_ns, self.gap_ns, self.emit = period_ns, tol_ns, gap_ns, emit
+        self.heap: list[tuple[int, int, Any]] = []
+        self.seq = 0
+        self.t0: int | None = None
+        self.k = 0
+        self.last_stamp: int | None = None
+        self.candidate: Any = None
+        self.candidate_seq = -1
+        self.emitted_seq = -1
+        self.count = 0
+        self.late = 0
+        self.gaps: list[tuple[int, int]] = []  # (stamp before the gap, gap length) [ns]
+
+    def push(self, stamp: int, payload: Any) -> None:
+        heapq.heappush(self.heap, (stamp, self.seq, payload))
+        self.seq += 1
+        if len(self.heap) > REORDER_WINDOW:
+            self._take(*heapq.heappop(self.heap))
+
+    def _take(self, stamp: int, seq: int, payload: Any) -> None:
+        if self.last_stamp is not None and stamp < self.last_stamp:
+            self.late += 1  # older than an image already placed on the grid
+            return
+        if self.t0 is None:
+            self.t0 = stamp
+        elif stamp - self.last_stamp > self.gap_ns:
+            self.gaps.append((self.last_stamp, stamp - self.last_stamp))
+        while self.t0 + self.k * self.period_ns + self.tol_ns < stamp:
+            self._emit()
+        self.candidate, self.candidate_seq = payload, seq
+        self.last_stamp = stamp
+        self.count += 1
+
+    def _emit(self) -> None:
+        self.emit(self.candidate, self.candidate_seq == self.emitted_seq)
+        self.emitted_seq = self.candidate_seq
+        self.k += 1
+
+    def finish(self) -> np.ndarray:
+        while self.heap:
+            self._take(*heapq.heappop(self.heap))
+        if self.t0 is None:
+            return np.zeros(0, dtype=np.int64)
+        while self.t0 + self.k * self.period_ns <= self.last_stamp:
+            self._emit()
+        return self.t0 + np.arange(self.k, dtype=np.int64) * self.period_ns
+
+
+# ---------------------------------------------------------------- reading
+def _open_reader(path: Path):
+    from rosbags.rosbag2 import Reader
+
+    if not path.is_dir():
+        raise IngestError(f"{path}: not a bag directory")
+    if not (path / "metadata.yaml").is_file():
+        files = [p.name for p in path.iterdir() if p.suffix in (".mcap", ".db3")]
+        hint = f" (it has {', '.join(files)}; `ros2 bag reindex {path}` rebuilds the metadata)" if files else ""
+        raise IngestError(f"{path}: missing metadata.yaml, not a complete rosbag2 bag{hint}")
+    try:
+        reader = Reader(path)
+        reader.open()
+    except Exception as e:  # rosbags raises ReaderError, sqlite3 errors, OSError, ... for damaged files
+        raise IngestError(f"{path}: corrupt or unreadable bag ({type(e).__name__}: {e})") from e
+    return reader
+
+
+def _checked_messages(reader, connections, path: Path):
+    """reader.messages(connections), with any failure inside the bag reported as an IngestError."""
+    try:
+        yield from reader.messages(connections)
+    except Exception as e:
+        raise IngestError(f"{path}: corrupt or truncated bag ({type(e).__name__}: {e})") from e
+
+
+def _storage_name(reader) -> str:
+    storages = getattr(reader.storage, "storages", [])
+    name = type(storages[0]).__name__ if storages else ""
+    return {"McapReader": "mcap", "Sqlite3Reader": "sqlite3"}.get(name, name or "unknown")
+
+
+def read_bag(path: str | Path, options: BagOptions, sink: FrameSink) -> BagEpisode:
+    """Read one bag directory: frames go to sink (one call per grid step), the rest is returned.
+
+    Raises IncompleteEpisode for a bag still being recorded, IngestError for anything else wrong
+    with the bag (the message names the bag and the problem). On error some frames may already be
+    in the sink: the caller drops them (DatasetWriter.abort_episode).
+    """
+    path = Path(path)
+    if is_incomplete(path):
+        raise IncompleteEpisode(f"{path}: incomplete episode (still recording or interrupted); skipped")
+    if options.rate_hz <= 0:
+        raise IngestError(f"bad control rate {options.rate_hz} Hz")
+    reader = _open_reader(path)
+    try:
+        return _read_open_bag(path, reader, options, sink)
+    finally:
+        try:
+            reader.close()
+        except Exception:  # closing a damaged bag can fail again; the first error is the one to report
+            pass
+
+
+def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> BagEpisode:
+    ts = typestore()
+    meta = episode_metadata(path, getattr(reader.storage.metadata, "custom", None))
+    if meta.get("status") == bag_format.STATUS_RECORDING:
+        raise IncompleteEpisode(f"{path}: incomplete episode (status 'recording'); skipped")
+    topics = {name: (info.msgtype or "?", info.msgcount) for name, info in reader.topics.items()}
+    image_topic = _pick_image_topic(path, topics, options.image_topic)
+    twist_topic = _pick_topic(path, topics, options.twist_topic, bag_format.TWIST_TOPIC, TWIST_TYPES,
+                              "twist commands", "--twist-topic")
+    pose_topic = _pick_topic(path, topics, options.pose_topic, bag_format.EE_POSE_TOPIC, POSE_TYPES,
+                             "end-effector poses", "--pose-topic")
+    gripper_topic = _pick_topic(path, topics, options.gripper_topic, bag_format.GRIPPER_TOPIC, GRIPPER_TYPES,
+                                "gripper commands", "--gripper-topic")
+    instruction_topic = _pick_topic(path, topics, options.instruction_topic, bag_format.INSTRUCTION_TOPIC,
+                                    STRING_TYPES, "instruction", "--instruction-topic")
+    if options.actions not in ACTION_SOURCES:
+        raise IngestError(f"unknown action source '{options.actions}'; use one of {', '.join(ACTION_SOURCES)}")
+    if options.actions == "none":
+        twist_topic = pose_topic = gripper_topic = None
+    elif options.actions == "pose":
+        twist_topic = None
+    for wanted, topic, option in (("twist", twist_topic, "--twist-topic"), ("pose", pose_topic, "--pose-topic")):
+        if options.actions == wanted and (topic is None or topics[topic][1] == 0):
+            raise IngestError(f"{path}: actions from {wanted}s requested but there are no {wanted} messages "
+                              f"(set {option}); the bag has: {_describe_topics(topics)}")
+    if topics[image_topic][1] == 0:
+        raise IngestError(f"{path}: image topic '{image_topic}' has no messages")
+
+    # Instruction fallbacks, known before reading, so a missing instruction fails fast
+    fallback_instruction, fallback_source = _instruction_without_topic(path, meta, options)
+    if not fallback_instruction and instruction_topic is None and not options.allow_empty_instruction:
+        raise IngestError(f"{path}: empty instruction: no instruction topic, no lapa.instruction in metadata.yaml "
+                          f"or episode.json, no {INSTRUCTION_TXT}, not in --instructions")
+
+    roles = {image_topic: "image", twist_topic: "twist", pose_topic: "pose", gripper_topic: "gripper",
+             instruction_topic: "instruction"}
+    roles.pop(None, None)
+    conns = [c for c in reader.connections if c.topic in roles]
+    role_of = {c.id: roles[c.topic] for c in conns}
+    image_type = topics[image_topic][0]
+
+    # ---- single pass
+    period_ns = int(round(1e9 / options.rate_hz))
+    encoding: list[str] = []
+    native_size: list[int] = []
+
+    def decode(raw: bytes) -> np.ndarray:
+        try:
+            if image_type == IMAGE_TYPE:
+                f = cdr.image(raw)
+                rgb = raw_image_to_rgb(f.height, f.width, f.encoding, f.is_bigendian, f.step, f.data)
+                kind = f.encoding
+            else:
+                msg = ts.deserialize_cdr(raw, image_type)
+                rgb, kind = compressed_msg_to_rgb(msg), f"compressed {msg.format}"
+        except IngestError as e:
+            raise IngestError(f"{path}: topic {image_topic}: {e}") from e
+        except Exception as e:
+            raise IngestError(f"{path}: cannot parse {image_type} on {image_topic} ({type(e).__name__}: {e})") from e
+        if not encoding:
+            encoding.append(kind)
+            native_size.extend([int(rgb.shape[1]), int(rgb.shape[0])])
+        return rgb
+
+    def emit(raw: bytes, repeat: bool) -> None:
+        if repeat:
+            sink.repeat_frame()
+        else:
+            sink.add_frame(decode(raw))
+
+    grid = _Resampler(period_ns, int(round(options.stamp_tolerance_s * 1e9)),
+                      int(round(options.gap_periods * period_ns)), emit)
+    twist_ns, twist_frames, twist_vals = [], [], []
+    pose_ns, pose_frames, pose_vals = [], [], []
+    grip_ns, grip_vals = [], []
+    topic_instructions: list[str] = []
+    for conn, receive_ns, raw in _checked_messages(reader, conns, path):
+        role = role_of[conn.id]
+        if role == "image":
+            try:
+                stamp = cdr.header_stamp_ns(raw) or receive_ns
+            except Exception as e:
+                raise IngestError(f"{path}: cannot parse {conn.msgtype} on {conn.topic} "
+                                  f"({type(e).__name__}: {e})") from e
+            grid.push(stamp, raw)  # decoded (once) only if it becomes a stored frame
+            continue
+        try:
+            if role == "twist":
+                if conn.msgtype == "geometry_msgs/msg/TwistStamped":
+                    stamp, frame_id, values = cdr.twist_stamped(raw)
+                else:  # plain Twist: no header, so receive time and the base frame
+                    tw = ts.deserialize_cdr(raw, conn.msgtype)
+                    stamp, frame_id = 0, ""
+                    values = (tw.linear.x, tw.linear.y, tw.linear.z, tw.angular.x, tw.angular.y, tw.angular.z)
+                twist_ns.append(stamp or receive_ns)
+                twist_frames.append(frame_id)
+                twist_vals.append(values)
+            elif role == "gripper":
+                grip_ns.append(receive_ns)
+                grip_vals.append(cdr.float64(raw) if conn.msgtype == "std_msgs/msg/Float64"
+                                 else float(ts.deserialize_cdr(raw, conn.msgtype).data))
+            elif role == "pose":
+                msg = ts.deserialize_cdr(raw, conn.msgtype)
+                pose_ns.append(_header_ns(msg.header, receive_ns))
+                pose_frames.append(msg.header.frame_id)
+                p, q = msg.pose.position, msg.pose.orientation
+                pose_vals.append((p.x, p.y, p.z, q.w, q.x, q.y, q.z))
+            elif role == "instruction":
+                text = ts.deserialize_cdr(raw, conn.msgtype).data.strip()
+                if text:
+                    topic_instructions.append(text)
+        except Exception as e:  # a message that does not parse: damaged bag or wrong type definition
+            raise IngestError(f"{path}: cannot parse {conn.msgtype} on {conn.topic} "
+                              f"({type(e).__name__}: {e})") from e
+    grid_ns = grid.finish()
+    if len(grid_ns) == 0:
+        raise IngestError(f"{path}: no readable images on '{image_topic}'")
+
+    warnings: list[str] = []
+    if grid.late:
+        warnings.append(f"{path}: {grid.late} images arrived more than {REORDER_WINDOW} messages out of stamp "
+                        "order and were dropped")
+    if grid.gaps:
+        longest = max(g for _, g in grid.gaps) * 1e-9
+        warnings.append(f"{path}: {len(grid.gaps)} gap(s) between images longer than {options.gap_periods:g} "
+                        f"control periods (longest {longest:.2f} s); frames are repeated over them")
+
+    # ---- instruction
+    if topic_instructions:
+        instruction, instruction_source = topic_instructions[0], f"topic {instruction_topic}"
+        if len(set(topic_instructions)) > 1:
+            warnings.append(f"{path}: {len(set(topic_instructions))} different instructions on {instruction_topic}; "
+                            "using the first")
+    else:
+        instruction, instruction_source = fallback_instruction, fallback_source
+    if not instruction and not options.allow_empty_instruction:
+        raise IngestError(f"{path}: empty instruction (topic {instruction_topic} has no text, and there is no "
+                          f"lapa.instruction, episode.json, {INSTRUCTION_TXT} or --instructions entry)")
+
+    # ---- actions
+    actions = np.full((len(grid_ns), bag_format.ACTION_DIM), np.nan, dtype=np.float64)
+    action_source = None
+    pose_arr = np.array(pose_vals, dtype=np.float64).reshape(-1, 7)
+    pose_ns_arr = np.array(pose_ns, dtype=np.int64)
+    max_outside_ns = int(round(options.stale_timeout_s * 1e9))
+    if pose_frames and any(f not in ("", options.base_frame) for f in set(pose_frames)):
+        bad = sorted(set(pose_frames) - {"", options.base_frame})
+        raise IngestError(f"{path}: poses on {pose_topic} are in frame {bad[0]}, not the base frame "
+                          f"'{options.base_frame}' (set --base-frame)")
+    if twist_vals:
+        vals = np.array(twist_vals, dtype=np.float64)
+        t_ns = np.array(twist_ns, dtype=np.int64)
+        frames = np.array(twist_frames, dtype=object)
+        in_tcp = frames == options.tcp_frame
+        unknown = sorted(set(frames[~in_tcp]) - {"", options.base_frame})
+        if unknown:
+            raise IngestError(f"{path}: twists on {twist_topic} are in frame '{unknown[0]}'; only the base frame "
+                              f"'{options.base_frame}' and the TCP frame '{options.tcp_frame}' are supported "
+                              "(set --base-frame / --tcp-frame)")
+        if in_tcp.any():
+            if not len(pose_arr):
+                raise IngestError(f"{path}: twists on {twist_topic} are in the TCP frame '{options.tcp_frame}' but "
+                                  "the bag has no end-effector poses to rotate them into the base frame "
+                                  "(set --pose-topic)")
+            for cols in (slice(0, 3), slice(3, 6)):
+                vals[in_tcp, cols] = act.rotate_to_base(vals[in_tcp, cols], t_ns[in_tcp], pose_ns_arr,
+                                                        pose_arr[:, 3:], max_outside_ns)
+        actions[:-1, :6] = act.twist_deltas(grid_ns, t_ns, vals[:, :3], vals[:, 3:], options.stale_timeout_s)
+        action_source = "twist"
+    elif len(pose_arr):
+        actions[:-1, :6] = act.pose_deltas(grid_ns, pose_ns_arr, pose_arr[:, :3], pose_arr[:, 3:], max_outside_ns)
+        action_source = "pose"
+    elif twist_topic or pose_topic:
+        warnings.append(f"{path}: action topics present but empty; episode is action-free")
+    if action_source is not None:
+        if options.gripper_open == options.gripper_closed:
+            raise IngestError("--gripper-open and --gripper-closed must differ")
+        actions[:-1, 6] = act.gripper_closure(grid_ns, np.array(grip_ns, dtype=np.int64), np.array(grip_vals),
+                                              options.gripper_open, options.gripper_closed)
+
+    provenance = {
+        "kind": "bag", "source": str(path.resolve()), "storage": _storage_name(reader),
+        "topics": {"image": image_topic, "twist": twist_topic, "pose": pose_topic, "gripper": gripper_topic,
+                   "instruction": instruction_topic},
+        "encoding": encoding[0] if encoding else None, "native_size": native_size or None,
+        "action_source": action_source, "instruction_source": instruction_source,
+        "start_time_ns": int(grid_ns[0]), "num_images": grid.count, "late_images_dropped": grid.late,
+        "image_gaps": [{"at_s": round((t - int(grid_ns[0])) * 1e-9, 4), "length_s": round(g * 1e-9, 4)}
+                       for t, g in grid.gaps[:20]],
+        "robot": meta.get("robot"), "seed": meta.get("seed"), "recorded_by": meta.get("source"),
+    }
+    success = meta.get("success")
+    return BagEpisode(path=path, grid_ns=grid_ns, actions=actions.astype(np.float32),
+                      has_actions=action_source is not None, instruction=instruction,
+                      success=success if isinstance(success, bool) else None,
+                      task=meta.get("task") if isinstance(meta.get("task"), str) else None,
+                      fps=float(options.rate_hz), window_frames=options.window_frames,
+                      provenance=provenance, warnings=warnings)
+
+
+def _instruction_without_topic(path: Path, meta: Mapping[str, Any], options: BagOptions) -> tuple[str, str | None]:
+    """(instruction, where it came from) from metadata, episode.json, instruction.txt or --instructions."""
+    text = meta.get("instruction")
+    if isinstance(text, str) and text.strip():
+        return text.strip(), "metadata"
+    side = path / INSTRUCTION_TXT
+    if side.is_file():
+        text = side.read_text().strip()
+        if text:
+            return text, INSTRUCTION_TXT
+    if options.instructions:
+        for key in (path.name, str(path), str(path.resolve())):
+            text = options.instructions.get(key)
+            if text and text.strip():
+                return text.strip(), "instructions file"
+    return "", None

@@ -1,0 +1,570 @@
+"""The dataset on disk that trainers memory-map (format: docs/DATASET_FORMAT.md).
+
+A dataset is a directory:
+
+    meta.json           format version, frame shape, control rate, action names, counts, ingest history
+    frames.npy          uint8 (N, H, W, 3) RGB, every frame of every episode back to back
+    actions.npy         float32 (N, 7) end-effector delta from frame i to i+1 (bag_format.ACTION_NAMES);
+                        NaN where unknown (action-free episodes, the last frame of each episode)
+    timestamps.npy      float64 (N,) seconds since the first frame of the frame's episode
+    episode_index.npy   int32 (N,) episode of each frame
+    episodes.jsonl      one JSON record per episode (start, length, instruction, split, provenance, ...)
+
+The .npy files are standard NumPy files (np.load(..., mmap_mode="r") works) with a fixed 128-byte
+header, so DatasetWriter can grow them frame by frame and rewrite the row count at the end: the
+whole dataset never has to fit in memory.
+
+    ds = Dataset("runs/data/sim")                  # read-only memory maps
+    ds.frames[i], ds.actions[i], ds.episodes[e]["instruction"]
+    pairs = ds.pairs("train")                       # (M, 2) frame indices (i, i + window) in one episode
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from lapa_training.data import bag_format
+from lapa_training.data.errors import IngestError
+from lapa_training.data.images import fit_square
+
+FORMAT_NAME = "lapa-dataset"
+FORMAT_VERSION = 1
+META_JSON = "meta.json"
+EPISODES_JSONL = "episodes.jsonl"
+FRAMES_NPY = "frames.npy"
+ACTIONS_NPY = "actions.npy"
+TIMESTAMPS_NPY = "timestamps.npy"
+EPISODE_INDEX_NPY = "episode_index.npy"
+SPLITS = ("train", "val", "test")
+NPY_HEADER_BYTES = 128
+
+
+# ---------------------------------------------------------------- growable .npy files
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A version-1.0 .npy header padded to exactly NPY_HEADER_BYTES (numpy accepts any space padding)."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+    body_len = NPY_HEADER_BYTES - 10
+    if len(text) + 1 > body_len:
+        raise ValueError(f"npy header too long for shape {shape}")
+    return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + (text.ljust(body_len - 1) + "\n").encode("latin1")
+
+
+class GrowableArrayFile:
+    """A .npy file that grows along its first axis; the row count in the header is written by flush().
+
+    Opening an existing file truncates it to the rows its header declares, so rows appended by a
+    writer that crashed before flushing are dropped. With batch_bytes > 0, single rows are queued
+    and written about batch_bytes at a time with one writev() (a third faster than a write per
+    image; much larger batches are slower again); queued arrays must not be modified afterwards.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype | str, row_shape: tuple[int, ...] | None,
+                 batch_bytes: int = 0):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.batch_bytes = batch_bytes
+        self._pending: list[memoryview] = []
+        self._pending_bytes = 0
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                    shape, fortran, file_dtype = np.lib.format.read_array_header_1_0(f)
+                except ValueError as e:
+                    raise IngestError(f"{self.path}: not a .npy file this writer made ({e})") from e
+                offset = f.tell()
+            if version != (1, 0) or offset != NPY_HEADER_BYTES or fortran or file_dtype != self.dtype or (
+                    row_shape is not None and tuple(shape[1:]) != tuple(row_shape)):
+                raise IngestError(f"{self.path}: not a growable {self.dtype} array with rows {row_shape} "
+                                  f"(found {file_dtype} {shape})")
+            self.row_shape = tuple(shape[1:])
+            self.rows = int(shape[0])
+            self._file = open(self.path, "r+b", buffering=0)
+            self._file.truncate(NPY_HEADER_BYTES + self.rows * self.row_bytes)
+            self._file.seek(0, os.SEEK_END)
+        else:
+            self.row_shape = tuple(row_shape) if row_shape is not None else None
+            self.rows = 0
+            self._file = open(self.path, "w+b", buffering=0)
+            self._write([memoryview(b"\0" * NPY_HEADER_BYTES)])  # real header written by flush()
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def append(self, rows: np.ndarray) -> None:
+        """Append rows (n, *row_shape) (or one row of row_shape when row_shape is known)."""
+        if type(rows) is np.ndarray and rows.shape == self.row_shape and rows.dtype == self.dtype \
+                and rows.flags.c_contiguous:  # fast path: one row, as it comes from a decoder
+            self.rows += 1
+            if self.batch_bytes:
+                self._pending.append(rows.data)
+                self._pending_bytes += rows.nbytes
+                if self._pending_bytes >= self.batch_bytes:
+                    self._write_pending()
+            else:
+                self._write([rows.data])
+            return
+        rows = np.asarray(rows, dtype=self.dtype)
+        if self.row_shape is None:
+            self.row_shape = tuple(rows.shape[1:])
+        if rows.shape == self.row_shape:
+            rows = rows[None]
+        if rows.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.path.name}: rows of shape {rows.shape[1:]}, expected {self.row_shape}")
+        self._write_pending()
+        self._write([np.ascontiguousarray(rows).data])
+        self.rows += len(rows)
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+            self._write(pending)
+
+    def _write(self, buffers: list[memoryview]) -> None:
+        """writev() all of buffers at the file position (retrying after a partial write)."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        try:
+            while views:
+                written = os.writev(self._file.fileno(), views[:1024])
+                while views and written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                if views and written:
+                    views[0] = views[0][written:]
+        except OSError as e:
+            raise IngestError(f"{self.path}: cannot write ({e})") from e
+
+    def truncate(self, rows: int) -> None:
+        """Drop every row from index rows on (used to undo a failed episode)."""
+        self._write_pending()
+        self._file.truncate(NPY_HEADER_BYTES + rows * self.row_bytes)
+        self._file.seek(0, os.SEEK_END)
+        self.rows = rows
+
+    def flush(self) -> None:
+        """Write what is queued, then the header with the current row count."""
+        self._write_pending()
+        self._file.seek(0)
+        self._write([memoryview(_npy_header(self.dtype, (self.rows, *(self.row_shape or ()))))])
+        self._file.seek(0, os.SEEK_END)
+
+    def close(self, write_header: bool = True) -> None:
+        try:
+            if write_header:
+                self.flush()
+        finally:
+            self._pending, self._pending_bytes = [], 0
+            self._file.close()
+
+
+# ---------------------------------------------------------------- splits
+def assign_splits(current: list[str | None], fractions: tuple[float, float, float], seed: int) -> list[str]:
+    """Give every episode whose split is None a split; the others keep theirs.
+
+    New episodes are visited in an order shuffled by seed and each goes to the split that is
+    furthest below its target share (fraction * episodes so far), ties to the earlier split in
+    SPLITS. So train fills first: a dataset of one episode is all train; ten episodes with
+    0.8/0.1/0.1 give 8/1/1. Deterministic for a given seed and input.
+    """
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if fractions.shape != (3,) or (fractions < 0).any() or fractions.sum() <= 0:
+        raise IngestError(f"bad split fractions {tuple(fractions)}: give three non-negative numbers (train,val,test)")
+    fractions = fractions / fractions.sum()
+    out = list(current)
+    counts = np.array([sum(s == name for s in out) for name in SPLITS], dtype=np.float64)
+    todo = [i for i, s in enumerate(out) if s is None]
+    rng = np.random.default_rng(seed + 7919 * (len(out) - len(todo)))
+    total = counts.sum()
+    for i in rng.permutation(np.array(todo, dtype=np.int64)):
+        total += 1
+        choice = int(np.argmax(fractions * total - counts))
+        counts[choice] += 1
+        out[int(i)] = SPLITS[choice]
+    return out
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """'0.8,0.1,0.1' -> (0.8, 0.1, 0.1); IngestError if it is not three non-negative numbers."""
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+        raise IngestError(f"bad --split '{text}': give train,val,test fractions, e.g. 0.8,0.1,0.1")
+    return parts  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- writing
+class DatasetWriter:
+    """Builds a dataset episode by episode, frames streamed to disk as they come.
+
+    mode: 'create' (the directory must not exist), 'overwrite' (replace it) or 'append' (add to the
+    dataset there, which must have the same frame shape). New and overwritten datasets are built in
+    a sibling staging directory and moved into place by close(), so a failed run leaves the old
+    state. Appends go in place; abort() or a crash before close() leaves the old dataset intact.
+
+        w = DatasetWriter(out, image_size=128, control_rate=10.0)
+        w.add_frame(rgb)                # any size: center-cropped and resized once to image_size
+        w.repeat_frame()                # the previous frame again (a camera frame held over two steps)
+        w.end_episode(actions, timestamps_s, record)
+        w.close()
+    """
+
+    def __init__(self, root: str | Path, *, image_size: int = 128, control_rate: float = 10.0,
+                 mode: str = "create", split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                 seed: int = 0, run_info: dict[str, Any] | None = None):
+        self.root = Path(root).resolve()
+        self.image_size = int(image_size)
+        self.split_fractions = tuple(split_fractions)
+        self.seed = int(seed)
+        self.run_info = dict(run_info or {})
+        if mode not in ("create", "overwrite", "append"):
+            raise ValueError(f"unknown mode {mode}")
+        exists = self.root.exists()
+        is_dataset = (self.root / META_JSON).is_file()
+        if mode == "create" and exists and (is_dataset or any(self.root.iterdir())):
+            what = "a dataset" if is_dataset else "a non-empty directory"
+            raise IngestError(f"{self.root} is {what} already; pass --overwrite to replace it or --append to add to it")
+        if mode == "append" and exists and not is_dataset:
+            raise IngestError(f"{self.root} exists but is not a dataset (no {META_JSON}); cannot append to it")
+        self.mode = "append" if (mode == "append" and is_dataset) else ("overwrite" if exists else "create")
+
+        if self.mode == "append":
+            self.dir = self.root
+            self.meta = json.loads((self.root / META_JSON).read_text())
+            _check_format(self.meta, self.root)
+            self.frame_shape: tuple[int, ...] | None = tuple(self.meta["frame_shape"])
+            if self.image_size and self.frame_shape != (self.image_size, self.image_size, 3):
+                raise IngestError(f"{self.root} holds {self.frame_shape[1]}x{self.frame_shape[0]} frames; "
+                                  f"cannot append at --image-size {self.image_size}")
+            self.image_size = self.frame_shape[0] if self.image_size else 0
+            self.episodes = read_episodes(self.root)
+        else:
+            self.dir = self.root.parent / f".{self.root.name}.incomplete"
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(parents=True)
+            self.frame_shape = (self.image_size, self.image_size, 3) if self.image_size else None
+            self.meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "image_size": self.image_size,
+                         "frame_shape": list(self.frame_shape) if self.frame_shape else None,
+                         "resize": "center-crop to square, then cv2.INTER_AREA" if self.image_size else "none",
+                         "control_rate_hz": float(control_rate), "action_names": list(bag_format.ACTION_NAMES),
+                         "action_frame": bag_format.BASE_FRAME, "split_fractions": list(self.split_fractions),
+                         "split_seed": self.seed, "ingests": []}
+            self.episodes: list[dict[str, Any]] = []
+        self.frames = GrowableArrayFile(self.dir / FRAMES_NPY, np.uint8, self.frame_shape, batch_bytes=1 << 20)
+        self.actions = GrowableArrayFile(self.dir / ACTIONS_NPY, np.float32, (bag_format.ACTION_DIM,))
+        self.timestamps = GrowableArrayFile(self.dir / TIMESTAMPS_NPY, np.float64, ())
+        self.episode_index = GrowableArrayFile(self.dir / EPISODE_INDEX_NPY, np.int32, ())
+        self._files = (self.frames, self.actions, self.timestamps, self.episode_index)
+        self._start_counts = (len(self.episodes), self.frames.rows)
+        self._episode_start: int | None = None
+        self._last_frame: np.ndarray | None = None
+        self._closed = False
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.rows
+
+    # ---------------------------------------------------------------- episodes
+    def begin_episode(self) -> None:
+        if self._episode_start is not None:
+            raise RuntimeError("begin_episode() twice without end_episode()/abort_episode()")
+        self._episode_start = self.frames.rows
+        self._last_frame = None
+
+    def add_frame(self, rgb: np.ndarray) -> None:
+        """Append one RGB uint8 frame (H, W, 3), resized to the dataset's frame shape here (once).
+
+        The first frame after end_episode() starts a new episode (begin_episode() is implied).
+        """
+        if self._episode_start is None:
+            self.begin_episode()
+        frame = fit_square(rgb, self.image_size)
+        if frame.flags.writeable and np.may_share_memory(frame, rgb):
+            frame = frame.copy()  # written later (batched): the caller may reuse its buffer meanwhile
+        if self.frame_shape is None:  # image_size 0: the first frame fixes the shape
+            self._set_frame_shape(tuple(frame.shape))
+        if frame.shape != self.frame_shape:
+            raise IngestError(f"frame of {frame.shape[1]}x{frame.shape[0]} does not match the dataset's "
+                              f"{self.frame_shape[1]}x{self.frame_shape[0]} (use --image-size to resize)")
+        self.frames.append(frame)
+        self._last_frame = frame
+
+    def _set_frame_shape(self, shape: tuple[int, ...]) -> None:
+        self.frame_shape = shape
+        self.frames.row_shape = shape
+        self.meta["frame_shape"] = list(shape)
+
+    def repeat_frame(self) -> None:
+        """Append the previous frame of this episode again (no decode, no resize, no copy)."""
+        if self._last_frame is None:
+            raise RuntimeError("repeat_frame() before add_frame()")
+        self.frames.append(self._last_frame)
+
+    def add_frames(self, frames: np.ndarray) -> None:
+        """Append frames (n, H, W, 3) that already have the dataset's shape (used to merge datasets)."""
+        if self._episode_start is None:
+            self.begin_episode()
+        if self.frame_shape is None:
+            self._set_frame_shape(tuple(frames.shape[1:]))
+        if tuple(frames.shape[1:]) != self.frame_shape:
+            raise IngestError(f"frames of shape {frames.shape[1:]} do not match the dataset's {self.frame_shape}")
+        self.frames.append(frames)
+
+    def end_episode(self, actions: np.ndarray, timestamps_s: np.ndarray, record: dict[str, Any]) -> dict[str, Any]:
+        """Finish the episode whose frames were just added; returns its record (index, start, length added).
+
+        actions (n, 7) float32-able, NaN where unknown; timestamps_s (n,) seconds since its first frame;
+        record: instruction, has_actions, fps, window_frames, provenance, ... (split is assigned at close()).
+        """
+        start = self._episode_start
+        if start is None:
+            raise RuntimeError("end_episode() without begin_episode()")
+        n = self.frames.rows - start
+        actions = np.asarray(actions, dtype=np.float32).reshape(-1, bag_format.ACTION_DIM)
+        if len(actions) != n or len(timestamps_s) != n:
+            raise ValueError(f"episode has {n} frames but {len(actions)} actions and {len(timestamps_s)} timestamps")
+        index = len(self.episodes)
+        self.actions.append(actions)
+        self.timestamps.append(np.asarray(timestamps_s, dtype=np.float64))
+        self.episode_index.append(np.full(n, index, dtype=np.int32))
+        rec = {"index": index, "start": start, "length": n, **record}
+        rec.setdefault("split", None)
+        self.episodes.append(rec)
+        self._episode_start = None
+        return rec
+
+    def abort_episode(self) -> None:
+        """Drop the frames of the episode in progress (it failed); the dataset is as before begin_episode()."""
+        if self._episode_start is not None:
+            self.frames.truncate(self._episode_start)
+            self._episode_start = None
+
+    # ---------------------------------------------------------------- finishing
+    def close(self, run_record: dict[str, Any] | None = None) -> Path:
+        """Assign splits to the new episodes, write headers, episodes.jsonl and meta.json; move into place."""
+        if self._closed:
+            return self.root
+        self.abort_episode()
+        splits = assign_splits([e.get("split") for e in self.episodes], self.split_fractions, self.seed)
+        for e, s in zip(self.episodes, splits):
+            e["split"] = s
+        for f in self._files:
+            f.close()
+        n_new = len(self.episodes) - self._start_counts[0]
+        self.meta["frame_shape"] = list(self.frame_shape) if self.frame_shape else None
+        self.meta["ingests"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.run_info,
+                                     **(run_record or {}), "episodes_added": n_new,
+                                     "frames_added": self.frames.rows - self._start_counts[1]})
+        self.meta.update(_counts(self.episodes, self.frames.rows))
+        _write_text(self.dir / EPISODES_JSONL, "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.episodes))
+        _write_text(self.dir / META_JSON, json.dumps(self.meta, indent=2) + "\n")
+        if self.mode != "append":
+            if self.root.exists():
+                old = self.root.parent / f".{self.root.name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(self.root, old)
+                os.replace(self.dir, self.root)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                self.root.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.dir, self.root)
+        self._closed = True
+        return self.root
+
+    def abort(self) -> None:
+        """Give up: a new dataset is removed, an appended one is left as it was before this writer."""
+        if self._closed:
+            return
+        self._closed = True
+        n_frames = self._start_counts[1]
+        for f in self._files:
+            try:
+                if self.mode == "append":
+                    f.truncate(n_frames)
+            finally:
+                f.close(write_header=False)  # an appended file's header still says the old row count
+        if self.mode != "append":
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _counts(episodes: list[dict[str, Any]], num_frames: int) -> dict[str, Any]:
+    return {"num_frames": int(num_frames), "num_episodes": len(episodes),
+            "num_episodes_with_actions": sum(bool(e.get("has_actions")) for e in episodes),
+            "episodes_per_split": {s: sum(e.get("split") == s for e in episodes) for s in SPLITS},
+            "frames_per_split": {s: sum(e["length"] for e in episodes if e.get("split") == s) for s in SPLITS}}
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_format(meta: dict[str, Any], root: Path) -> None:
+    if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
+        raise IngestError(f"{root}: not a {FORMAT_NAME} v{FORMAT_VERSION} dataset "
+                          f"(meta.json says {meta.get('format')} v{meta.get('format_version')})")
+
+
+def read_episodes(root: str | Path) -> list[dict[str, Any]]:
+    """The episode records of the dataset at root, in index order."""
+    path = Path(root) / EPISODES_JSONL
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def is_dataset(path: str | Path) -> bool:
+    return (Path(path) / META_JSON).is_file() and (Path(path) / FRAMES_NPY).is_file()
+
+
+# ---------------------------------------------------------------- reading
+class Dataset:
+    """A dataset opened read-only; arrays are np.memmap views, nothing is loaded up front.
+
+    frames (N, H, W, 3) uint8 RGB; actions (N, 7) float32 (NaN = unknown; row i is the step from
+    frame i to i+1, so the last row of every episode is NaN); timestamps (N,) float64 seconds since
+    the episode's first frame; episode_index (N,) int32; episodes: list of records (dicts, see
+    docs/DATASET_FORMAT.md); meta: meta.json.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not (self.root / META_JSON).is_file():
+            raise IngestError(f"{self.root} is not a dataset (no {META_JSON})")
+        self.meta: dict[str, Any] = json.loads((self.root / META_JSON).read_text())
+        _check_format(self.meta, self.root)
+        self.episodes = read_episodes(self.root)
+        self.frames = _load(self.root / FRAMES_NPY)
+        self.actions = _load(self.root / ACTIONS_NPY)
+        self.timestamps = _load(self.root / TIMESTAMPS_NPY)
+        self.episode_index = _load(self.root / EPISODE_INDEX_NPY)
+        n = len(self.frames)
+        if not (len(self.actions) == len(self.timestamps) == len(self.episode_index) == n) or \
+                sum(e["length"] for e in self.episodes) != n:
+            raise IngestError(f"{self.root}: array lengths disagree (frames {n}, actions {len(self.actions)}, "
+                              f"episodes cover {sum(e['length'] for e in self.episodes)}); the dataset is damaged")
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episodes)
+
+    @property
+    def action_names(self) -> tuple[str, ...]:
+        return tuple(self.meta["action_names"])
+
+    def episode_slice(self, index: int) -> slice:
+        """Frame indices of episode `index` as a slice into frames/actions/timestamps."""
+        e = self.episodes[index]
+        return slice(e["start"], e["start"] + e["length"])
+
+    def split_episodes(self, split: str | None = None) -> list[dict[str, Any]]:
+        """Records of the episodes in split ('train', 'val', 'test'), or all for None."""
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
+        return [e for e in self.episodes if split is None or e["split"] == split]
+
+    def pairs(self, split: str | None = None, window_frames: int | None = None,
+              require_actions: bool = False) -> np.ndarray:
+        """Frame index pairs (i, i + H) with both frames in the same episode, (M, 2) int64.
+
+        H is window_frames, or else each episode's own window_frames (its LAQ window in stored
+        frames). Episodes shorter than H + 1 frames contribute nothing. require_actions keeps only
+        episodes with actions.
+        """
+        chunks = []
+        for e in self.split_episodes(split):
+            if require_actions and not e.get("has_actions"):
+                continue
+            h = int(window_frames or e["window_frames"])
+            if h <= 0:
+                raise ValueError("window_frames must be positive")
+            first = np.arange(e["start"], e["start"] + e["length"] - h, dtype=np.int64)
+            chunks.append(np.stack([first, first + h], axis=1))
+        return np.concatenate(chunks) if chunks else np.zeros((0, 2), dtype=np.int64)
+
+    def instructions(self, split: str | None = None) -> list[str]:
+        return [e["instruction"] for e in self.split_episodes(split)]
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+
+
+def _load(path: Path) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:  # an empty array cannot be memory-mapped: return it in memory
+            np.lib.format.read_magic(f)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        if shape[0] == 0:
+            return np.zeros(shape, dtype)
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise IngestError(f"{path}: cannot memory-map ({e})") from e
+
+
+def iter_chunks(n: int, chunk: int) -> Iterable[slice]:
+    for start in range(0, n, chunk):
+        yield slice(start, min(n, start + chunk))
+
+
+def summarize(ds: Dataset) -> dict[str, Any]:
+    """What `lapa data info` shows, as plain JSON-able data."""
+    from collections import Counter
+
+    eps = ds.episodes
+    n = len(ds)
+    # action statistics over finite values, in chunks (never the whole array in memory)
+    dim = len(ds.action_names)
+    count, total, total_sq = np.zeros(dim), np.zeros(dim), np.zeros(dim)
+    low, high = np.full(dim, np.inf), np.full(dim, -np.inf)
+    for sl in iter_chunks(n, 1 << 20):
+        a = np.asarray(ds.actions[sl], dtype=np.float64)
+        finite = np.isfinite(a)
+        z = np.where(finite, a, 0.0)
+        count += finite.sum(0)
+        total += z.sum(0)
+        total_sq += (z * z).sum(0)
+        low = np.minimum(low, np.where(finite, a, np.inf).min(0, initial=np.inf))
+        high = np.maximum(high, np.where(finite, a, -np.inf).max(0, initial=-np.inf))
+    mean = np.divide(total, count, out=np.full(dim, np.nan), where=count > 0)
+    std = np.sqrt(np.maximum(np.divide(total_sq, count, out=np.full(dim, np.nan), where=count > 0) - mean ** 2, 0))
+    stats = {name: {"count": int(count[i]), "mean": _num(mean[i]), "std": _num(std[i]),
+                    "min": _num(low[i]) if count[i] else None, "max": _num(high[i]) if count[i] else None}
+             for i, name in enumerate(ds.action_names)}
+    kinds = Counter(f"{e.get('provenance', {}).get('kind', '?')}/{e.get('provenance', {}).get('storage', '?')}"
+                    for e in eps)
+    known = [e["success"] for e in eps if isinstance(e.get("success"), bool)]
+    shape = ds.meta.get("frame_shape") or list(ds.frames.shape[1:])
+    return {
+        "path": str(ds.root), "format": f"{ds.meta['format']} v{ds.meta['format_version']}",
+        "disk_bytes": ds.disk_bytes(), "frames": n, "frame_shape": shape,
+        "control_rate_hz": ds.meta.get("control_rate_hz"),
+        "episodes": len(eps), "episodes_with_actions": sum(bool(e["has_actions"]) for e in eps),
+        "episodes_without_actions": sum(not e["has_actions"] for e in eps),
+        "success": {"known": len(known), "succeeded": sum(known)},
+        "splits": {s: {"episodes": sum(e["split"] == s for e in eps),
+                       "frames": sum(e["length"] for e in eps if e["split"] == s),
+                       "pairs": int(len(ds.pairs(s)))} for s in SPLITS},
+        "tasks": dict(sorted(Counter(e.get("task") or "(none)" for e in eps).items())),
+        "instructions": len([e for e in eps if e.get("instruction")]),
+        "distinct_instructions": len({e.get("instruction") for e in eps if e.get("instruction")}),
+        "sources": dict(sorted(kinds.items())),
+        "fps": dict(sorted(Counter(f"{e['fps']:g}" for e in eps).items())),
+        "window_frames": dict(sorted(Counter(str(e["window_frames"]) for e in eps).items())),
+        "action_stats": stats,
+    }
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
