@@ -32,6 +32,7 @@ setup(
             "lapa = lapa_cli.main:main",
             "lapa_sim_arm = lapa_policy_node.sim_arm_node:main",
             "lapa_recorder = lapa_policy_node.recorder_node:main",
+            "lapa_policy_server = lapa_policy_node.policy_server_node:main",
         ],
     },
 )

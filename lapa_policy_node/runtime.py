@@ -62,7 +62,11 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) ->
     Signals are handled here rather than by rclpy so that the node's ``on_shutdown()`` (if it has
     one) still runs with a live context and can publish final messages.
     """
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    except Exception as e:  # rcl rejects malformed --ros-args (e.g. "-p name:=") with RCLError
+        print(f"error: invalid ROS arguments: {e}", file=sys.stderr)
+        return 2
     stop = {"signal": None}
 
     def _handler(signum, _frame):

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 
-EXECUTABLES = ("lapa", "lapa_sim_arm", "lapa_recorder")
+EXECUTABLES = ("lapa", "lapa_sim_arm", "lapa_recorder", "lapa_policy_server")
 
 
 def test_launch_files_parse_and_start_executables_this_package_installs():

@@ -1,0 +1,104 @@
+"""The one interface between a policy and the nodes that run it, and how a checkpoint becomes a policy.
+
+A policy is anything with ``reset(instruction)`` and ``act(image, instruction) -> PolicyStep``.
+``load_policy(path)`` reads ``<path>/config.json`` and picks the implementation from its
+``policy_type``:
+
+- ``"lapa_vla"``: the finetuned LAPA / baseline VLA (lapa_training.vla.policy; lands with the VLA);
+- ``"constant"``: sends one fixed delta every step. For bring-up on a real arm (check the direction
+  conventions at a crawl before a learned policy moves it) and for testing the safety path: it can
+  raise or return NaN at a chosen step, or take a chosen time per step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class PolicyStep:
+    delta: np.ndarray  # (7,) dx dy dz [m], droll dpitch dyaw [rad] per control step, gripper closure 0..1
+    tokens: list[int] = field(default_factory=list)  # latent or action tokens behind this step
+    token_kind: str = "action"  # "latent" or "action"
+
+
+class Policy(Protocol):
+    control_rate: float  # Hz the policy was trained at (its deltas are per 1 / control_rate seconds)
+
+    def reset(self, instruction: str) -> None: ...
+
+    def act(self, image: np.ndarray, instruction: str) -> PolicyStep: ...
+
+
+class PolicyLoadError(ValueError):
+    """The checkpoint is missing, unreadable or of an unknown kind; the message names the file."""
+
+
+class ConstantPolicy:
+    """Always the same delta (see module doc); fault injection for safety tests."""
+
+    def __init__(self, delta, control_rate: float = 10.0, raise_at_step: int = 0, nan_at_step: int = 0,
+                 seconds_per_step: float = 0.0):
+        self.delta = np.asarray(delta, dtype=float)
+        if self.delta.shape != (7,):
+            raise PolicyLoadError(f"constant policy: 'delta' needs 7 values, got {self.delta.size}")
+        self.control_rate = float(control_rate)
+        self.raise_at_step, self.nan_at_step = int(raise_at_step), int(nan_at_step)
+        self.seconds_per_step = float(seconds_per_step)
+        self.steps = 0
+
+    def reset(self, instruction: str) -> None:
+        self.steps = 0
+
+    def act(self, image: np.ndarray, instruction: str) -> PolicyStep:
+        self.steps += 1
+        if self.seconds_per_step:
+            time.sleep(self.seconds_per_step)
+        if self.steps == self.raise_at_step:
+            raise RuntimeError(f"constant policy: injected failure at step {self.steps}")
+        delta = self.delta.copy()
+        if self.steps == self.nan_at_step:
+            delta[0] = np.nan
+        return PolicyStep(delta=delta, tokens=[], token_kind="action")
+
+    @staticmethod
+    def save(path: str | Path, delta, **options) -> Path:
+        """Write a constant-policy 'checkpoint' (just config.json) that load_policy reads."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {"policy_type": "constant", "delta": [float(v) for v in delta], **options}
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return path
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path).expanduser()
+    config_file = path / "config.json"
+    if not path.exists():
+        raise PolicyLoadError(f"checkpoint not found: {path}")
+    if not config_file.is_file():
+        raise PolicyLoadError(f"{path} is not a policy checkpoint (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PolicyLoadError(f"cannot read {config_file}: {e}") from None
+    kind = config.get("policy_type")
+    if kind == "constant":
+        options = {k: v for k, v in config.items() if k != "policy_type"}
+        try:
+            return ConstantPolicy(**options)
+        except TypeError as e:
+            raise PolicyLoadError(f"{config_file}: {e}") from None
+    if kind == "lapa_vla":
+        try:
+            from lapa_training.vla.policy import VLAPolicy
+        except ImportError as e:
+            raise PolicyLoadError(f"{path} is a VLA checkpoint but the VLA code is not available: {e}") from None
+        return VLAPolicy.from_pretrained(path)
+    raise PolicyLoadError(f"{config_file}: unknown policy_type {kind!r} (known: 'lapa_vla', 'constant')")

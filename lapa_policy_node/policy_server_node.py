@@ -1,0 +1,437 @@
+"""``lapa_policy_server``: camera + language goal in, MoveIt Servo end-effector twists out, safely.
+
+Action server
+    ~/follow_instruction   lapa_interfaces/action/FollowInstruction
+        goal: instruction (+ max_steps, timeout_s, speed limits; 0 = server default)
+        feedback every step: step, predicted 7-D delta, tokens, policy latency
+        result: success (+ whether a success signal exists), steps, why it stopped
+Topics
+    in   <image_topic>          sensor_msgs/Image (any common encoding) or CompressedImage, sensor QoS
+    in   <ee_pose_topic>        geometry_msgs/PoseStamped, for the workspace box
+    in   <success_topic>        std_msgs/Bool, optional task-success signal ("" = none)
+    in   ~/instruction          std_msgs/String: start following this instruction ("" = stop)
+    out  <twist_topic>          geometry_msgs/TwistStamped for MoveIt Servo
+    out  <gripper_topic>        std_msgs/Float64 opening (0 closed .. 1 open) or a JointTrajectory
+    out  ~/status               std_msgs/String (JSON, latched): idle/running, goal, last stop reason
+
+The arm is stopped (a zero twist is published at once) when a goal is cancelled or preempted, when
+the camera stalls (watchdog, independent of the policy thread), when the policy raises or outputs
+NaN/inf, when the EE pose is needed and stale, when a goal ends for any reason, and on shutdown.
+Policy inference runs in its own callback group, so the watchdog and the action server keep serving
+while the policy thinks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from geometry_msgs.msg import PoseStamped, TwistStamped
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Bool, Float64, String
+
+from lapa_policy_node.policy_api import PolicyLoadError, load_policy
+from lapa_policy_node.runtime import ConfigError, declare, validate_topic
+from lapa_policy_node.safety import CommandLimiter, MotionLimits, UnsafeCommand, delta_to_twist
+
+
+@dataclass
+class _Run:
+    """One goal being executed."""
+
+    instruction: str
+    max_steps: int
+    deadline: float
+    limiter: CommandLimiter
+    stop_reason: str | None = None  # set by cancel/preempt/watchdog: the loop ends with it
+    cancelled: bool = False
+    commanding: bool = False  # past the start-up grace: the watchdog guards the camera from here on
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class PolicyServerNode(Node):
+    # policy loop, action server, sensors and watchdog each need a thread of their own
+    executor_class = functools.partial(MultiThreadedExecutor, num_threads=6)
+
+    def __init__(self, **kwargs):
+        super().__init__("lapa_policy_server", **kwargs)
+        p = self._declare_parameters()
+        self.p = p
+        try:
+            self.policy = load_policy(p["checkpoint"])
+        except PolicyLoadError as e:
+            raise ConfigError(f"parameter 'checkpoint': {e}") from None
+        self.control_rate = p["control_rate"] or float(getattr(self.policy, "control_rate", 10.0))
+        self.period = 1.0 / self.control_rate
+
+        self._lock = threading.Lock()  # guards _run, the latest inputs and every command publish
+        self._run: _Run | None = None
+        self._image = None
+        self._image_time = -np.inf
+        self._pose: np.ndarray | None = None
+        self._pose_time = -np.inf
+        self._success: bool | None = None
+        self._last_reason = ""
+
+        sensors = MutuallyExclusiveCallbackGroup()
+        image_cls = CompressedImage if p["image_transport"] == "compressed" else Image
+        self.create_subscription(image_cls, p["image_topic"], self._on_image, qos_profile_sensor_data,
+                                 callback_group=sensors)
+        self.create_subscription(PoseStamped, p["ee_pose_topic"], self._on_pose, 10, callback_group=sensors)
+        if p["success_topic"]:
+            self.create_subscription(Bool, p["success_topic"], self._on_success, 10, callback_group=sensors)
+        self.create_subscription(String, "~/instruction", self._on_instruction_topic, 10, callback_group=sensors)
+        self.twist_pub = self.create_publisher(TwistStamped, p["twist_topic"], 10)
+        self.gripper_pub = self._make_gripper_publisher()
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.status_pub = self.create_publisher(String, "~/status", latched)
+
+        from lapa_interfaces.action import FollowInstruction  # built by setup.sh into the venv
+
+        self.Action = FollowInstruction
+        self._action_server = ActionServer(
+            self, FollowInstruction, "~/follow_instruction", execute_callback=self._execute,
+            goal_callback=self._on_goal, cancel_callback=self._on_cancel,
+            handle_accepted_callback=self._on_accepted, callback_group=ReentrantCallbackGroup())
+        self.create_timer(self.period / 2, self._watchdog, callback_group=MutuallyExclusiveCallbackGroup())
+        self._topic_goal = None
+        self._publish_status("idle")
+        self.get_logger().info(
+            f"policy server ready: {p['checkpoint']} at {self.control_rate:.1f} Hz; camera {p['image_topic']}, "
+            f"twists to {p['twist_topic']} ({p['twist_frame']})")
+        self._servo = None
+        if p["servo_node"]:
+            from lapa_policy_node.servo_client import ServoModeSwitcher
+
+            self._servo = ServoModeSwitcher(self, p["servo_node"])
+
+    # ------------------------------------------------------------------ parameters
+    def _declare_parameters(self) -> dict:
+        pos = FloatingPointRange(from_value=0.0, to_value=100.0)
+        speed = FloatingPointRange(from_value=0.001, to_value=2.0)
+        p = {
+            "checkpoint": declare(self, "checkpoint", "", "policy checkpoint directory (config.json + weights)"),
+            "image_topic": declare(self, "image_topic", "/camera/image_raw", "camera topic"),
+            "image_transport": declare(self, "image_transport", "raw", "raw (sensor_msgs/Image) or compressed"),
+            "ee_pose_topic": declare(self, "ee_pose_topic", "/ee_pose", "TCP pose in the base frame"),
+            "success_topic": declare(self, "success_topic", "", "std_msgs/Bool task success signal; '' = none"),
+            "twist_topic": declare(self, "twist_topic", "/servo_node/delta_twist_cmds", "MoveIt Servo twist input"),
+            "twist_frame": declare(self, "twist_frame", "panda_link0", "frame_id of the twists (the base frame)"),
+            "gripper_topic": declare(self, "gripper_topic", "/gripper/command", "gripper command topic; '' = none"),
+            "gripper_mode": declare(self, "gripper_mode", "opening",
+                                    "opening (std_msgs/Float64 0 closed..1 open) or trajectory (JointTrajectory)"),
+            "gripper_joints": declare(self, "gripper_joints", ["panda_finger_joint1"],
+                                      "joints of the gripper controller (trajectory mode)"),
+            "gripper_open_position": declare(self, "gripper_open_position", 0.04, "joint position when open"),
+            "gripper_closed_position": declare(self, "gripper_closed_position", 0.0, "joint position when closed"),
+            "control_rate": declare(self, "control_rate", 0.0, "policy steps per second; 0 = the policy's own",
+                                    float_range=pos),
+            "linear_scale": declare(self, "linear_scale", 1.0, "multiplies the policy's translation deltas",
+                                    float_range=FloatingPointRange(from_value=0.0, to_value=10.0)),
+            "angular_scale": declare(self, "angular_scale", 1.0, "multiplies the policy's rotation deltas",
+                                     float_range=FloatingPointRange(from_value=0.0, to_value=10.0)),
+            "max_linear_speed": declare(self, "max_linear_speed", 0.15, "TCP speed clamp (m/s)", float_range=speed),
+            "max_angular_speed": declare(self, "max_angular_speed", 0.8, "TCP angular speed clamp (rad/s)",
+                                         float_range=speed),
+            "max_linear_accel": declare(self, "max_linear_accel", 1.0, "TCP acceleration clamp (m/s^2)",
+                                        float_range=FloatingPointRange(from_value=0.01, to_value=20.0)),
+            "max_angular_accel": declare(self, "max_angular_accel", 4.0, "angular acceleration clamp (rad/s^2)",
+                                         float_range=FloatingPointRange(from_value=0.01, to_value=50.0)),
+            "workspace_min": declare(self, "workspace_min", [0.25, -0.35, 0.02], "workspace box low corner (m)"),
+            "workspace_max": declare(self, "workspace_max", [0.75, 0.35, 0.55], "workspace box high corner (m)"),
+            "enforce_workspace": declare(self, "enforce_workspace", True,
+                                         "keep the TCP in the box (needs a fresh EE pose; goals abort without)"),
+            "camera_timeout": declare(self, "camera_timeout", 0.25, "stop when no camera frame for this long (s)",
+                                      float_range=FloatingPointRange(from_value=0.01, to_value=10.0)),
+            "pose_timeout": declare(self, "pose_timeout", 0.5, "stop when no EE pose for this long (s)",
+                                    float_range=FloatingPointRange(from_value=0.01, to_value=10.0)),
+            "default_max_steps": declare(self, "default_max_steps", 300, "steps per goal unless the goal says",
+                                         integer_range=IntegerRange(from_value=1, to_value=1_000_000)),
+            "default_timeout_s": declare(self, "default_timeout_s", 120.0, "seconds per goal unless it says",
+                                         float_range=FloatingPointRange(from_value=0.1, to_value=86400.0)),
+            "servo_node": declare(self, "servo_node", "",
+                                  "MoveIt Servo node to switch to twist mode and unpause (e.g. /servo_node); "
+                                  "'' = do not touch Servo"),
+        }
+        if not p["checkpoint"]:
+            raise ConfigError("parameter 'checkpoint' is empty: give the policy checkpoint directory")
+        if p["image_transport"] not in ("raw", "compressed"):
+            raise ConfigError(f"parameter 'image_transport': '{p['image_transport']}' is not raw or compressed")
+        if p["gripper_mode"] not in ("opening", "trajectory"):
+            raise ConfigError(f"parameter 'gripper_mode': '{p['gripper_mode']}' is not opening or trajectory")
+        for key in ("image_topic", "ee_pose_topic", "twist_topic", "success_topic", "gripper_topic"):
+            if p[key]:
+                validate_topic(self, key, p[key])
+        try:
+            self.limits = MotionLimits(p["max_linear_speed"], p["max_angular_speed"], p["max_linear_accel"],
+                                       p["max_angular_accel"], np.array(p["workspace_min"], float),
+                                       np.array(p["workspace_max"], float))
+        except ValueError as e:
+            raise ConfigError(f"parameters 'workspace_min'/'workspace_max': {e}") from None
+        return p
+
+    def _make_gripper_publisher(self):
+        if not self.p["gripper_topic"]:
+            return None
+        if self.p["gripper_mode"] == "trajectory":
+            from trajectory_msgs.msg import JointTrajectory
+
+            return self.create_publisher(JointTrajectory, self.p["gripper_topic"], 10)
+        return self.create_publisher(Float64, self.p["gripper_topic"], 10)
+
+    # ------------------------------------------------------------------ inputs
+    def _on_image(self, msg) -> None:
+        with self._lock:
+            self._image, self._image_time = msg, time.monotonic()
+
+    def _on_pose(self, msg: PoseStamped) -> None:
+        p = msg.pose.position
+        with self._lock:
+            self._pose, self._pose_time = np.array([p.x, p.y, p.z]), time.monotonic()
+
+    def _on_success(self, msg: Bool) -> None:
+        with self._lock:
+            self._success = bool(msg.data)
+
+    def _on_instruction_topic(self, msg: String) -> None:
+        """Plain-topic interface: an instruction starts a goal (preempting), '' stops."""
+        text = msg.data.strip()
+        if not text:
+            with self._lock:
+                run = self._run
+            if run is not None:
+                self._stop(run, "stopped by an empty instruction on ~/instruction")
+            return
+        if self._topic_goal is None:
+            from rclpy.action import ActionClient
+
+            self._topic_goal = ActionClient(self, self.Action, "~/follow_instruction")
+        self._topic_goal.send_goal_async(self.Action.Goal(instruction=text))
+
+    # ------------------------------------------------------------------ commands
+    def _publish_twist(self, twist: np.ndarray) -> None:
+        msg = TwistStamped()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.header.frame_id = self.p["twist_frame"]
+        (msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z,
+         msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z) = (float(v) for v in twist)
+        self.twist_pub.publish(msg)
+
+    def _publish_gripper(self, closure: float) -> None:
+        if self.gripper_pub is None:
+            return
+        if self.p["gripper_mode"] == "opening":
+            self.gripper_pub.publish(Float64(data=1.0 - closure))
+            return
+        from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+        q = self.p["gripper_open_position"] + closure * (self.p["gripper_closed_position"] -
+                                                         self.p["gripper_open_position"])
+        traj = JointTrajectory()
+        traj.header.stamp = self.get_clock().now().to_msg()
+        traj.joint_names = list(self.p["gripper_joints"])
+        point = JointTrajectoryPoint(positions=[q] * len(traj.joint_names))
+        point.time_from_start.nanosec = int(self.period * 1e9)
+        traj.points = [point]
+        self.gripper_pub.publish(traj)
+
+    def _stop(self, run: _Run, reason: str) -> None:
+        """Zero twist now; the goal's loop ends with `reason` at its next check."""
+        with self._lock:
+            if run.stop_reason is None:
+                run.stop_reason = reason
+            self._publish_twist(np.zeros(6))
+            run.limiter.reset()
+
+    # ------------------------------------------------------------------ action server
+    def _on_goal(self, goal) -> GoalResponse:
+        if not goal.instruction.strip():
+            self._last_reason = "rejected a goal with an empty instruction"
+            self.get_logger().warn(self._last_reason)
+            self._publish_status("idle")
+            return GoalResponse.REJECT
+        for name in ("timeout_s", "max_linear_speed", "max_angular_speed"):
+            value = getattr(goal, name)
+            if not np.isfinite(value) or value < 0:
+                self._last_reason = f"rejected a goal with {name} = {value}"
+                self.get_logger().warn(self._last_reason)
+                return GoalResponse.REJECT
+        return GoalResponse.ACCEPT
+
+    def _on_accepted(self, goal_handle) -> None:
+        with self._lock:
+            previous = self._run
+        if previous is not None:
+            self._stop(previous, "preempted by a new goal")
+            previous.done.wait(timeout=5.0)
+        goal_handle.execute()
+
+    def _on_cancel(self, _goal_handle) -> CancelResponse:
+        with self._lock:
+            run = self._run
+        if run is not None:
+            run.cancelled = True
+            self._stop(run, "canceled")
+        return CancelResponse.ACCEPT
+
+    def _execute(self, goal_handle):
+        goal = goal_handle.request
+        limits = MotionLimits(**{**self.limits.__dict__})
+        if goal.max_linear_speed > 0:
+            limits.max_linear_speed = min(limits.max_linear_speed, goal.max_linear_speed)
+        if goal.max_angular_speed > 0:
+            limits.max_angular_speed = min(limits.max_angular_speed, goal.max_angular_speed)
+        run = _Run(instruction=goal.instruction.strip(),
+                   max_steps=int(goal.max_steps) or self.p["default_max_steps"],
+                   deadline=time.monotonic() + (goal.timeout_s or self.p["default_timeout_s"]),
+                   limiter=CommandLimiter(limits, self.period))
+        with self._lock:
+            self._run = run
+            self._success = None if self.p["success_topic"] else self._success
+        self.get_logger().info(f"goal: '{run.instruction}' (max {run.max_steps} steps)")
+        self._publish_status("running", run)
+        if self._servo is not None:
+            self._servo.ensure_twist_mode()
+        try:
+            success, steps, reason = self._control_loop(goal_handle, run)
+        except Exception as e:  # never leave the arm moving, whatever happened
+            success, steps, reason = False, 0, f"internal error: {e!r}"
+        finally:
+            self._stop(run, "goal ended")
+            with self._lock:
+                if self._run is run:
+                    self._run = None
+        if run.cancelled:  # the goal turns CANCELING only after _on_cancel returned: wait for it
+            deadline = time.monotonic() + 1.0
+            while not goal_handle.is_cancel_requested and time.monotonic() < deadline:
+                time.sleep(0.005)
+        result = self.Action.Result(success=bool(success), success_known=bool(self.p["success_topic"]),
+                                    steps=steps, message=reason)
+        if run.cancelled and goal_handle.is_cancel_requested:
+            goal_handle.canceled()
+        elif success:
+            goal_handle.succeed()
+        else:
+            goal_handle.abort()
+        self._last_reason = reason
+        self.get_logger().info(f"goal '{run.instruction}' ended after {steps} steps: {reason}")
+        self._publish_status("idle")
+        run.done.set()
+        return result
+
+    def _control_loop(self, goal_handle, run: _Run) -> tuple[bool, int, str]:
+        self.policy.reset(run.instruction)
+        # a goal sent right after start-up may beat the first frame or pose: give them a moment
+        grace = time.monotonic() + max(1.0, self.p["camera_timeout"])
+        while time.monotonic() < grace and run.stop_reason is None:
+            with self._lock:
+                now = time.monotonic()
+                if now - self._image_time <= self.p["camera_timeout"] and (
+                        not self.p["enforce_workspace"] or now - self._pose_time <= self.p["pose_timeout"]):
+                    break
+            time.sleep(0.01)
+        run.commanding = True
+        steps = 0
+        next_tick = time.monotonic()
+        while True:
+            next_tick += self.period
+            if run.stop_reason is not None:
+                return False, steps, run.stop_reason
+            now = time.monotonic()
+            with self._lock:
+                image, image_age = self._image, now - self._image_time
+                pose, pose_age = self._pose, now - self._pose_time
+                success = self._success
+            if success:
+                return True, steps, "success"
+            if steps >= run.max_steps:
+                return False, steps, f"max_steps ({run.max_steps}) reached"
+            if now > run.deadline:
+                return False, steps, "timeout"
+            if image is None or image_age > self.p["camera_timeout"]:
+                return False, steps, "camera stale: no image for more than " \
+                                     f"{self.p['camera_timeout']:.2f} s on {self.p['image_topic']}"
+            if self.p["enforce_workspace"] and (pose is None or pose_age > self.p["pose_timeout"]):
+                return False, steps, f"EE pose stale on {self.p['ee_pose_topic']} (needed for the workspace box)"
+            try:
+                rgb = _to_rgb(image)
+            except ValueError as e:
+                return False, steps, f"bad camera image: {e}"
+            t0 = time.perf_counter()
+            try:
+                out = self.policy.act(rgb, run.instruction)
+                twist, closure = delta_to_twist(out.delta, self.control_rate, self.p["linear_scale"],
+                                                self.p["angular_scale"])
+            except UnsafeCommand as e:
+                return False, steps, f"unsafe policy output: {e}"
+            except Exception as e:
+                self.get_logger().error(f"policy raised: {e!r}")
+                return False, steps, f"policy error: {e!r}"
+            latency = time.perf_counter() - t0
+            with self._lock:
+                if run.stop_reason is not None:  # cancelled/preempted/stale while the policy thought
+                    continue
+                safe = run.limiter(twist, pose if self.p["enforce_workspace"] else None)
+                self._publish_twist(safe)
+                self._publish_gripper(closure)
+            steps += 1
+            feedback = self.Action.Feedback(step=steps, delta=[float(v) for v in out.delta],
+                                            tokens=[int(t) for t in out.tokens], token_kind=out.token_kind,
+                                            policy_latency_s=float(latency))
+            goal_handle.publish_feedback(feedback)
+            time.sleep(max(0.0, next_tick - time.monotonic()))
+            if time.monotonic() - next_tick > self.period:  # fell behind: do not try to catch up
+                next_tick = time.monotonic()
+
+    # ------------------------------------------------------------------ watchdog, status, shutdown
+    def _watchdog(self) -> None:
+        """Camera stalls stop the arm even while the policy thread is busy."""
+        with self._lock:
+            run, age = self._run, time.monotonic() - self._image_time
+        if run is not None and run.commanding and run.stop_reason is None and age > self.p["camera_timeout"]:
+            self.get_logger().warn(f"camera stale ({age:.2f} s): stopping the arm")
+            self._stop(run, f"camera stale: no image for more than {self.p['camera_timeout']:.2f} s "
+                            f"on {self.p['image_topic']}")
+
+    def _publish_status(self, state: str, run: _Run | None = None) -> None:
+        status = {"state": state, "last_stop_reason": self._last_reason, "control_rate": self.control_rate}
+        if run is not None:
+            status["instruction"] = run.instruction
+        self.status_pub.publish(String(data=json.dumps(status)))
+
+    def on_shutdown(self) -> None:
+        with self._lock:
+            run = self._run
+        if run is not None:
+            self._stop(run, "node shutting down")
+        for _ in range(3):  # a final zero twist, sent more than once in case one is lost
+            self._publish_twist(np.zeros(6))
+            time.sleep(0.01)
+        self.get_logger().info("sent a final zero twist")
+
+
+def _to_rgb(msg) -> np.ndarray:
+    from lapa_training.data.images import compressed_msg_to_rgb, image_msg_to_rgb
+
+    return compressed_msg_to_rgb(msg) if isinstance(msg, CompressedImage) else image_msg_to_rgb(msg)
+
+
+def main(args=None) -> int:
+    from lapa_policy_node.runtime import run_node
+
+    return run_node(PolicyServerNode, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""What stands between a policy's output and the arm: unit conversion and the motion limits.
+
+Pure numpy, no ROS, so every rule is unit-tested on its own and reused by any node:
+- a 7-D end-effector delta per control step -> a twist in m/s and rad/s (scaled);
+- NaN/inf anywhere -> refused (the caller stops the arm and aborts the goal);
+- linear and angular speed clamps (the direction is kept, the magnitude capped);
+- acceleration clamps (the change from the previous command is capped per second);
+- a workspace box: the velocity component that would carry the TCP out of the box is removed, and
+  a TCP already outside may only move back towards it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class UnsafeCommand(ValueError):
+    """The policy produced something that must not reach the arm (NaN, inf, wrong shape)."""
+
+
+@dataclass
+class MotionLimits:
+    max_linear_speed: float = 0.15  # m/s
+    max_angular_speed: float = 0.8  # rad/s
+    max_linear_accel: float = 1.0  # m/s^2
+    max_angular_accel: float = 4.0  # rad/s^2
+    workspace_min: np.ndarray = field(default_factory=lambda: np.array([0.25, -0.35, 0.02]))  # m, base frame
+    workspace_max: np.ndarray = field(default_factory=lambda: np.array([0.75, 0.35, 0.55]))
+
+    def __post_init__(self):
+        self.workspace_min = np.asarray(self.workspace_min, float)
+        self.workspace_max = np.asarray(self.workspace_max, float)
+        if self.workspace_min.shape != (3,) or self.workspace_max.shape != (3,):
+            raise ValueError("workspace_min and workspace_max need 3 values (x, y, z in metres)")
+        if np.any(self.workspace_min >= self.workspace_max):
+            raise ValueError(f"workspace_min {self.workspace_min.tolist()} must be below workspace_max "
+                             f"{self.workspace_max.tolist()} on every axis")
+        for name in ("max_linear_speed", "max_angular_speed", "max_linear_accel", "max_angular_accel"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+
+
+def delta_to_twist(delta: np.ndarray, control_rate: float, linear_scale: float = 1.0,
+                   angular_scale: float = 1.0) -> tuple[np.ndarray, float]:
+    """A 7-D delta (dx dy dz [m/step], droll dpitch dyaw [rad/step], gripper closure 0..1) ->
+    (twist [vx vy vz wx wy wz] in m/s and rad/s, gripper closure). Raises UnsafeCommand on NaN/inf."""
+    delta = np.asarray(delta, dtype=float).reshape(-1)
+    if delta.shape != (7,):
+        raise UnsafeCommand(f"policy output has {delta.size} values, expected 7 (xyz, rpy, gripper)")
+    if not np.all(np.isfinite(delta)):
+        raise UnsafeCommand(f"policy output is not finite: {np.round(delta, 4).tolist()}")
+    # For one control step the rpy increments are small: roll/pitch/yaw rates ~ angular velocity.
+    twist = np.concatenate([delta[:3] * control_rate * linear_scale, delta[3:6] * control_rate * angular_scale])
+    return twist, float(np.clip(delta[6], 0.0, 1.0))
+
+
+def _cap(v: np.ndarray, limit: float) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return v * (limit / n) if n > limit else v
+
+
+class CommandLimiter:
+    """Applies MotionLimits to a stream of twists sent every `period` seconds."""
+
+    def __init__(self, limits: MotionLimits, period: float):
+        self.limits, self.period = limits, period
+        self.previous = np.zeros(6)
+
+    def reset(self) -> None:
+        """The arm is known to be still (a zero twist was just sent)."""
+        self.previous = np.zeros(6)
+
+    def __call__(self, twist: np.ndarray, tcp_pos: np.ndarray | None) -> np.ndarray:
+        lim = self.limits
+        twist = np.asarray(twist, dtype=float).copy()
+        if not np.all(np.isfinite(twist)):
+            raise UnsafeCommand("twist is not finite")
+        lin, ang = _cap(twist[:3], lim.max_linear_speed), _cap(twist[3:], lim.max_angular_speed)
+        if tcp_pos is not None:
+            lin = self._keep_inside(lin, np.asarray(tcp_pos, float))
+        prev = self.previous
+        lin = prev[:3] + _cap(lin - prev[:3], lim.max_linear_accel * self.period)
+        ang = prev[3:] + _cap(ang - prev[3:], lim.max_angular_accel * self.period)
+        if tcp_pos is not None:  # the acceleration limit must not carry the TCP out either
+            lin = self._keep_inside(lin, np.asarray(tcp_pos, float))
+        self.previous = np.concatenate([lin, ang])
+        return self.previous.copy()
+
+    def _keep_inside(self, lin: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Remove the velocity components that would leave the box within one period."""
+        nxt = pos + lin * self.period
+        out = lin.copy()
+        low, high = self.limits.workspace_min, self.limits.workspace_max
+        outward = ((nxt < low) & (lin < 0)) | ((nxt > high) & (lin > 0))
+        out[outward] = 0.0
+        return out
+
+    def inside(self, pos: np.ndarray) -> bool:
+        return bool(np.all(pos >= self.limits.workspace_min) and np.all(pos <= self.limits.workspace_max))

@@ -1,0 +1,257 @@
+"""lapa_policy_server against the simulated arm, over real DDS, each in its own process.
+
+The policy is the constant bring-up policy (fault injection for the failure cases): what is under
+test here is the server's contract and its safety behaviour, not a learned policy.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from geometry_msgs.msg import PoseStamped, TwistStamped
+from rclpy.action import ActionClient
+from sensor_msgs.msg import Image
+
+from conftest import Latest, NodeProcess, run_to_exit, wait_for
+from lapa_policy_node.policy_api import ConstantPolicy
+
+SIM = "lapa_policy_node.sim_arm_node"
+SERVER = "lapa_policy_node.policy_server_node"
+TWIST = "/servo_node/delta_twist_cmds"
+STEP = 0.004  # m per 0.1 s step = 0.04 m/s, well inside the default speed clamp
+
+
+class Twists:
+    """Every twist the server publishes, with arrival times."""
+
+    def __init__(self, node):
+        self.items: list[tuple[float, np.ndarray]] = []
+        self.lock = threading.Lock()
+        node.create_subscription(TwistStamped, TWIST, self._on, 50)
+
+    def _on(self, msg):
+        t = msg.twist
+        with self.lock:
+            self.items.append((time.monotonic(), np.array([t.linear.x, t.linear.y, t.linear.z,
+                                                           t.angular.x, t.angular.y, t.angular.z])))
+
+    def since(self, t0: float) -> list[tuple[float, np.ndarray]]:
+        with self.lock:
+            return [(t, v) for t, v in self.items if t >= t0]
+
+    def last(self) -> np.ndarray | None:
+        with self.lock:
+            return self.items[-1][1] if self.items else None
+
+
+@pytest.fixture(scope="module")
+def sim(ros):
+    proc = NodeProcess(SIM, {"image_width": 48, "image_height": 48, "camera_rate": 20.0})
+    yield proc
+    assert proc.stop() == 0, proc.output()
+
+
+@pytest.fixture(scope="module")
+def watch(test_node, sim):
+    pose = Latest(test_node, PoseStamped, "/ee_pose")
+    wait_for(lambda: pose.get() is not None, 60, what="the sim's EE pose")
+    return Twists(test_node), pose
+
+
+@pytest.fixture(autouse=True)
+def home_arm(test_node, watch):
+    """Every test starts from the home pose, whatever the previous one did to the arm."""
+    from lapa_interfaces.srv import ResetEpisode
+
+    client = test_node.create_client(ResetEpisode, "/lapa_sim_arm/reset")
+    assert client.wait_for_service(timeout_sec=20)
+    assert _wait(client.call_async(ResetEpisode.Request(task="reach", seed=0))).success
+    test_node.destroy_client(client)
+    time.sleep(0.2)
+
+
+def _server(tmp_path, name="lapa_policy_server", delta=(STEP, 0, 0, 0, 0, 0, 0), policy=None, **params):
+    ckpt = ConstantPolicy.save(tmp_path / "policy", delta, **(policy or {}))
+    proc = NodeProcess(SERVER, {"checkpoint": str(ckpt), **params}, extra=["-r", f"__node:={name}"])
+    wait_for(lambda: "policy server ready" in proc.output() or proc.proc.poll() is not None, 60,
+             what="the policy server")
+    assert proc.proc.poll() is None, proc.output()
+    return proc
+
+
+def _client(test_node, name="lapa_policy_server"):
+    from lapa_interfaces.action import FollowInstruction
+
+    client = ActionClient(test_node, FollowInstruction, f"/{name}/follow_instruction")
+    assert client.wait_for_server(timeout_sec=30)
+    return client, FollowInstruction
+
+
+def _wait(future, timeout=30.0):
+    wait_for(future.done, timeout, what="an action future")
+    return future.result()
+
+
+def _send(client, action, feedback=None, **goal):
+    handle = _wait(client.send_goal_async(action.Goal(**goal), feedback_callback=feedback))
+    return handle
+
+
+def _position(pose) -> np.ndarray:
+    p = pose.get().pose.position
+    return np.array([p.x, p.y, p.z])
+
+
+def test_a_goal_moves_the_arm_and_reports_every_step(tmp_path, test_node, watch):
+    from action_msgs.msg import GoalStatus
+
+    twists, pose = watch
+    server = _server(tmp_path, name="server_move")
+    try:
+        client, action = _client(test_node, "server_move")
+        start = _position(pose)
+        feedback = []
+        handle = _send(client, action, lambda f: feedback.append(f.feedback), instruction="move right",
+                       max_steps=15)
+        assert handle.accepted
+        result = _wait(handle.get_result_async())
+        assert result.status == GoalStatus.STATUS_ABORTED
+        assert result.result.steps == 15 and "max_steps" in result.result.message
+        assert not result.result.success_known
+        moved = _position(pose) - start
+        assert moved[0] > 0.02 and abs(moved[1]) < 0.01, moved  # +x at ~0.04 m/s for 1.5 s
+        assert [f.step for f in feedback] == list(range(1, 16))
+        np.testing.assert_allclose(feedback[0].delta, [STEP, 0, 0, 0, 0, 0, 0], atol=1e-7)
+        assert np.allclose(twists.last(), 0)  # the goal ended: the arm was told to stop
+    finally:
+        server.stop()
+
+
+def test_cancel_stops_the_arm_at_once_and_a_new_goal_preempts(tmp_path, test_node, watch):
+    from action_msgs.msg import GoalStatus
+
+    twists, _ = watch
+    server = _server(tmp_path, name="server_cancel", delta=(0, STEP, 0, 0, 0, 0, 0))
+    try:
+        client, action = _client(test_node, "server_cancel")
+        handle = _send(client, action, instruction="slide left", max_steps=1000)
+        wait_for(lambda: twists.last() is not None and twists.last()[1] > 0.01, 10, what="motion")
+        t_cancel = time.monotonic()
+        _wait(handle.cancel_goal_async())
+        after = twists.since(t_cancel)
+        assert after and np.allclose(after[0][1], 0), "the first twist after cancel must be zero"
+        assert after[0][0] - t_cancel < 0.1
+        assert _wait(handle.get_result_async()).status == GoalStatus.STATUS_CANCELED
+        time.sleep(0.3)
+        assert all(np.allclose(v, 0) for _, v in twists.since(t_cancel))  # and it stays stopped
+
+        first = _send(client, action, instruction="one", max_steps=1000)
+        wait_for(lambda: twists.last() is not None and twists.last()[1] > 0.01, 10, what="motion")
+        second = _send(client, action, instruction="two", max_steps=5)
+        old = _wait(first.get_result_async())
+        assert old.status == GoalStatus.STATUS_ABORTED and "preempted" in old.result.message
+        new = _wait(second.get_result_async())
+        assert new.result.steps == 5
+
+        rejected = _wait(client.send_goal_async(action.Goal(instruction="   ")))
+        assert not rejected.accepted
+        wait_for(lambda: "rejected a goal with an empty instruction" in server.output(), 5, what="the reason")
+    finally:
+        server.stop()
+
+
+def test_stale_camera_stops_the_arm_within_a_control_period(tmp_path, test_node, watch):
+    from action_msgs.msg import GoalStatus
+
+    twists, _ = watch
+    cam = test_node.create_publisher(Image, "/test/stalling_camera", 10)
+    server = _server(tmp_path, name="server_stale", image_topic="/test/stalling_camera")
+    streaming = threading.Event()
+    streaming.set()
+
+    def stream():
+        img = Image(height=8, width=8, encoding="rgb8", step=24, data=bytes(8 * 8 * 3))
+        while streaming.is_set():
+            cam.publish(img)
+            time.sleep(0.03)
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    try:
+        client, action = _client(test_node, "server_stale")
+        handle = _send(client, action, instruction="go", max_steps=1000)
+        wait_for(lambda: twists.last() is not None and twists.last()[0] > 0.01, 10, what="motion")
+        streaming.clear()
+        t_stall = time.monotonic()
+        result = _wait(handle.get_result_async())
+        assert result.status == GoalStatus.STATUS_ABORTED and "camera stale" in result.result.message
+        stops = [t for t, v in twists.since(t_stall) if np.allclose(v, 0)]
+        assert stops and stops[0] - t_stall < 0.25 + 0.1 + 0.1  # timeout + one period + delivery
+        assert all(np.allclose(v, 0) for t, v in twists.since(stops[0]))
+    finally:
+        streaming.clear()
+        server.stop()
+
+
+@pytest.mark.parametrize("fault, reason", [({"raise_at_step": 3}, "policy error"),
+                                           ({"nan_at_step": 3}, "unsafe policy output")])
+def test_policy_failure_stops_the_arm_aborts_and_the_server_lives_on(tmp_path, test_node, watch, fault, reason):
+    from action_msgs.msg import GoalStatus
+
+    twists, _ = watch
+    name = f"server_{next(iter(fault))}"  # a fresh node name: never a client matched to an old server
+    server = _server(tmp_path, name=name, policy=fault)
+    try:
+        client, action = _client(test_node, name)
+        result = _wait(_send(client, action, instruction="go", max_steps=50).get_result_async())
+        assert result.status == GoalStatus.STATUS_ABORTED and reason in result.result.message
+        assert result.result.steps == 2
+        assert np.allclose(twists.last(), 0)
+        again = _wait(_send(client, action, instruction="go again", max_steps=2).get_result_async())
+        assert again.result.steps == 2 and "max_steps" in again.result.message  # the step counter reset
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output()
+
+
+def test_workspace_box_holds_the_tcp_inside(tmp_path, test_node, watch):
+    twists, pose = watch
+    z0 = _position(pose)[2]
+    floor = z0 - 0.03
+    server = _server(tmp_path, name="server_box", delta=(0, 0, -0.01, 0, 0, 0, 0),
+                     workspace_min=f"[0.0, -1.0, {floor}]", workspace_max="[1.0, 1.0, 1.0]")
+    try:
+        client, action = _client(test_node, "server_box")
+        _wait(_send(client, action, instruction="press down", max_steps=30).get_result_async())
+        time.sleep(0.3)
+        assert _position(pose)[2] > floor - 0.01, (z0, floor, _position(pose))
+        assert _position(pose)[2] < z0 - 0.015  # it did move down towards the floor
+    finally:
+        server.stop()
+
+
+def test_shutdown_sends_a_final_zero_twist(tmp_path, test_node, watch):
+    twists, _ = watch
+    server = _server(tmp_path, name="server_sigterm")
+    client, action = _client(test_node, "server_sigterm")
+    _send(client, action, instruction="go", max_steps=1000)
+    wait_for(lambda: twists.last() is not None and twists.last()[0] > 0.01, 10, what="motion")
+    t = time.monotonic()
+    assert server.stop(signal.SIGTERM) == 0, server.output()
+    wait_for(lambda: any(np.allclose(v, 0) for _, v in twists.since(t)), 5, what="the final zero twist")
+    assert np.allclose(twists.last(), 0)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"checkpoint": "/nonexistent/ckpt"}, "parameter 'checkpoint': checkpoint not found: /nonexistent/ckpt"),
+    ({"checkpoint": "''"}, "parameter 'checkpoint' is empty"),
+    ({"checkpoint": ""}, "error: invalid ROS arguments"),  # '-p checkpoint:=' is malformed for rcl
+    ({"checkpoint": "/tmp", "image_transport": "carrier-pigeon"}, "parameter 'image_transport'"),
+])
+def test_bad_server_parameters_exit_with_a_clear_error(ros, params, message):
+    code, output = run_to_exit(SERVER, params)
+    assert code == 2 and message in output and "Traceback" not in output, output
