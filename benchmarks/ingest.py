@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lapa_training.data import bag_format
-from lapa_training.data.bag_reader import typestore
+from lapa_training.data.bag_format import typestore
 from lapa_training.data.ingest import IngestOptions, ingest
 
 

@@ -202,8 +202,10 @@ def run_generate(args) -> int:
         done = generate(args.out, tasks, args.episodes, first_seed=args.first_seed, storage=args.storage,
                         image_size=args.image_size, noise=args.noise, instruction_set=args.instruction_set,
                         record_actions=not args.action_free, progress=sys.stderr.isatty())
-    except EpisodeWriterError as e:
+    except EpisodeWriterError as e:  # episode name taken
         raise UserError(str(e)) from None
+    except OSError as e:  # output directory not writable
+        raise UserError(f"cannot write {e.filename}: {e.strerror}") from None
     ok = sum(e.success for e in done)
     print(f"wrote {len(done)} episode bags to {args.out} ({ok} successful)")
     return 0

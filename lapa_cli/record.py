@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lapa_cli import UserError
+from lapa_cli import node_argv
 from lapa_sim.resources import share_file
 
 DEFAULT_CONFIG = share_file("config", "recorder.yaml")
@@ -23,12 +23,5 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from lapa_policy_node import recorder_node
 
-    if not args.config.is_file():
-        raise UserError(f"parameter file not found: {args.config}")
-    ros = ["--ros-args", "--params-file", str(args.config)]
-    if args.out is not None:
-        ros += ["-p", f"output_dir:={args.out}"]
-    if args.storage is not None:
-        ros += ["-p", f"storage:={args.storage}"]
-    extra = args.ros_args[1:] if args.ros_args else []
-    return recorder_node.main(["lapa_recorder", *ros, *extra])
+    return recorder_node.main(node_argv("lapa_recorder", args.config,
+                                        {"output_dir": args.out, "storage": args.storage}, args.ros_args))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lapa_cli import UserError
+from lapa_cli import UserError, node_argv
 from lapa_sim.resources import share_file
 
 DEFAULT_CONFIG = share_file("config", "sim_arm.yaml")
@@ -24,12 +24,5 @@ def run(args) -> int:
 
     if args.task is not None and args.task not in TASKS:
         raise UserError(f"unknown task '{args.task}'; known tasks: {', '.join(TASKS)}")
-    if not args.config.is_file():
-        raise UserError(f"parameter file not found: {args.config}")
-    ros = ["--ros-args", "--params-file", str(args.config)]
-    if args.task is not None:
-        ros += ["-p", f"task:={args.task}"]
-    if args.seed is not None:
-        ros += ["-p", f"seed:={args.seed}"]
-    extra = args.ros_args[1:] if args.ros_args else []
-    return sim_arm_node.main(["lapa_sim_arm", *ros, *extra])
+    return sim_arm_node.main(node_argv("lapa_sim_arm", args.config, {"task": args.task, "seed": args.seed},
+                                       args.ros_args))

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 
@@ -43,15 +42,18 @@ def collect(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *
             log_dir: str | Path | None = None) -> list:
     """Record episodes_per_task episodes of each task through ROS; returns CollectedEpisode records."""
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
     from tqdm import tqdm
 
+    from lapa_policy_node.runtime import spinning
     from lapa_policy_node.scripted_teleop import ScriptedTeleop, TeleopError
 
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="lapa-collect-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CollectError(f"cannot create {e.filename}: {e.strerror}") from None
     sim, sim_log = _spawn("lapa_policy_node.sim_arm_node", {
         "task": task_list[0], "seed": first_seed, "image_width": image_size, "image_height": image_size,
         "camera_rate": camera_rate}, log_dir)
@@ -60,40 +62,27 @@ def collect(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *
     own_context = not rclpy.ok()
     if own_context:
         rclpy.init()
-    teleop = ScriptedTeleop()
-    executor = SingleThreadedExecutor()
-    executor.add_node(teleop)
-    stop = threading.Event()
-    spinner = threading.Thread(target=lambda: [executor.spin_once(timeout_sec=0.02) for _ in iter(stop.is_set, True)],
-                               daemon=True)
-    spinner.start()
     results = []
     try:
-        try:
-            teleop.wait_ready(timeout=60.0)
-        except TeleopError as e:
-            for proc, log in ((sim, sim_log), (rec, rec_log)):
-                if proc.poll() is not None:
-                    raise CollectError(f"{log.stem} exited ({proc.returncode}):\n{log.read_text()[-2000:]}") from None
-            raise CollectError(str(e)) from None
-        jobs = [(task, first_seed + i) for task in task_list for i in range(episodes_per_task)]
-        bar = tqdm(jobs, desc="recording episodes through ROS", unit="ep", disable=not progress)
-        for task, seed in bar:
+        with spinning(ScriptedTeleop()) as teleop:
             try:
-                results.append(teleop.run_episode(task, seed, control_rate=control_rate, noise=noise,
-                                                  instruction_set=instruction_set))
+                teleop.wait_ready(timeout=60.0)
             except TeleopError as e:
-                raise CollectError(f"episode {task}/{seed}: {e} (logs in {log_dir})") from None
-            bar.set_postfix(success=f"{sum(r.success for r in results) / len(results):.0%}")
-    finally:
-        try:
+                for proc, log in ((sim, sim_log), (rec, rec_log)):
+                    if proc.poll() is not None:
+                        raise CollectError(f"{log.stem} exited ({proc.returncode}):\n{log.read_text()[-2000:]}") from None
+                raise CollectError(str(e)) from None
+            jobs = [(task, first_seed + i) for task in task_list for i in range(episodes_per_task)]
+            bar = tqdm(jobs, desc="recording episodes through ROS", unit="ep", disable=not progress)
+            for task, seed in bar:
+                try:
+                    results.append(teleop.run_episode(task, seed, control_rate=control_rate, noise=noise,
+                                                      instruction_set=instruction_set))
+                except TeleopError as e:
+                    raise CollectError(f"episode {task}/{seed}: {e} (logs in {log_dir})") from None
+                bar.set_postfix(success=f"{sum(r.success for r in results) / len(results):.0%}")
             teleop.stop_arm()
-        except Exception:
-            pass
-        stop.set()
-        spinner.join(timeout=2)
-        executor.shutdown()
-        teleop.destroy_node()
+    finally:
         if own_context:
             rclpy.try_shutdown()
         _stop(rec)

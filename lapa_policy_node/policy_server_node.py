@@ -28,11 +28,10 @@ import json
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from geometry_msgs.msg import PoseStamped, TwistStamped
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
@@ -44,6 +43,7 @@ from std_msgs.msg import Bool, Float64, String
 from lapa_policy_node.policy_api import PolicyLoadError, load_policy
 from lapa_policy_node.runtime import ConfigError, declare, validate_topic
 from lapa_policy_node.safety import CommandLimiter, MotionLimits, UnsafeCommand, delta_to_twist
+from lapa_training.data.images import compressed_msg_to_rgb, image_msg_to_rgb
 
 
 @dataclass
@@ -118,8 +118,8 @@ class PolicyServerNode(Node):
 
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self) -> dict:
-        pos = FloatingPointRange(from_value=0.0, to_value=100.0)
-        speed = FloatingPointRange(from_value=0.001, to_value=2.0)
+        pos = (0.0, 100.0)
+        speed = (0.001, 2.0)
         p = {
             "checkpoint": declare(self, "checkpoint", "", "policy checkpoint directory (config.json + weights)"),
             "image_topic": declare(self, "image_topic", "/camera/image_raw", "camera topic"),
@@ -136,30 +136,30 @@ class PolicyServerNode(Node):
             "gripper_open_position": declare(self, "gripper_open_position", 0.04, "joint position when open"),
             "gripper_closed_position": declare(self, "gripper_closed_position", 0.0, "joint position when closed"),
             "control_rate": declare(self, "control_rate", 0.0, "policy steps per second; 0 = the policy's own",
-                                    float_range=pos),
+                                    between=pos),
             "linear_scale": declare(self, "linear_scale", 1.0, "multiplies the policy's translation deltas",
-                                    float_range=FloatingPointRange(from_value=0.0, to_value=10.0)),
+                                    between=(0.0, 10.0)),
             "angular_scale": declare(self, "angular_scale", 1.0, "multiplies the policy's rotation deltas",
-                                     float_range=FloatingPointRange(from_value=0.0, to_value=10.0)),
-            "max_linear_speed": declare(self, "max_linear_speed", 0.15, "TCP speed clamp (m/s)", float_range=speed),
+                                     between=(0.0, 10.0)),
+            "max_linear_speed": declare(self, "max_linear_speed", 0.15, "TCP speed clamp (m/s)", between=speed),
             "max_angular_speed": declare(self, "max_angular_speed", 0.8, "TCP angular speed clamp (rad/s)",
-                                         float_range=speed),
+                                         between=speed),
             "max_linear_accel": declare(self, "max_linear_accel", 1.0, "TCP acceleration clamp (m/s^2)",
-                                        float_range=FloatingPointRange(from_value=0.01, to_value=20.0)),
+                                        between=(0.01, 20.0)),
             "max_angular_accel": declare(self, "max_angular_accel", 4.0, "angular acceleration clamp (rad/s^2)",
-                                         float_range=FloatingPointRange(from_value=0.01, to_value=50.0)),
+                                         between=(0.01, 50.0)),
             "workspace_min": declare(self, "workspace_min", [0.25, -0.35, 0.02], "workspace box low corner (m)"),
             "workspace_max": declare(self, "workspace_max", [0.75, 0.35, 0.55], "workspace box high corner (m)"),
             "enforce_workspace": declare(self, "enforce_workspace", True,
                                          "keep the TCP in the box (needs a fresh EE pose; goals abort without)"),
             "camera_timeout": declare(self, "camera_timeout", 0.25, "stop when no camera frame for this long (s)",
-                                      float_range=FloatingPointRange(from_value=0.01, to_value=10.0)),
+                                      between=(0.01, 10.0)),
             "pose_timeout": declare(self, "pose_timeout", 0.5, "stop when no EE pose for this long (s)",
-                                    float_range=FloatingPointRange(from_value=0.01, to_value=10.0)),
+                                    between=(0.01, 10.0)),
             "default_max_steps": declare(self, "default_max_steps", 300, "steps per goal unless the goal says",
-                                         integer_range=IntegerRange(from_value=1, to_value=1_000_000)),
+                                         between=(1, 1_000_000)),
             "default_timeout_s": declare(self, "default_timeout_s", 120.0, "seconds per goal unless it says",
-                                         float_range=FloatingPointRange(from_value=0.1, to_value=86400.0)),
+                                         between=(0.1, 86400.0)),
             "servo_node": declare(self, "servo_node", "",
                                   "MoveIt Servo node to switch to twist mode and unpause (e.g. /servo_node); "
                                   "'' = do not touch Servo"),
@@ -287,7 +287,7 @@ class PolicyServerNode(Node):
 
     def _execute(self, goal_handle):
         goal = goal_handle.request
-        limits = MotionLimits(**{**self.limits.__dict__})
+        limits = replace(self.limits)
         if goal.max_linear_speed > 0:
             limits.max_linear_speed = min(limits.max_linear_speed, goal.max_linear_speed)
         if goal.max_angular_speed > 0:
@@ -422,8 +422,6 @@ class PolicyServerNode(Node):
 
 
 def _to_rgb(msg) -> np.ndarray:
-    from lapa_training.data.images import compressed_msg_to_rgb, image_msg_to_rgb
-
     return compressed_msg_to_rgb(msg) if isinstance(msg, CompressedImage) else image_msg_to_rgb(msg)
 
 

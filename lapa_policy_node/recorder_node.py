@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 from geometry_msgs.msg import PoseStamped, TwistStamped
-from rcl_interfaces.msg import FloatingPointRange
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
@@ -68,7 +67,7 @@ class RecorderNode(Node):
         self.robot = declare(self, "robot", "panda", "robot name stored in each episode's metadata")
         self.max_episode_s = declare(self, "max_episode_seconds", 600.0,
                                      "an episode longer than this is stopped and kept (success unknown)",
-                                     float_range=FloatingPointRange(from_value=1.0, to_value=86400.0))
+                                     between=(1.0, 86400.0))
         self.streams: dict[str, tuple[type, str, str]] = {}  # resolved topic -> (class, bag type, qos)
         for param, (default, cls, msgtype, qos, text) in STREAMS.items():
             value = declare(self, param, default, f"{text}; empty = not recorded")
@@ -122,7 +121,7 @@ class RecorderNode(Node):
                 writer.add_topic(topic, msgtype, qos)
             writer.add_topic(bag_format.INSTRUCTION_TOPIC, "std_msgs/msg/String", "latched")
             writer.write_msg(bag_format.INSTRUCTION_TOPIC, self.get_clock().now().nanoseconds,
-                             _string(instruction))
+                             bag_format.typestore().types["std_msgs/msg/String"](data=instruction))
         except (EpisodeWriterError, OSError) as e:
             response.message = str(e)
             return response
@@ -199,12 +198,6 @@ class RecorderNode(Node):
             self.get_logger().warn(f"shutting down while recording '{self.writer.name}': saving it "
                                    "(success unknown)")
             self._finish(None, stopped_by="shutdown")
-
-
-def _string(text: str):
-    from lapa_training.data.episode_writer import typestore
-
-    return typestore().types["std_msgs/msg/String"](data=text)
 
 
 def main(args=None) -> int:

@@ -7,9 +7,11 @@ publish its last messages (a zero twist, say) on SIGINT/SIGTERM before the conte
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
@@ -25,27 +27,26 @@ class ConfigError(ValueError):
 
 
 def declare(node: Node, name: str, default: Any, description: str, *,
-            integer_range: IntegerRange | None = None, float_range: FloatingPointRange | None = None) -> Any:
-    """Declare a read-only-at-start parameter with a description (and range); return its value."""
+            between: tuple[float, float] | None = None) -> Any:
+    """Declare a parameter with a description (and an inclusive range); return its value."""
     descriptor = ParameterDescriptor(description=description)
-    if integer_range is not None:
-        descriptor.integer_range = [integer_range]
-    if float_range is not None:
-        descriptor.floating_point_range = [float_range]
+    if between is not None:
+        kind = int if isinstance(default, int) else float
+        low, high = kind(between[0]), kind(between[1])
+        if kind is int:
+            descriptor.integer_range = [IntegerRange(from_value=low, to_value=high)]
+        else:
+            descriptor.floating_point_range = [FloatingPointRange(from_value=low, to_value=high)]
     try:
         value = node.declare_parameter(name, default, descriptor).value
     except (InvalidParameterTypeException, ParameterUninitializedException) as e:
         raise ConfigError(f"parameter '{name}' has the wrong type (expected {type(default).__name__}): {e}") from None
     except InvalidParameterValueException as e:
-        raise ConfigError(f"parameter '{name}': {_range_text(integer_range, float_range)}; {e}") from None
+        limits = f"must lie in [{low}, {high}]" if between else "invalid value"
+        raise ConfigError(f"parameter '{name}': {limits}; {e}") from None
     if isinstance(default, float) and isinstance(value, int):
         value = float(value)
     return value
-
-
-def _range_text(ir: IntegerRange | None, fr: FloatingPointRange | None) -> str:
-    r = ir or fr
-    return f"must lie in [{r.from_value}, {r.to_value}]" if r else "invalid value"
 
 
 def validate_topic(node: Node, param: str, topic: str) -> str:
@@ -98,3 +99,26 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) ->
         rclpy.try_shutdown()
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def spinning(node: Node) -> Iterator[Node]:
+    """Spin node in a background thread for the duration of the block (clients, tools, tests);
+    the node is destroyed on exit."""
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.02)
+
+    thread = threading.Thread(target=spin, name=f"spin-{node.get_name()}", daemon=True)
+    thread.start()
+    try:
+        yield node
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        executor.shutdown()
+        node.destroy_node()

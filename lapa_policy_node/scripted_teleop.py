@@ -65,7 +65,7 @@ class ScriptedTeleop(Node):
         self.stop_client = self.create_client(StopEpisode, f"{recorder_node}/stop")
         self.discard_client = self.create_client(Trigger, f"{recorder_node}/discard")
         self._types = (ResetEpisode, StartEpisode, StopEpisode)
-        self.sent: list[tuple[int, np.ndarray, float | None]] = []  # (stamp ns, twist, gripper) of every command
+        self.sent: list[tuple[int, np.ndarray, float | None]] = []  # (stamp ns, twist, gripper) this episode
 
     def _set(self, attr):
         def setter(value):
@@ -133,6 +133,7 @@ class ScriptedTeleop(Node):
         from lapa_sim.expert import ScriptedExpert
 
         ResetEpisode, StartEpisode, StopEpisode = self._types
+        self.sent.clear()
         self.stop_arm()
         reset = self._call(self.reset_client, ResetEpisode.Request(task=task, seed=seed,
                                                                    instruction_set=instruction_set))

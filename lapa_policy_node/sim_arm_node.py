@@ -29,7 +29,6 @@ import numpy as np
 import rclpy
 import transforms3d
 from geometry_msgs.msg import Pose, PoseArray, PoseStamped, TwistStamped
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, JointState
@@ -81,11 +80,11 @@ class SimArmNode(Node):
 
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self) -> dict:
-        rate = FloatingPointRange(from_value=1.0, to_value=1000.0)
+        rate = (1.0, 1000.0)
         p = {
             "task": declare(self, "task", "reach", f"task to start with: {', '.join(tasks.TASKS)}"),
             "seed": declare(self, "seed", 0, "layout seed of the first episode",
-                            integer_range=IntegerRange(from_value=0, to_value=2**31 - 1)),
+                            between=(0, 2**31 - 1)),
             "twist_topic": declare(self, "twist_topic", "/servo_node/delta_twist_cmds",
                                    "TwistStamped input (MoveIt Servo's delta_twist_cmds)"),
             "gripper_topic": declare(self, "gripper_topic", "/gripper/command",
@@ -96,19 +95,19 @@ class SimArmNode(Node):
             "base_frame": declare(self, "base_frame", scene.BASE_FRAME, "planning frame of twists and poses"),
             "camera_frame": declare(self, "camera_frame", "front_camera_optical_frame", "image frame_id"),
             "image_width": declare(self, "image_width", 128, "camera image width (px)",
-                                   integer_range=IntegerRange(from_value=16, to_value=640)),
+                                   between=(16, 640)),
             "image_height": declare(self, "image_height", 128, "camera image height (px)",
-                                    integer_range=IntegerRange(from_value=16, to_value=480)),
-            "camera_rate": declare(self, "camera_rate", 10.0, "camera frames per second (Hz)", float_range=rate),
-            "state_rate": declare(self, "state_rate", 50.0, "joint state / EE pose rate (Hz)", float_range=rate),
+                                    between=(16, 480)),
+            "camera_rate": declare(self, "camera_rate", 10.0, "camera frames per second (Hz)", between=rate),
+            "state_rate": declare(self, "state_rate", 50.0, "joint state / EE pose rate (Hz)", between=rate),
             "physics_rate": declare(self, "physics_rate", 100.0, "how often physics catches up with wall time (Hz)",
-                                    float_range=rate),
+                                    between=rate),
             "command_timeout": declare(self, "command_timeout", 0.25, "halt when no twist for this long (s)",
-                                       float_range=FloatingPointRange(from_value=0.01, to_value=10.0)),
+                                       between=(0.01, 10.0)),
             "max_linear_speed": declare(self, "max_linear_speed", 0.25, "TCP speed limit (m/s)",
-                                        float_range=FloatingPointRange(from_value=0.0, to_value=1.0)),
+                                        between=(0.0, 1.0)),
             "max_angular_speed": declare(self, "max_angular_speed", 1.2, "TCP angular speed limit (rad/s)",
-                                         float_range=FloatingPointRange(from_value=0.0, to_value=3.0)),
+                                         between=(0.0, 3.0)),
         }
         try:
             tasks.check_task(p["task"])

@@ -50,24 +50,10 @@ def ros():
 @pytest.fixture(scope="module")
 def test_node(ros):
     """A node for the test's own publishers/subscribers, spun in a background thread."""
-    from rclpy.executors import SingleThreadedExecutor
+    from lapa_policy_node.runtime import spinning
 
-    node = ros.create_node(f"lapa_test_{os.getpid()}_{random.randint(0, 1 << 30)}")
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    stop = threading.Event()
-
-    def spin():
-        while not stop.is_set():
-            executor.spin_once(timeout_sec=0.02)
-
-    thread = threading.Thread(target=spin, daemon=True)
-    thread.start()
-    yield node
-    stop.set()
-    thread.join(timeout=2)
-    executor.shutdown()
-    node.destroy_node()
+    with spinning(ros.create_node(f"lapa_test_{os.getpid()}_{random.randint(0, 1 << 30)}")) as node:
+        yield node
 
 
 class Latest:

@@ -22,7 +22,8 @@ from transforms3d.quaternions import mat2quat
 
 from lapa_cli.main import main as lapa_main
 from lapa_training.data import bag_format, cdr
-from lapa_training.data.bag_reader import BagOptions, typestore
+from lapa_training.data.bag_format import typestore
+from lapa_training.data.bag_reader import BagOptions
 from lapa_training.data.dataset import Dataset, assign_splits
 from lapa_training.data.images import fit_square, raw_image_to_rgb
 from lapa_training.data.ingest import IngestError, IngestOptions, ingest

@@ -3,10 +3,8 @@ service errors, crash safety under SIGKILL, and a clean save on SIGTERM."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
-import threading
 import time
 
 import pytest
@@ -27,27 +25,12 @@ def sim(ros):
     assert proc.stop() == 0, proc.output()
 
 
-@contextlib.contextmanager
 def spinning_teleop(recorder_node: str = "/lapa_recorder"):
     """A ScriptedTeleop (the test's client of sim and recorder), spun in a background thread."""
-    from rclpy.executors import SingleThreadedExecutor
-
+    from lapa_policy_node.runtime import spinning
     from lapa_policy_node.scripted_teleop import ScriptedTeleop
 
-    node = ScriptedTeleop(recorder_node=recorder_node)
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    stop = threading.Event()
-    thread = threading.Thread(target=lambda: [executor.spin_once(timeout_sec=0.02) for _ in iter(stop.is_set, True)],
-                              daemon=True)
-    thread.start()
-    try:
-        yield node
-    finally:
-        stop.set()
-        thread.join(timeout=2)
-        executor.shutdown()
-        node.destroy_node()
+    return spinning(ScriptedTeleop(recorder_node=recorder_node))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ never mistakes it for a finished episode.
 
 from __future__ import annotations
 
+import functools
+
 # Default topics (those of lapa_sim_arm and MoveIt Servo)
 IMAGE_TOPIC = "/camera/image_raw"
 CAMERA_INFO_TOPIC = "/camera/camera_info"
@@ -38,6 +40,7 @@ MSGTYPES = {
 }
 
 BASE_FRAME = "panda_link0"
+TCP_FRAME = "panda_hand_tcp"
 
 # Metadata keys (``custom_data`` has them with the prefix, episode.json without)
 CUSTOM_DATA_PREFIX = "lapa."
@@ -53,3 +56,11 @@ STATUS_COMPLETE = "complete"
 # R_delta where R_next = R_delta @ R_now [rad], and the commanded gripper closure (0 open .. 1 closed).
 ACTION_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 ACTION_DIM = len(ACTION_NAMES)
+
+
+@functools.cache
+def typestore():
+    """The rosbags message definitions (ROS 2 Kilted) every bag writer and reader here uses."""
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore(Stores.ROS2_KILTED)

@@ -34,22 +34,10 @@ TWIST_TYPES = ("geometry_msgs/msg/TwistStamped", "geometry_msgs/msg/Twist")
 POSE_TYPES = ("geometry_msgs/msg/PoseStamped",)
 GRIPPER_TYPES = ("std_msgs/msg/Float64", "std_msgs/msg/Float32")
 STRING_TYPES = ("std_msgs/msg/String",)
-TCP_FRAME = "panda_hand_tcp"
 INSTRUCTION_TXT = "instruction.txt"
 ACTION_SOURCES = ("auto", "twist", "pose", "none")
 REORDER_WINDOW = 16  # images; a camera's stamps are at most this many messages out of arrival order
 
-_TYPESTORE = None
-
-
-def typestore():
-    """ROS 2 Kilted message definitions (standard messages are the same in every recent distro)."""
-    global _TYPESTORE
-    if _TYPESTORE is None:
-        from rosbags.typesys import Stores, get_typestore
-
-        _TYPESTORE = get_typestore(Stores.ROS2_KILTED)
-    return _TYPESTORE
 
 
 class FrameSink(Protocol):
@@ -74,7 +62,7 @@ class BagOptions:
     window_s: float = 0.6  # LAQ window; recorded per episode as round(window_s * rate_hz) frames
     stale_timeout_s: float = 0.25  # a twist older than this counts as zero (MoveIt Servo)
     base_frame: str = bag_format.BASE_FRAME
-    tcp_frame: str = TCP_FRAME
+    tcp_frame: str = bag_format.TCP_FRAME
     gripper_open: float = 1.0  # gripper command value meaning fully open
     gripper_closed: float = 0.0  # ... and fully closed
     stamp_tolerance_s: float = 0.001
@@ -309,7 +297,7 @@ def read_bag(path: str | Path, options: BagOptions, sink: FrameSink) -> BagEpiso
 
 
 def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> BagEpisode:
-    ts = typestore()
+    ts = bag_format.typestore()
     meta = episode_metadata(path, getattr(reader.storage.metadata, "custom", None))
     if meta.get("status") == bag_format.STATUS_RECORDING:
         raise IncompleteEpisode(f"{path}: incomplete episode (status 'recording'); skipped")

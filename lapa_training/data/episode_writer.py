@@ -20,20 +20,11 @@ from typing import Any
 
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from rosbags.rosbag2 import StoragePlugin, Writer
-from rosbags.typesys import Stores, get_typestore
 
 from lapa_training.data import bag_format
+from lapa_training.data.bag_format import typestore
 
 STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
-_TYPESTORE = None
-
-
-def typestore():
-    """The message definitions of ROS 2 Kilted, shared by everything that writes or reads bags."""
-    global _TYPESTORE
-    if _TYPESTORE is None:
-        _TYPESTORE = get_typestore(Stores.ROS2_KILTED)
-    return _TYPESTORE
 
 
 def _qos(kind: str) -> Qos:

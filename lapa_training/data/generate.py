@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from lapa_training.data import bag_format
-from lapa_training.data.episode_writer import EpisodeBagWriter, typestore
+from lapa_training.data.bag_format import typestore
+from lapa_training.data.episode_writer import EpisodeBagWriter
 
 EPOCH_NS = 1_700_000_000 * 10**9  # simulated wall clock of episode 0; each seed starts 1000 s later
 
