@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lapa_cli import UserError, data, demo, record, sim
+from lapa_cli import UserError, data, demo, eval, label, record, sim, train
 
-SUBCOMMANDS = {"sim": sim, "record": record, "demo": demo, "data": data}
+SUBCOMMANDS = {"sim": sim, "record": record, "data": data, "train": train, "label": label, "eval": eval,
+               "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:

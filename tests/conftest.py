@@ -108,3 +108,25 @@ def run_to_exit(module: str, params: dict, timeout: float = 60.0) -> tuple[int, 
         node.stop()
         pytest.fail(f"{module} with {params} did not exit within {timeout} s:\n{node.output()}")
     return node.proc.returncode, node.output()
+
+
+# ---------------------------------------------------------------------------------------------
+# A small simulator dataset shared by the learning tests (LAQ, labelling, VLA)
+# ---------------------------------------------------------------------------------------------
+SIM_DATASET_TASKS = ("reach", "push", "pick_place")
+SIM_DATASET_EPISODES_PER_TASK = 4
+
+
+@pytest.fixture(scope="session")
+def sim_dataset(tmp_path_factory) -> Path:
+    """Scripted-expert episodes of every sim task, rendered at 64x64, written as real MCAP bags and
+    ingested into a dataset (splits 0.5/0.25/0.25 by episode, so val and test are not empty).
+    Read-only for tests: copy it before writing into it."""
+    from lapa_training.data.generate import generate
+    from lapa_training.data.ingest import IngestOptions, ingest
+
+    root = tmp_path_factory.mktemp("sim_dataset")
+    generate(root / "bags", list(SIM_DATASET_TASKS), SIM_DATASET_EPISODES_PER_TASK, image_size=64, progress=False)
+    ingest([root / "bags"], root / "data", IngestOptions(image_size=64, split=(0.5, 0.25, 0.25), seed=0,
+                                                         progress=False, warn=lambda msg: None))
+    return root / "data"
