@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lapa_cli import UserError, data, demo, eval, label, record, sim, train
+from lapa_cli import UserError, data, demo, evaluate, label, record, sim, train
 
-SUBCOMMANDS = {"sim": sim, "record": record, "data": data, "train": train, "label": label, "eval": eval,
+SUBCOMMANDS = {"sim": sim, "record": record, "data": data, "train": train, "label": label, "eval": evaluate,
                "demo": demo}
 
 
