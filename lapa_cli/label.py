@@ -1,13 +1,60 @@
-"""`lapa label`: (being written)."""
+"""`lapa label`: label every frame pair of datasets with latent-action tokens from a trained LAQ.
+
+    lapa label --laq runs/laq --data runs/data/videos runs/data/sim
+
+The tokens go beside each dataset, in <dataset>/labels/<name>/ (lapa_training/laq/labelling.py);
+`lapa train pretrain --objective latent` reads them from there.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from lapa_cli import UserError
+
 
 def add_parser(sub) -> None:
-    sub.add_parser("label", help="(not yet available)")
+    p = sub.add_parser("label", help="label datasets' frame pairs with latent-action tokens (LAQ encoder)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--laq", type=Path, required=True,
+                   help="LAQ training run (its model/ or newest checkpoint) or checkpoint directory")
+    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="DATASET", help="datasets to label")
+    p.add_argument("--name", default="laq", help="labels folder name under <dataset>/labels/ (default laq)")
+    p.add_argument("--window-frames", type=int,
+                   help="H in stored frames (default: what the LAQ was trained with, else each episode's window)")
+    p.add_argument("--batch-size", type=int, default=256, help="frame pairs per forward pass (default 256)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace existing labels of that name")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
-    from lapa_cli import UserError
+    import torch
 
-    raise UserError("'lapa label' is not available yet")
+    from lapa_training.checkpoint import CheckpointError, read_meta
+    from lapa_training.data.errors import IngestError
+    from lapa_training.laq.labelling import LabelError, label_dataset
+    from lapa_training.laq.modeling_laq import LAQModel
+    from lapa_training.trainer import latest_model_dir
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    if args.window_frames is not None and args.window_frames < 1:
+        raise UserError("--window-frames must be >= 1")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"device {device!r} is not usable here: {e}") from None
+    try:
+        checkpoint = latest_model_dir(args.laq)
+        model = LAQModel.from_pretrained(checkpoint)
+        window = args.window_frames or read_meta(checkpoint).get("extra", {}).get("window_frames")
+        for data in args.data:
+            out = label_dataset(model, data, name=args.name, window_frames=window, batch_size=args.batch_size,
+                                device=device, overwrite=args.overwrite, source=str(checkpoint.resolve()),
+                                progress=not args.quiet)
+            print(f"labelled {data} -> {out}")
+    except (CheckpointError, LabelError, IngestError) as e:
+        raise UserError(str(e)) from None
+    return 0

@@ -34,8 +34,13 @@ from lapa_training.laq.configuration_laq import TRAINING_ONLY_KEYS, LAQConfig
 # ---------------------------------------------------------------------------------------------
 # frames in and out
 # ---------------------------------------------------------------------------------------------
-def frames_to_input(frames: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """uint8 RGB frames (B, H, W, 3) or (H, W, 3), numpy or torch -> float32 (B, 3, H, W) in [-1, 1]."""
+def frames_to_input(frames: np.ndarray | torch.Tensor, device: torch.device | str | None = None,
+                    size: tuple[int, int] | None = None) -> torch.Tensor:
+    """uint8 RGB frames (B, H, W, 3) or (H, W, 3), numpy or torch -> float32 (B, 3, H, W) in [-1, 1].
+
+    With `size` (h, w) different from the frames' own, they are resized with area averaging (on
+    `device`), so a model trained at 64x64 can read a 128x128 dataset; training, labelling and
+    evaluation all go through here, so they see the same pixels."""
     if not torch.is_tensor(frames):
         frames = np.asarray(frames)
         if not frames.flags.writeable:  # a read-only np.memmap of the dataset: torch wants its own copy
@@ -48,7 +53,10 @@ def frames_to_input(frames: np.ndarray | torch.Tensor, device: torch.device | st
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"frames_to_input expects (B, H, W, 3) or (H, W, 3), got shape {tuple(x.shape)}")
     x = x.to(device) if device is not None else x
-    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+    x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="area")
+    return x.contiguous()
 
 
 def output_to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -159,6 +167,10 @@ class LAQEncoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # quantizer
 # ---------------------------------------------------------------------------------------------
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 class NSVQ(nn.Module):
     """Noise-substitution vector quantization (Vali & Backstrom 2022) with dead-code replacement.
 
@@ -190,11 +202,16 @@ class NSVQ(nn.Module):
 
     @torch.no_grad()
     def replace_dead_codes(self, z: torch.Tensor) -> int:
-        """Re-initialise codes unused since the last replacement to random rows of z; restart counts."""
+        """Re-initialise codes unused since the last replacement to random rows of z; restart counts.
+        Under torch.distributed the counts are global (summed every step) and the new codes come
+        from rank 0's batch, so every process keeps the same codebook."""
         dead = (self.usage_counts == 0).nonzero().squeeze(1)
         if len(dead):
             pick = torch.randint(0, z.shape[0], (len(dead),), device=z.device)
-            self.codebook[dead] = z[pick].detach().to(self.codebook.dtype)
+            new_codes = z[pick].detach().to(self.codebook.dtype).contiguous()
+            if _distributed():
+                torch.distributed.broadcast(new_codes, src=0)
+            self.codebook[dead] = new_codes
         self.usage_counts.zero_()
         return len(dead)
 
@@ -209,7 +226,10 @@ class NSVQ(nn.Module):
         q = self.lookup(indices)
         if not self.training:
             return q, indices, replaced
-        self.usage_counts += torch.bincount(indices, minlength=self.codebook.shape[0])
+        counts = torch.bincount(indices, minlength=self.codebook.shape[0])
+        if _distributed():
+            torch.distributed.all_reduce(counts)
+        self.usage_counts += counts
         noise = torch.randn_like(z)
         error_norm = (z - q).norm(dim=1, keepdim=True)
         noise = noise / (noise.norm(dim=1, keepdim=True) + 1e-12)

@@ -1,0 +1,426 @@
+"""The training loop every lapa-ros model shares: LAQ, the VLA (pretrain and finetune) and the IDM.
+
+What a model brings is a `TrainJob` (its model, how to draw a batch for a step, its loss, its
+validation); what the loop brings is everything else, once:
+
+- AdamW, linear warmup then cosine decay to ``min_lr_ratio * lr``, gradient clipping;
+- HF Accelerate for devices and scale-out: the same code runs on a CPU, one GPU, or many GPUs and
+  nodes (``accelerate launch -m lapa_cli.main train ...`` or ``torchrun``); bf16/fp16 autocast on
+  GPUs (``precision: auto`` picks bf16 where the GPU has it);
+- tqdm progress, ``metrics.jsonl`` and ``training_curves.png`` in the run directory, periodic
+  validation;
+- checkpoints (safetensors + JSON, lapa_training.checkpoint) every ``save_every`` steps under
+  ``<run>/checkpoints/step-NNNNNNN``, the newest ``keep_checkpoints`` kept, and the final weights in
+  ``<run>/model``; Ctrl-C saves before it exits.
+
+Exact resume. A batch is a function of (seed, step, process rank) only, and the torch RNG is
+re-seeded from (seed, step, rank) before every step, so the run after ``resume`` sees the same
+batches and the same random numbers (NSVQ noise, dropout, augmentation) as the uninterrupted run
+did: its loss curve is identical on the same hardware and process count (tests/test_trainer.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from lapa_training.checkpoint import CheckpointError, check_config_compatible, load_checkpoint, \
+    load_model_state, load_trainer_state, read_meta, save_checkpoint
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "model"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "training_curves.png"
+RUN_FILE = "run.json"
+
+
+class TrainingError(Exception):
+    """Training cannot start or go on (bad settings, a diverged loss, a run directory in the way)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 32  # global: all processes together
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPUs; auto = bf16 where supported)
+    val_every: int = 200
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    def validate(self) -> "TrainConfig":
+        problems = []
+        for name in ("steps", "batch_size", "val_every", "save_every", "log_every", "keep_checkpoints"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            problems.append(f"train.lr must be > 0 (got {self.lr})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"train.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
+        if self.warmup_steps < 0:
+            problems.append(f"train.warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if self.grad_clip < 0:
+            problems.append(f"train.grad_clip must be >= 0, 0 = off (got {self.grad_clip})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"train.precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        if problems:
+            raise TrainingError("; ".join(problems))
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise TrainingError(f"unknown train settings {unknown}; known: {sorted(known)}")
+        return cls(**d).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainJob(Protocol):
+    """What one kind of training brings to the loop."""
+
+    model: nn.Module
+
+    def model_config(self) -> dict[str, Any]:
+        """The model's config, saved as config.json of every checkpoint."""
+
+    def batch(self, step: int, rank: int, world: int, size: int) -> dict[str, torch.Tensor]:
+        """This process's `size` samples of global step `step` (CPU tensors). Must depend only on
+        (the job's seed, step, rank, world), never on earlier calls: that is what makes resume exact."""
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss to minimise, and metrics to log (floats)."""
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics (model in eval mode, no grad); keys should start with 'val_'."""
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warmup, then cosine."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A seed for (run seed, step, rank), well mixed (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters, with weight decay on matrices only (not on biases, norms, embeddings
+    of size 1 in a dimension)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete step checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.glob("step-*"):
+        if p.is_dir() and (p / "checkpoint.json").is_file() and p.name[5:].isdigit():
+            found.append((int(p.name[5:]), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_model_dir(path: str | Path) -> Path:
+    """The weights a finished or running training run stands for: `path` itself when it is a
+    checkpoint, else its final model, else its newest step checkpoint."""
+    path = Path(path)
+    if (path / "checkpoint.json").is_file():
+        return path
+    if (path / FINAL_DIR / "checkpoint.json").is_file():
+        return path / FINAL_DIR
+    steps = checkpoint_dirs(path)
+    if steps:
+        return steps[-1]
+    raise CheckpointError(f"{path} is neither a checkpoint nor a training run with one "
+                          f"(no checkpoint.json, {FINAL_DIR}/ or {CHECKPOINTS_DIR}/step-*)")
+
+
+class Trainer:
+    """Runs a TrainJob for cfg.steps steps into run_dir. See the module doc."""
+
+    def __init__(self, job: TrainJob, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
+                 overwrite: bool = False, progress: bool = True, run_info: dict[str, Any] | None = None,
+                 callbacks: list[Callable[[int, dict[str, float]], None]] | None = None):
+        from accelerate import Accelerator
+
+        self.job, self.cfg = job, cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.callbacks = list(callbacks or [])
+        self.accelerator = Accelerator(mixed_precision=self._mixed_precision(cfg.precision),
+                                       cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+        acc = self.accelerator
+        if cfg.batch_size % acc.num_processes:
+            raise TrainingError(f"train.batch_size {cfg.batch_size} must be divisible by the number of "
+                                f"processes ({acc.num_processes})")
+        self.per_process = cfg.batch_size // acc.num_processes
+        self.step = 0
+        self._prepare_run_dir(resume, overwrite, run_info or {})
+
+        model = job.model
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        if resume and checkpoint_dirs(self.run_dir):
+            self._resume(checkpoint_dirs(self.run_dir)[-1])
+        self.model, self.wrapped_optimizer = acc.prepare(model, self.optimizer)
+
+    # ---- setup ---------------------------------------------------------------------------
+    @staticmethod
+    def _mixed_precision(precision: str) -> str:
+        if not torch.cuda.is_available() or precision == "fp32":
+            return "no"
+        if precision == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return precision
+
+    def _prepare_run_dir(self, resume: bool, overwrite: bool, run_info: dict[str, Any]) -> None:
+        acc, run = self.accelerator, self.run_dir
+        has_run = (run / RUN_FILE).is_file() or (run / CHECKPOINTS_DIR).is_dir()
+        if acc.is_main_process:
+            if run.exists() and not run.is_dir():
+                raise TrainingError(f"{run} exists and is not a directory")
+            if has_run and not resume and not overwrite:
+                raise TrainingError(f"{run} already holds a training run; pass --resume to continue it or "
+                                    f"--overwrite to start again")
+            if run.is_dir() and not has_run and any(run.iterdir()) and not overwrite:
+                raise TrainingError(f"{run} is not empty and is not a training run; choose another --out")
+            if overwrite and not resume and run.is_dir():
+                shutil.rmtree(run)
+            run.mkdir(parents=True, exist_ok=True)
+            info = {"train": self.cfg.to_dict(), "model": self.job.model_config(),
+                    "processes": acc.num_processes, "mixed_precision": acc.mixed_precision, **run_info}
+            (run / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        acc.wait_for_everyone()
+
+    def _resume(self, directory: Path) -> None:
+        state, saved_config, _ = load_checkpoint(directory)
+        check_config_compatible(saved_config, self.job.model_config(), source=directory,
+                                ignore=getattr(self.job, "training_only_keys", ()))
+        load_model_state(self.job.model, state, source=directory)
+        self.step = load_trainer_state(directory, self.optimizer, self.scheduler, restore_rng=False)
+        if self.step >= self.cfg.steps:
+            raise TrainingError(f"{directory} is at step {self.step}; train.steps is {self.cfg.steps}: "
+                                f"nothing left to do (raise --steps to train longer)")
+        if self.accelerator.is_main_process:
+            self._truncate_metrics(self.step)
+            print(f"resuming from {directory} at step {self.step}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics logged after `step` by the run that crashed, so the log is one clean curve."""
+        path = self.run_dir / METRICS_FILE
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    # ---- the loop ------------------------------------------------------------------------
+    def train(self) -> Path:
+        """Train to cfg.steps; returns the final model directory."""
+        from tqdm import tqdm
+
+        acc, cfg, job = self.accelerator, self.cfg, self.job
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
+                   mininterval=0.2 if sys.stderr.isatty() else 30.0,  # a log file gets a line per 30 s
+                   disable=not (self.progress and acc.is_main_process))
+        window: list[dict[str, float]] = []
+        t_window = time.perf_counter()
+        self.model.train()
+        try:
+            while self.step < cfg.steps:
+                torch.manual_seed(step_seed(cfg.seed, self.step, acc.process_index))
+                batch = job.batch(self.step, acc.process_index, acc.num_processes, self.per_process)
+                batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with acc.autocast():
+                    loss, metrics = job.loss(self.model, batch)
+                if not torch.isfinite(loss.detach()):
+                    raise TrainingError(f"loss is {loss.item()} at step {self.step}; stopping (the last good "
+                                        f"checkpoint is kept). Lower train.lr or check the data.")
+                acc.backward(loss)
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+                self.wrapped_optimizer.step()
+                self.wrapped_optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                record = {"loss": float(loss.detach()), "lr": self.scheduler.get_last_lr()[0], **metrics}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                window.append(record)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - t_window
+                    line = {"step": self.step, **_mean(window),
+                            "samples_per_s": len(window) * cfg.batch_size / max(elapsed, 1e-9)}
+                    self._log(line)
+                    bar.set_postfix(loss=f"{line['loss']:.4g}", lr=f"{line['lr']:.2g}")
+                    window, t_window = [], time.perf_counter()
+                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                    self._validate(bar)
+                    t_window = time.perf_counter()
+                if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save_step_checkpoint()
+                    t_window = time.perf_counter()
+                for callback in self.callbacks:
+                    callback(self.step, record)
+        except KeyboardInterrupt:
+            bar.close()
+            if self.step > 0:
+                where = self.save_step_checkpoint()
+                if acc.is_main_process:
+                    print(f"\ninterrupted at step {self.step}; saved {where}; continue with --resume")
+            raise
+        bar.close()
+        return self.save_final()
+
+    def _log(self, line: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def _validate(self, bar) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            model.eval()
+            with torch.no_grad(), acc.autocast():
+                metrics = self.job.validate(model)
+            model.train()
+            self._log({"step": self.step, **metrics})
+            shown = {k: f"{v:.4g}" for k, v in list(metrics.items())[:2]}
+            bar.write(f"step {self.step}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+            plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
+        acc.wait_for_everyone()
+
+    # ---- saving --------------------------------------------------------------------------
+    def save_step_checkpoint(self) -> Path:
+        directory = self.run_dir / CHECKPOINTS_DIR / f"step-{self.step:07d}"
+        self._save(directory, with_trainer_state=True)
+        if self.accelerator.is_main_process:
+            for old in checkpoint_dirs(self.run_dir)[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+    def save_final(self) -> Path:
+        directory = self.run_dir / FINAL_DIR
+        self._save(directory, with_trainer_state=False)
+        if self.accelerator.is_main_process:
+            plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
+        return directory
+
+    def _save(self, directory: Path, with_trainer_state: bool) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            kwargs = dict(optimizer=self.optimizer, scheduler=self.scheduler) if with_trainer_state else {}
+            extra = {"train": self.cfg.to_dict(), **getattr(self.job, "checkpoint_extra", lambda: {})()}
+            # Ctrl-C during the write must not leave half a checkpoint: hold SIGINT until it is done.
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+            try:
+                saver = getattr(self.job, "save", None)
+                if saver is not None:
+                    saver(directory, model, step=self.step, extra=extra, **kwargs)
+                else:
+                    save_checkpoint(directory, model, self.job.model_config(), step=self.step, extra=extra, **kwargs)
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGINT, previous)
+        acc.wait_for_everyone()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _mean(records: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for r in records for k in r}
+    return {k: float(np.mean([r[k] for r in records if k in r])) for k in sorted(keys)}
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: str | Path, out_png: str | Path) -> None:
+    """Training loss, validation metrics and learning rate against step, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = read_metrics(metrics_path)
+    train = [r for r in lines if "loss" in r]
+    val = [r for r in lines if any(k.startswith("val_") for k in r)]
+    val_keys = sorted({k for r in val for k in r if k.startswith("val_")})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+        axes[0].set_yscale("log")
+        axes[2].plot([r["step"] for r in train], [r["lr"] for r in train])
+    loss_like = [k for k in val_keys if "loss" in k or "mse" in k]
+    for k in loss_like:
+        pts = [(r["step"], r[k]) for r in val if k in r]
+        axes[0].plot(*zip(*pts), "o-", label=k)
+    for k in val_keys:
+        if k in loss_like:
+            continue
+        pts = [(r["step"], r[k]) for r in val if k in r]
+        axes[1].plot(*zip(*pts), "o-", label=k)
+    axes[0].set_title("loss")
+    axes[1].set_title("validation")
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(out_png).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(out_png)
+
+
+def checkpoint_step(directory: str | Path) -> int:
+    return int(read_meta(directory)["step"])
