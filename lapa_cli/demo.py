@@ -27,6 +27,7 @@ def run(args) -> int:
     from lapa_sim.env import TabletopEnv
     from lapa_sim.expert import ScriptedExpert
     from lapa_sim.rollout import run_episode
+    from lapa_training.eval_policy import contact_sheet
 
     try:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -58,26 +59,7 @@ def run(args) -> int:
     for task, wins, n in rows:
         print(f"  {task:<12}{wins:>4}/{n:<4} {100.0 * wins / n:5.1f} %")
     path = args.out / "expert_rollouts.png"
-    _contact_sheet(sheet, path)
+    contact_sheet(sheet, path)
     print(f"rollout frames: {path}")
     return 0 if all(w / n >= 0.9 for _, w, n in rows) else 1
 
-
-def _contact_sheet(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = max(len(frames) for _, frames in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols, 1.9 * len(rows)), squeeze=False)
-    for r, (instruction, frames) in enumerate(rows):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.axis("off")
-            if c < len(frames):
-                ax.imshow(frames[c])
-        axes[r][0].set_title(instruction, loc="left", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

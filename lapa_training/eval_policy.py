@@ -1,0 +1,165 @@
+"""Closed-loop evaluation of a policy in the simulator: the number that matters (task success), not
+token accuracy.
+
+Every step goes the way it goes on the arm: the camera image and the instruction in,
+``policy.act`` -> 7-D delta, ``delta_to_twist`` and the same ``CommandLimiter`` (speed,
+acceleration, workspace box) as the ROS policy server, then the simulated MoveIt-Servo-like
+controller. A NaN or a raising policy ends the episode as a failure and is counted, never crashes
+the evaluation.
+
+    report = evaluate_policy(load_policy("runs/finetune/model"), ["reach", "push"], episodes=10)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lapa_policy_node.policy_api import Policy
+from lapa_policy_node.safety import CommandLimiter, MotionLimits, UnsafeCommand, delta_to_twist
+
+EVAL_SEED = 100_000  # layouts of evaluation episodes start here, far from the seeds demos are made with
+
+
+@dataclass
+class EpisodeOutcome:
+    task: str
+    seed: int
+    instruction: str
+    success: bool
+    steps: int
+    seconds: float
+    failure: str | None = None  # why the episode ended early (policy error / unsafe output)
+
+
+@dataclass
+class PolicyReport:
+    episodes: list[EpisodeOutcome] = field(default_factory=list)
+    act_ms_p50: float = 0.0
+    act_ms_p99: float = 0.0
+    wall_seconds: float = 0.0
+
+    def success_rate(self, task: str | None = None) -> float:
+        eps = [e for e in self.episodes if task is None or e.task == task]
+        return float(np.mean([e.success for e in eps])) if eps else float("nan")
+
+    def by_task(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for task in dict.fromkeys(e.task for e in self.episodes):
+            eps = [e for e in self.episodes if e.task == task]
+            out[task] = {"episodes": len(eps), "successes": int(sum(e.success for e in eps)),
+                         "success_rate": self.success_rate(task),
+                         "failures": int(sum(e.failure is not None for e in eps))}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"success_rate": self.success_rate(), "by_task": self.by_task(), "act_ms_p50": self.act_ms_p50,
+                "act_ms_p99": self.act_ms_p99, "wall_seconds": self.wall_seconds,
+                "episodes": [asdict(e) for e in self.episodes]}
+
+
+def evaluate_policy(policy: Policy, task_names: list[str] | tuple[str, ...], episodes: int, *,
+                    first_seed: int = EVAL_SEED, image_size: int = 128, instruction_set: str = "train",
+                    limits: MotionLimits | None = None, out_dir: str | Path | None = None,
+                    progress: bool = True, keep_frames: int = 1) -> PolicyReport:
+    """Run `episodes` seeded episodes of each task; with out_dir, write report.json and a contact
+    sheet (rollouts.png) of the first `keep_frames` episodes of every task."""
+    from tqdm import tqdm
+
+    from lapa_sim import tasks
+    from lapa_sim.env import TabletopEnv
+
+    for task in task_names:
+        if task not in tasks.TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks are {', '.join(tasks.TASKS)}")
+    if episodes < 1:
+        raise ValueError("episodes must be >= 1")
+    rate = float(policy.control_rate)
+    period = 1.0 / rate
+    limits = limits or MotionLimits()
+    env = TabletopEnv(image_size=(image_size, image_size))
+    report, act_seconds, sheet = PolicyReport(), [], []
+    t_start = time.perf_counter()
+    jobs = [(task, first_seed + i) for task in task_names for i in range(episodes)]
+    try:
+        bar = tqdm(jobs, desc="closed-loop eval", unit="ep", disable=not progress, dynamic_ncols=True)
+        for n, (task, seed) in enumerate(bar):
+            obs = env.reset(task, seed, instruction_set)
+            instruction = env.episode.instruction
+            policy.reset(instruction)
+            limiter = CommandLimiter(limits, period)
+            frames, failure, success, steps = [], None, False, 0
+            record = (n % episodes) < keep_frames
+            for steps in range(1, int(round(tasks.MAX_SECONDS[task] / period)) + 1):
+                image = env.render()
+                if record and (steps - 1) % 10 == 0:
+                    frames.append(image)
+                t0 = time.perf_counter()
+                try:
+                    step = policy.act(image, instruction)
+                    act_seconds.append(time.perf_counter() - t0)
+                    twist, closure = delta_to_twist(step.delta, rate)
+                    twist = limiter(twist, obs.tcp_pos)
+                except UnsafeCommand as e:
+                    failure = f"unsafe policy output: {e}"
+                except Exception as e:  # a policy bug ends this episode, not the evaluation
+                    failure = f"policy raised {type(e).__name__}: {e}"
+                if failure:
+                    break
+                obs = env.step(twist, 1.0 - closure, period)
+                if obs.success:
+                    success = True
+                    break
+            if record:
+                frames.append(env.render())
+                sheet.append((f"{task} seed {seed}: {'success' if success else 'fail'} - {instruction}", frames))
+            report.episodes.append(EpisodeOutcome(task, seed, instruction, success, steps, steps * period, failure))
+            bar.set_postfix(success=f"{report.success_rate():.0%}")
+    finally:
+        env.close()
+    if act_seconds:
+        report.act_ms_p50 = float(np.percentile(act_seconds, 50) * 1e3)
+        report.act_ms_p99 = float(np.percentile(act_seconds, 99) * 1e3)
+    report.wall_seconds = time.perf_counter() - t_start
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        if sheet:
+            contact_sheet(sheet, out / "rollouts.png")
+    return report
+
+
+def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], path: Path) -> None:
+    """One row of frames per episode, titled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = max(len(frames) for _, frames in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols, 1.9 * len(rows)), squeeze=False)
+    for r, (title, frames) in enumerate(rows):
+        for c in range(cols):
+            axes[r][c].axis("off")
+            if c < len(frames):
+                axes[r][c].imshow(frames[c])
+        axes[r][0].set_title(title, loc="left", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def format_report(report: PolicyReport) -> str:
+    lines = [f"  {'task':<12}{'success':>14}"]
+    for task, row in report.by_task().items():
+        extra = f"  ({row['failures']} ended by policy errors)" if row["failures"] else ""
+        lines.append(f"  {task:<12}{row['successes']:>6}/{row['episodes']:<4}{100 * row['success_rate']:6.1f} %{extra}")
+    lines.append(f"  policy.act p50 {report.act_ms_p50:.1f} ms, p99 {report.act_ms_p99:.1f} ms; "
+                 f"{report.wall_seconds:.0f} s in all")
+    return "\n".join(lines)
