@@ -1,13 +1,111 @@
-"""`lapa eval`: (being written)."""
+"""`lapa eval <target>`: diagnostics reports of trained models.
+
+    lapa eval laq --checkpoint runs/laq --data runs/data/sim --out runs/eval/laq
+
+Each target is an (add_parser, run) pair in ACTIONS; add one there to add a target. Heavy imports
+happen inside run functions so `lapa --help` stays instant. Bad input (a missing or damaged
+checkpoint, a dataset that is not one or does not fit the model, an empty split) becomes a
+UserError: one line, exit status 2.
+"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Callable
+
+from lapa_cli import UserError
+
+
+# ---------------------------------------------------------------- laq
+def add_laq_parser(sub) -> None:
+    p = sub.add_parser(
+        "laq", help="diagnostics of a trained LAQ model: reconstruction, codebook, action probe, token grid",
+        description="Evaluate a LAQ checkpoint on a dataset split and write report.json, report.md and plots to "
+                    "--out: reconstruction error against copying x_t, codebook use and perplexity per token "
+                    "position, linear and MLP probes from the latent tokens to the ground-truth actions (against "
+                    "shuffled tokens), and the grid of scenes x token sequences decoded.")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="LAQ training run (its model/ or newest checkpoint) or checkpoint directory")
+    p.add_argument("--data", type=Path, required=True, help="dataset directory (lapa data ingest)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the report (created; files replaced)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="val",
+                   help="split to evaluate on (default val)")
+    p.add_argument("--probe-split", choices=("train", "val", "test"), default="train",
+                   help="split the action probes are fitted on (default train)")
+    p.add_argument("--max-pairs", type=int, default=2000,
+                   help="evaluate at most this many frame pairs per split, a seeded random subset (default 2000)")
+    p.add_argument("--batch-size", type=int, default=64, help="frame pairs per forward pass (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pair subset, probes and grid (default 0)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def run_laq(args) -> int:
+    from lapa_training.checkpoint import CheckpointError
+    from lapa_training.data.dataset import Dataset
+    from lapa_training.data.errors import IngestError
+    from lapa_training.laq import LAQModel
+    from lapa_training.laq.evaluate_laq import MIN_EVAL_PAIRS, LAQEvalError, evaluate_laq, format_summary
+    from lapa_training.trainer import latest_model_dir
+
+    if args.max_pairs < MIN_EVAL_PAIRS:
+        raise UserError(f"--max-pairs must be at least {MIN_EVAL_PAIRS}, not {args.max_pairs}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if not args.checkpoint.exists():
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    device = _device(args.device)
+    try:
+        dataset = Dataset(args.data)
+    except IngestError as e:
+        raise UserError(" ".join(str(e).split())) from None
+    try:
+        checkpoint = latest_model_dir(args.checkpoint)
+        model = LAQModel.from_pretrained(checkpoint, map_location=device)
+    except CheckpointError as e:
+        raise UserError(" ".join(str(e).split())) from None
+    try:
+        report = evaluate_laq(model, dataset, args.out, split=args.split, probe_split=args.probe_split,
+                              max_pairs=args.max_pairs, batch_size=args.batch_size, seed=args.seed,
+                              progress=sys.stderr.isatty(), info={"checkpoint": str(checkpoint)})
+    except LAQEvalError as e:
+        raise UserError(" ".join(str(e).split())) from None
+    except OSError as e:  # output directory not writable
+        raise UserError(f"cannot write {e.filename}: {e.strerror}") from None
+    print(format_summary(report))
+    print(f"report: {args.out / report['files']['markdown']} (numbers in {args.out / report['files']['json']})")
+    return 0
+
+
+# ---------------------------------------------------------------- the `lapa eval` command
+ACTIONS: dict[str, tuple[Callable, Callable[..., int]]] = {
+    "laq": (add_laq_parser, run_laq),
+}
+
 
 def add_parser(sub) -> None:
-    sub.add_parser("eval", help="(not yet available)")
+    p = sub.add_parser("eval", help="evaluate trained models: diagnostics reports",
+                       description="Diagnostics reports of trained models. Targets: " + ", ".join(ACTIONS) + ".")
+    targets = p.add_subparsers(dest="eval_command", metavar="<target>")
+    for add, _ in ACTIONS.values():
+        add(targets)
 
 
 def run(args) -> int:
-    from lapa_cli import UserError
-
-    raise UserError("'lapa eval' is not available yet")
+    if args.eval_command is None:
+        raise UserError(f"give a target: {', '.join(ACTIONS)} (see lapa eval --help)")
+    return int(ACTIONS[args.eval_command][1](args) or 0)
