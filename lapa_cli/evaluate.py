@@ -1,6 +1,7 @@
 """`lapa eval <target>`: diagnostics reports of trained models.
 
     lapa eval laq --checkpoint runs/laq --data runs/data/sim --out runs/eval/laq
+    lapa eval policy --policy runs/finetune --episodes 10 --out runs/eval/policy
 
 Each target is an (add_parser, run) pair in ACTIONS; add one there to add a target. Heavy imports
 happen inside run functions so `lapa --help` stays instant. Bad input (a missing or damaged
@@ -91,9 +92,62 @@ def run_laq(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- policy
+def add_policy_parser(sub) -> None:
+    p = sub.add_parser(
+        "policy", help="closed-loop success rate of a policy in the simulator",
+        description="Run a policy checkpoint (finetuned VLA, or a constant policy for bring-up) on seeded episodes "
+                    "of the simulator's tasks, through the same delta->twist conversion and motion limits as the "
+                    "ROS policy server; write report.json and rollouts.png to --out.")
+    p.add_argument("--policy", type=Path, required=True,
+                   help="policy checkpoint (a directory with config.json), or a training run (its model/)")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="tasks (default: all)")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per task (default 10)")
+    p.add_argument("--seed", type=int, default=None, help="first layout seed (default 100000, unseen in demos)")
+    p.add_argument("--image-size", type=int, default=128, help="camera image size in px (default 128)")
+    p.add_argument("--instructions", choices=("train", "paraphrase"), default="train",
+                   help="instruction templates: as in training, or unseen paraphrases (default train)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the report")
+
+
+def run_policy(args) -> int:
+    from lapa_policy_node.policy_api import PolicyLoadError, load_policy
+    from lapa_sim import tasks
+    from lapa_training.checkpoint import CheckpointError
+    from lapa_training.eval_policy import EVAL_SEED, evaluate_policy, format_report
+
+    if args.episodes < 1:
+        raise UserError("--episodes must be at least 1")
+    if args.image_size < 16:
+        raise UserError("--image-size must be at least 16")
+    task_names = args.tasks or list(tasks.TASKS)
+    unknown = [t for t in task_names if t not in tasks.TASKS]
+    if unknown:
+        raise UserError(f"unknown task(s) {', '.join(unknown)}; tasks are {', '.join(tasks.TASKS)}")
+    path = args.policy
+    if (path / "model" / "config.json").is_file() and not (path / "config.json").is_file():
+        path = path / "model"
+    try:
+        policy = load_policy(path)
+    except (PolicyLoadError, CheckpointError) as e:
+        raise UserError(" ".join(str(e).split())) from None
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {args.out}: {e.strerror}") from None
+    report = evaluate_policy(policy, task_names, args.episodes, image_size=args.image_size,
+                             first_seed=EVAL_SEED if args.seed is None else args.seed,
+                             instruction_set=args.instructions, out_dir=args.out, progress=sys.stderr.isatty())
+    print(f"closed-loop evaluation of {path}, {args.episodes} episode(s) per task, {args.instructions} instructions:")
+    print(format_report(report))
+    print(f"report: {args.out / 'report.json'}, rollouts: {args.out / 'rollouts.png'}")
+    return 0
+
+
 # ---------------------------------------------------------------- the `lapa eval` command
 ACTIONS: dict[str, tuple[Callable, Callable[..., int]]] = {
     "laq": (add_laq_parser, run_laq),
+    "policy": (add_policy_parser, run_policy),
 }
 
 
