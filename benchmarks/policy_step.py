@@ -1,0 +1,89 @@
+"""VLA policy speed: ``policy.act`` latency end to end (image in, 7-D delta out), p50/p99 and Hz.
+
+    .venv/bin/python benchmarks/policy_step.py [--checkpoint DIR] [--threads 2] [--steps 300]
+                                                [--image-size 64] [--camera 480x640] [--chunk-size 1]
+
+Without --checkpoint it builds the tiny preset (random weights, fitted bins on random actions),
+saves it, and loads it back through ``policy_api.load_policy`` like the policy server does, so the
+number includes preprocessing, the cached instruction tokens, the model and bin decoding. --camera
+feeds frames of that size (resized/cropped inside act) instead of frames already at the model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def tiny_checkpoint(directory: Path, image_size: int, chunk_size: int) -> Path:
+    from lapa_training.vla import ActionBins, VLAConfig, VLAModel
+
+    torch.manual_seed(0)
+    model = VLAModel(VLAConfig.tiny(image_size=image_size, objective="latent", stage="finetune",
+                                    chunk_size=chunk_size))
+    model.set_action_bins(ActionBins.fit(np.random.default_rng(0).normal(size=(5000, 7)) * 0.01))
+    print(f"tiny VLA: {model.num_parameters() / 1e6:.2f} M parameters {model.parameter_counts()}")
+    return model.save_pretrained(directory / "tiny_vla")
+
+
+def policy_latency(args) -> None:
+    from lapa_policy_node.policy_api import load_policy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.checkpoint) if args.checkpoint else tiny_checkpoint(Path(tmp), args.image_size,
+                                                                              args.chunk_size)
+        policy = load_policy(path)
+    h, w = (int(v) for v in args.camera.split("x")) if args.camera else (args.image_size, args.image_size)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(8, h, w, 3), dtype=np.uint8)
+    instruction = "pick up the red block and place it on the green target"
+    policy.reset(instruction)
+    for i in range(20):  # warm-up
+        policy.act(frames[i % len(frames)], instruction)
+    times, inferred = [], []
+    for i in range(args.steps):
+        queued = len(policy._queue)
+        t0 = time.perf_counter()
+        step = policy.act(frames[i % len(frames)], instruction)
+        times.append(time.perf_counter() - t0)
+        inferred.append(queued == 0)  # this call ran the model (with chunking, most calls pop the queue)
+    assert step.delta.shape == (7,) and np.isfinite(step.delta).all()
+    ms = np.asarray(times) * 1e3
+    p50, p99 = np.percentile(ms, 50), np.percentile(ms, 99)
+    print(f"policy.act {h}x{w} frames, {torch.get_num_threads()} threads, chunk {policy.chunk_size}: "
+          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, mean {ms.mean():.2f} ms -> {1e3 / p50:.0f} Hz at p50, "
+          f"{1e3 / p99:.0f} Hz at p99, {1e3 / ms.mean():.0f} Hz sustained")
+    if policy.chunk_size > 1:
+        inf = ms[np.asarray(inferred)]
+        print(f"  calls that ran the model ({len(inf)} of {len(ms)}): p50 {np.percentile(inf, 50):.2f} ms, "
+              f"p99 {np.percentile(inf, 99):.2f} ms")
+
+
+# ---------------------------------------------------------------------------------------------
+# VLA training throughput: TO BE ADDED (owned by the training-engine side).
+# Put the training-step benchmark (samples/s for pretrain/finetune steps) here and call it from
+# main() below when its flag is given.
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="a finetuned VLA checkpoint (default: tiny preset)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--steps", type=int, default=300, help="timed act() calls")
+    ap.add_argument("--image-size", type=int, default=64, help="tiny preset image size")
+    ap.add_argument("--camera", default=None, help="HxW of the frames fed to act (default: the model size)")
+    ap.add_argument("--chunk-size", type=int, default=1, help="tiny preset action chunk size")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    policy_latency(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Configuration of the LAPA vision-language-action model (stages 2 and 3 of LAPA).
+
+One dataclass, JSON round-trippable, checked by ``validate()`` with messages that say what to change.
+
+The model is a vision encoder (frozen by default, as in the paper) and a causal language model
+joined by an MLP projector; the LM's final hidden state feeds one head:
+
+- ``objective`` says what the model was (or is being) pretrained on:
+  "latent" (LAPA: LAQ's latent-action tokens), "action" (the ACTIONVLA baseline: true actions),
+  "idm" (the VPT baseline: pseudo-actions an inverse-dynamics model labelled);
+- ``stage`` is "pretrain" or "finetune".
+
+Pretraining with objective "latent" uses the latent-action head (L x |C| logits); everything else
+(objective "action"/"idm" pretraining, and every finetuning) uses the action head (chunk_size x 7 x
+num_bins logits). ``finetune()`` gives the config of the finetuning model for a pretrained one.
+
+Backbones are named by ``vision_backbone`` / ``language_backbone``: "tiny" (built in code from
+transformers config classes, nothing downloaded: a SigLIP vision tower and a Qwen2 LM, see
+TINY_VISION / TINY_LANGUAGE) or a Hugging Face model id ("org/name") or local directory, loaded
+with ``from_pretrained``. ``vision_overrides`` / ``language_overrides`` are passed to the backbone
+configs (for "tiny": applied on top of the built-in ones). A saved VLA checkpoint stores the
+resolved backbone configs and the tokenizer, so loading it never downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPE = "lapa_vla"
+POLICY_TYPE = "lapa_vla"
+TINY = "tiny"
+BYTE_TOKENIZER = "byte"
+OBJECTIVES = ("latent", "action", "idm")
+STAGES = ("pretrain", "finetune")
+
+# The built-in tiny backbones (CPU demo and tests); overrides are applied on top.
+TINY_VISION: dict[str, Any] = dict(image_size=64, patch_size=8, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=2, vision_use_head=False)
+TINY_LANGUAGE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                     tie_word_embeddings=False)
+
+# Keys that change how a model trains or runs but not its weights.
+TRAINING_ONLY_KEYS = ("freeze_vision", "freeze_language", "control_rate")
+# Keys that only shape the heads: a checkpoint loaded with its heads replaced may differ in these.
+HEAD_KEYS = ("objective", "stage", "latent_tokens", "codebook_size", "num_bins", "chunk_size", "head_hidden")
+# Keys whose None means "whatever the backbones say", resolved when the model is built.
+RESOLVED_KEYS = ("tokenizer", "image_mean", "image_std", "projector_hidden", "head_hidden")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass
+class VLAConfig:
+    vision_backbone: str = TINY  # "tiny", a Hugging Face id ("google/siglip-base-patch16-224") or a directory
+    language_backbone: str = TINY  # "tiny", a Hugging Face id ("Qwen/Qwen2.5-0.5B") or a directory
+    tokenizer: str | None = None  # None: the language backbone's ("byte" for tiny); "byte", an id or a directory
+    vision_overrides: dict[str, Any] = field(default_factory=dict)
+    language_overrides: dict[str, Any] = field(default_factory=dict)
+    freeze_vision: bool = True  # as in the paper: the vision encoder is not trained
+    freeze_language: bool = False
+    projector_hidden: int | None = None  # None: the LM's hidden size
+    head_hidden: int | None = None  # None: the LM's hidden size
+    objective: str = "latent"  # what the backbone is pretrained on: latent | action | idm
+    stage: str = "pretrain"  # pretrain | finetune
+    latent_tokens: int = 4  # L, latent-action tokens per step (LAQ's action grid, 2x2)
+    codebook_size: int = 8  # |C|, LAQ's codebook size
+    num_bins: int = 256  # action-head outputs per action dimension
+    chunk_size: int = 1  # future steps the action head predicts at once (action chunking)
+    image_mean: tuple[float, float, float] | None = None  # None: the vision backbone's (0.5 for tiny)
+    image_std: tuple[float, float, float] | None = None
+    prompt_template: str = "{instruction}"
+    max_text_tokens: int = 64  # instructions are cut to this many tokens
+    control_rate: float = 10.0  # Hz of the actions (metadata for the policy)
+
+    def __post_init__(self):
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, bytes)):
+                try:
+                    setattr(self, name, tuple(float(v) for v in value))
+                except (TypeError, ValueError):
+                    pass  # validate() reports it
+        for name in ("vision_overrides", "language_overrides"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, dict):
+                setattr(self, name, dict(value or {}))  # own copy; anything else is reported by validate()
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def head(self) -> str:
+        """The active head: "latent" for latent pretraining, "action" otherwise."""
+        return "latent" if self.stage == "pretrain" and self.objective == "latent" else "action"
+
+    @property
+    def action_dim(self) -> int:
+        return 7
+
+    # ---- checks --------------------------------------------------------------------------
+    def validate(self, check_backbones: bool = True) -> "VLAConfig":
+        """Raise ValueError naming the first inconsistent setting; return self when all is well.
+
+        check_backbones=False skips checking that backbone/tokenizer names are 'tiny', an existing
+        directory or a hub id: for configs read from a checkpoint, where those names are only the
+        provenance (the checkpoint holds the backbones) and the source directory may be gone."""
+        for name in ("vision_backbone", "language_backbone"):
+            _check_backbone_name(name, getattr(self, name), exists=check_backbones)
+        if self.tokenizer is not None and self.tokenizer != BYTE_TOKENIZER:
+            _check_backbone_name("tokenizer", self.tokenizer, exists=check_backbones,
+                                 extra=f"'{BYTE_TOKENIZER}' (the built-in byte-level tokenizer), ")
+        for name in ("vision_overrides", "language_overrides"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ValueError(f"VLAConfig.{name} must be a dict of backbone config keys, got {value!r}")
+            try:
+                json.dumps(value)
+            except TypeError as e:
+                raise ValueError(f"VLAConfig.{name} must be JSON-serialisable: {e}") from None
+        for name in ("freeze_vision", "freeze_language"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"VLAConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"VLAConfig.objective must be one of {', '.join(OBJECTIVES)} (latent = LAPA, "
+                             f"action = ACTIONVLA baseline, idm = VPT baseline), got {self.objective!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"VLAConfig.stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        for name in ("latent_tokens", "max_text_tokens"):
+            _positive_int(name, getattr(self, name))
+        for name in ("projector_hidden", "head_hidden"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if not _is_int(self.codebook_size) or self.codebook_size < 2:
+            raise ValueError(f"VLAConfig.codebook_size must be an integer >= 2 (LAQ's |C|), got "
+                             f"{self.codebook_size!r}")
+        if not _is_int(self.num_bins) or self.num_bins < 2:
+            raise ValueError(f"VLAConfig.num_bins must be an integer >= 2 (bins per action dimension), got "
+                             f"{self.num_bins!r}")
+        if not _is_int(self.chunk_size) or self.chunk_size < 1:
+            raise ValueError(f"VLAConfig.chunk_size must be an integer >= 1 (1 = no action chunking), got "
+                             f"{self.chunk_size!r}")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, tuple) or len(value) != 3 or not all(isinstance(v, float) for v in value):
+                raise ValueError(f"VLAConfig.{name} must be 3 numbers (R, G, B) or null, got {value!r}")
+        if self.image_std is not None and not all(v > 0 for v in self.image_std):
+            raise ValueError(f"VLAConfig.image_std must be positive, got {self.image_std}")
+        if not isinstance(self.prompt_template, str) or "{instruction}" not in self.prompt_template:
+            raise ValueError(f"VLAConfig.prompt_template must contain '{{instruction}}', got "
+                             f"{self.prompt_template!r}")
+        try:
+            self.prompt_template.format(instruction="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"VLAConfig.prompt_template {self.prompt_template!r} has a placeholder other than "
+                             f"{{instruction}} ({e}); write literal braces as {{{{ }}}}") from None
+        if not isinstance(self.control_rate, (int, float)) or not self.control_rate > 0:
+            raise ValueError(f"VLAConfig.control_rate must be positive (Hz of the actions), got {self.control_rate!r}")
+        return self
+
+    # ---- presets -------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, image_size: int = 64, **overrides) -> "VLAConfig":
+        """Built-in tiny SigLIP (an 8x8 grid of patches of an image_size image, width 64, 2 layers)
+        + tiny Qwen2 (width 128, 2 layers) + byte-level tokenizer: CPU demo and tests."""
+        if not _is_int(image_size) or image_size < 8 or image_size % 8:
+            raise ValueError(f"VLAConfig.tiny: image_size must be a multiple of 8, got {image_size!r}")
+        vision = {"image_size": image_size, "patch_size": image_size // 8, **overrides.pop("vision_overrides", {})}
+        return cls(**{**dict(vision_backbone=TINY, language_backbone=TINY, vision_overrides=vision,
+                             prompt_template="{instruction}", max_text_tokens=64), **overrides}).validate()
+
+    @classmethod
+    def paper(cls, **overrides) -> "VLAConfig":
+        """A paper-sized VLA on public backbones: SigLIP-base (224 px, frozen) + Qwen2.5-0.5B.
+
+        The LAPA paper builds on LWM-Chat-1M (a 7B LLaMA-2 world model with a VQGAN image
+        tokenizer); this is the same recipe (frozen vision, trained LM, latent head then action
+        head) at a size one GPU finetunes. Loading it downloads the backbones."""
+        return cls(**{**dict(vision_backbone="google/siglip-base-patch16-224",
+                             language_backbone="Qwen/Qwen2.5-0.5B",
+                             prompt_template="In: What action should the robot take to {instruction}?\nOut:",
+                             max_text_tokens=96), **overrides}).validate()
+
+    def finetune(self, **overrides) -> "VLAConfig":
+        """The config of the finetuning model for this (pretrained) one: stage finetune, action head."""
+        return replace(self, **{"stage": "finetune", **overrides}).validate(check_backbones=False)
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for name in ("image_mean", "image_std"):
+            d[name] = None if d[name] is None else list(d[name])
+        return {"model_type": MODEL_TYPE, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], check_backbones: bool = True) -> "VLAConfig":
+        d = dict(d)
+        model_type = d.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"config has model_type {model_type!r}, expected {MODEL_TYPE!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown VLAConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d).validate(check_backbones)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "VLAConfig":
+        return cls.from_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_int(name: str, value) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"VLAConfig.{name} must be a positive integer, got {value!r}")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a backbone name is meant as a directory rather than a Hugging Face id 'org/name'."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _check_backbone_name(field_name: str, name, exists: bool = True, extra: str = "") -> None:
+    """'tiny', an existing directory, or something shaped like a Hugging Face id 'org/name'."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"VLAConfig.{field_name} must be a non-empty string, got {name!r}")
+    if field_name != "tokenizer" and name == TINY or not exists:
+        return
+    if Path(name).expanduser().is_dir():
+        return
+    if looks_like_path(name):
+        raise ValueError(f"VLAConfig.{field_name} {name!r} looks like a path but no such directory exists")
+    if not _HUB_ID.match(name):
+        choices = f"'{TINY}' (built in), " if field_name != "tokenizer" else ""
+        raise ValueError(f"VLAConfig.{field_name} {name!r} is not a known backbone: use {choices}{extra}"
+                         f"a local directory holding a Hugging Face model, or a Hugging Face id of the form "
+                         f"'org/name' (e.g. 'google/siglip-base-patch16-224', 'Qwen/Qwen2.5-0.5B')")
