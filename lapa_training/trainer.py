@@ -132,6 +132,30 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
+class EpochOrder:
+    """Which of n samples each process takes at each step: global step s takes positions
+    s*B .. s*B + B - 1 of an endless sequence made of one seeded random permutation of 0..n-1 per
+    epoch; process r of w takes its B / w consecutive positions. A pure function of (seed, step,
+    rank, world), which is what exact resume relies on."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = int(n), int(seed)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) > 4:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._orders[epoch]
+
+    def indices(self, step: int, rank: int, world: int, size: int) -> np.ndarray:
+        if self.n == 0:
+            raise TrainingError("no training samples")
+        start = (step * world + rank) * size
+        return np.array([self._order(p // self.n)[p % self.n] for p in range(start, start + size)], dtype=np.int64)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters, with weight decay on matrices only (not on biases, norms, embeddings
     of size 1 in a dimension)."""

@@ -513,6 +513,23 @@ def _load(path: Path) -> np.ndarray:
         raise IngestError(f"{path}: cannot memory-map ({e})") from e
 
 
+def gather_frames(datasets: "list[Dataset]", which: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Frames datasets[which[j]].frames[index[j]] for every j, as one uint8 (B, H, W, 3) array
+    (all datasets must share a frame size). Each dataset's memmap is read in file order."""
+    out = None
+    for k in np.unique(which):
+        sel = np.nonzero(which == k)[0]
+        idx = index[sel]
+        order = np.argsort(idx, kind="stable")
+        frames = datasets[int(k)].frames
+        if out is None:
+            out = np.empty((len(which),) + frames.shape[1:], dtype=np.uint8)
+        out[sel[order]] = frames[idx[order]]
+    if out is None:
+        raise ValueError("gather_frames: no frames asked for")
+    return out
+
+
 def iter_chunks(n: int, chunk: int) -> Iterable[slice]:
     for start in range(0, n, chunk):
         yield slice(start, min(n, start + chunk))

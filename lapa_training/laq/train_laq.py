@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lapa_training.data.dataset import Dataset
+from lapa_training.data.dataset import Dataset, gather_frames
 from lapa_training.laq.configuration_laq import TRAINING_ONLY_KEYS, LAQConfig
 from lapa_training.laq.modeling_laq import LAQModel, frames_to_input
-from lapa_training.trainer import Trainer, TrainConfig, TrainingError
+from lapa_training.trainer import EpochOrder, Trainer, TrainConfig, TrainingError
 
 PRESETS = ("tiny", "small", "paper")
 
@@ -62,9 +62,7 @@ def laq_config_from_dict(d: dict[str, Any]) -> LAQConfig:
 class FramePairs:
     """The (x_t, x_{t+H}) pairs of some datasets' split, read in a seeded order.
 
-    Global step s takes positions s*B .. s*B + B - 1 of an endless sequence made of one random
-    permutation of all pairs per epoch; process r of w takes its B / w consecutive rows. Every batch
-    is a pure function of (seed, step, rank), which the trainer's exact resume relies on.
+    The order of pairs is lapa_training.trainer.EpochOrder's (a function of seed and step).
     """
 
     def __init__(self, datasets: list[Dataset], split: str | None, window_frames: int | None = None, seed: int = 0):
@@ -78,38 +76,18 @@ class FramePairs:
             p = ds.pairs(split, window_frames)
             chunks.append(np.concatenate([np.full((len(p), 1), k, dtype=np.int64), p], axis=1))
         self.pairs = np.concatenate(chunks) if chunks else np.zeros((0, 3), dtype=np.int64)
-        self._orders: dict[int, np.ndarray] = {}
+        self.order = EpochOrder(len(self.pairs), seed)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if len(self._orders) > 4:
-                self._orders.pop(min(self._orders))
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
-        return self._orders[epoch]
-
     def rows(self, step: int, rank: int, world: int, size: int) -> np.ndarray:
-        start = (step * world + rank) * size
-        positions = np.arange(start, start + size)
-        n = len(self.pairs)
-        return np.array([self.pairs[self._order(p // n)[p % n]] for p in positions])
+        return self.pairs[self.order.indices(step, rank, world, size)]
 
     def load(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, H, W, 3) tensors of x_t and x_{t+H} for pair rows (dataset, i, j)."""
-        x_t, x_next = [None] * len(rows), [None] * len(rows)
-        for k in np.unique(rows[:, 0]):
-            sel = np.nonzero(rows[:, 0] == k)[0]
-            frames = self.datasets[k].frames
-            for dst, col in ((x_t, 1), (x_next, 2)):
-                idx = rows[sel, col]
-                order = np.argsort(idx)  # memmap reads in file order
-                block = np.empty((len(idx),) + frames.shape[1:], dtype=np.uint8)
-                block[order] = frames[idx[order]]
-                for s, b in zip(sel, block):
-                    dst[s] = b
-        return torch.from_numpy(np.stack(x_t)), torch.from_numpy(np.stack(x_next))
+        return (torch.from_numpy(gather_frames(self.datasets, rows[:, 0], rows[:, 1])),
+                torch.from_numpy(gather_frames(self.datasets, rows[:, 0], rows[:, 2])))
 
 
 class LAQTrainJob:
