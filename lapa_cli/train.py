@@ -2,6 +2,8 @@
 
     lapa train laq --data runs/data/sim --out runs/laq [--preset tiny] [--config laq.yaml]
                    [--steps 3000] [--set train.lr=3e-4 --set model.dim=192] [--resume]
+    lapa train pretrain --objective latent --data runs/data/videos --out runs/lapa
+    lapa train finetune --init runs/lapa --data runs/data/sim --episodes 10 --out runs/ft --eval-episodes 5
 
 Settings come from the preset, then the --config YAML file (sections model/train/data, see
 lapa_training/run_config.py and config/train/), then --set overrides, then the named flags. A run
@@ -66,11 +68,103 @@ def run_laq(args) -> int:
     return 0
 
 
-ACTIONS = {"laq": (add_laq_parser, run_laq)}
+# ---------------------------------------------------------------- pretrain / finetune (the VLA)
+def add_pretrain_parser(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain the VLA: latent (LAPA), action (ACTIONVLA) or idm (VPT)",
+                       description="Pretrain the VLA (vision encoder frozen, language model trained) on --data. "
+                                   "latent: predict the LAQ tokens of `lapa label` (LAPA); action: predict the true "
+                                   "actions (ACTIONVLA baseline); idm: train an inverse-dynamics model on --labelled, "
+                                   "pseudo-label --data with it and predict those (VPT baseline).")
+    _common(p, ("tiny", "paper"))
+    p.add_argument("--objective", choices=("latent", "action", "idm"), required=True, help="what to predict")
+    p.add_argument("--labels", help="latent labels name under <dataset>/labels/ (default laq)")
+    p.add_argument("--labelled", type=Path, nargs="+", default=[], metavar="DATASET",
+                   help="objective idm: action-labelled datasets the IDM learns from")
+    p.add_argument("--episodes", type=int, help="objective idm: labelled episodes the IDM learns from (default all)")
+
+
+def run_pretrain(args) -> int:
+    from lapa_training.vla.train_vla import pretrain
+
+    config = _sections(args)
+    if args.labels:
+        config["data"]["labels"] = args.labels
+    if args.episodes is not None:
+        config["data"]["episodes"] = args.episodes
+    if args.objective == "idm" and not args.labelled:
+        raise UserError("--objective idm needs --labelled DATASET (action-labelled episodes for the IDM)")
+    final = pretrain(args.objective, args.data, args.out, config["model"], config["train"], config["data"],
+                     labelled=args.labelled, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"pretrained VLA written to {final}; curves in {args.out / 'training_curves.png'}")
+    print(f"next: lapa train finetune --init {args.out} --data <labelled dataset> --out <run>")
+    return 0
+
+
+def add_finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="finetune an action head on labelled episodes (no --init: SCRATCH)",
+                       description="Train a fresh action head (equal-frequency bins fitted on the labelled data) on "
+                                   "the train-split episodes of --data, from a pretrained run (--init) or from "
+                                   "scratch; optionally end with a closed-loop evaluation in the simulator.")
+    _common(p, ("tiny", "paper"))
+    p.add_argument("--init", type=Path, help="pretrained VLA run or checkpoint (default: none, the SCRATCH baseline)")
+    p.add_argument("--episodes", type=int, help="labelled episodes to use (a seeded, nested choice; default all)")
+    p.add_argument("--eval-episodes", type=int, default=0,
+                   help="after training, run this many closed-loop episodes per sim task (default 0: skip)")
+    p.add_argument("--eval-tasks", nargs="+", help="tasks of that evaluation (default all)")
+
+
+def run_finetune(args) -> int:
+    from lapa_training.vla.train_vla import finetune
+
+    config = _sections(args)
+    if args.episodes is not None:
+        config["data"]["episodes"] = args.episodes
+    if args.eval_episodes < 0:
+        raise UserError("--eval-episodes must be >= 0")
+    final = finetune(args.data, args.out, config["model"], config["train"], config["data"], init=args.init,
+                     resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"finetuned policy written to {final}; curves in {args.out / 'training_curves.png'}")
+    if args.eval_episodes:
+        summary = closed_loop_summary(args.out, final, args.eval_tasks, args.eval_episodes, progress=not args.quiet)
+        print(f"token accuracy (val) {summary['val_token_accuracy']:.3f} next to success rate "
+              f"{summary['success_rate']:.3f}: {args.out / 'summary.json'}")
+    else:
+        print(f"next: lapa eval policy --policy {final} --out {args.out / 'eval'}")
+    return 0
+
+
+def closed_loop_summary(run_dir: Path, final: Path, task_names, episodes: int, progress: bool) -> dict:
+    """Closed-loop evaluation of a finished run, and summary.json with the validation token accuracy
+    next to the success rate (token accuracy alone is not the metric)."""
+    import json
+
+    from lapa_policy_node.policy_api import load_policy
+    from lapa_sim import tasks
+    from lapa_training.eval_policy import evaluate_policy, format_report
+    from lapa_training.trainer import METRICS_FILE, read_metrics
+
+    from lapa_training.data.dataset import Dataset
+
+    info = json.loads((run_dir / "run.json").read_text())
+    size = int(Dataset(info["data"][0]).frames.shape[1])
+    report = evaluate_policy(load_policy(final), task_names or list(tasks.TASKS), episodes, image_size=size,
+                             out_dir=run_dir / "eval", progress=progress)
+    print(format_report(report))
+    val = [r for r in read_metrics(run_dir / METRICS_FILE) if "val_token_accuracy" in r]
+    summary = {"val_token_accuracy": val[-1]["val_token_accuracy"] if val else None,
+               "val_within_one_bin": val[-1].get("val_within_one_bin") if val else None,
+               "success_rate": report.success_rate(), "by_task": report.by_task(),
+               "episodes_per_task": episodes, "policy": str(final)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+ACTIONS = {"laq": (add_laq_parser, run_laq), "pretrain": (add_pretrain_parser, run_pretrain),
+           "finetune": (add_finetune_parser, run_finetune)}
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train models: laq (stage 1)",
+    p = sub.add_parser("train", help="train models: laq (stage 1), pretrain (stage 2), finetune (stage 3)",
                        description=__doc__.split("\n\n")[0])
     actions = p.add_subparsers(dest="action", metavar="<job>")
     for add, _ in ACTIONS.values():
@@ -81,10 +175,11 @@ def run(args) -> int:
     from lapa_training.checkpoint import CheckpointError
     from lapa_training.run_config import RunConfigError
     from lapa_training.trainer import TrainingError
+    from lapa_training.vla.modeling_vla import VLABuildError
 
     if args.action is None:
         raise UserError(f"name what to train: {', '.join(ACTIONS)}")
     try:
         return ACTIONS[args.action][1](args)
-    except (TrainingError, RunConfigError, CheckpointError) as e:
+    except (TrainingError, RunConfigError, CheckpointError, VLABuildError) as e:
         raise UserError(str(e)) from None

@@ -118,6 +118,26 @@ class TrainJob(Protocol):
         """Validation metrics (model in eval mode, no grad); keys should start with 'val_'."""
 
 
+def prepare_run_dir(run: Path, *, resume: bool, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
+    """Check that `run` may hold this run and make it: refuse to mix runs (an earlier run needs
+    --resume or --overwrite; a non-empty folder that is not a run is refused). Entries named in
+    `keep` are earlier phases of this same run (the VPT baseline's IDM): never deleted or counted."""
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise TrainingError(f"{run} exists and is not a directory")
+    has_run = (run / RUN_FILE).is_file() or (run / CHECKPOINTS_DIR).is_dir()
+    others = [p for p in run.iterdir() if p.name not in keep] if run.is_dir() else []
+    if has_run and not resume and not overwrite:
+        raise TrainingError(f"{run} already holds a training run; pass --resume to continue it or "
+                            f"--overwrite to start again")
+    if others and not has_run and not overwrite:
+        raise TrainingError(f"{run} is not empty and is not a training run; choose another --out")
+    if overwrite and not resume:
+        for p in others:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    run.mkdir(parents=True, exist_ok=True)
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warmup, then cosine."""
     if step < cfg.warmup_steps:
@@ -200,13 +220,14 @@ class Trainer:
 
     def __init__(self, job: TrainJob, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                  overwrite: bool = False, progress: bool = True, run_info: dict[str, Any] | None = None,
-                 callbacks: list[Callable[[int, dict[str, float]], None]] | None = None):
+                 callbacks: list[Callable[[int, dict[str, float]], None]] | None = None, keep: tuple[str, ...] = ()):
         from accelerate import Accelerator
 
         self.job, self.cfg = job, cfg.validate()
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.callbacks = list(callbacks or [])
+        self.keep = tuple(keep)
         self.accelerator = Accelerator(mixed_precision=self._mixed_precision(cfg.precision),
                                        cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
         acc = self.accelerator
@@ -236,18 +257,8 @@ class Trainer:
 
     def _prepare_run_dir(self, resume: bool, overwrite: bool, run_info: dict[str, Any]) -> None:
         acc, run = self.accelerator, self.run_dir
-        has_run = (run / RUN_FILE).is_file() or (run / CHECKPOINTS_DIR).is_dir()
         if acc.is_main_process:
-            if run.exists() and not run.is_dir():
-                raise TrainingError(f"{run} exists and is not a directory")
-            if has_run and not resume and not overwrite:
-                raise TrainingError(f"{run} already holds a training run; pass --resume to continue it or "
-                                    f"--overwrite to start again")
-            if run.is_dir() and not has_run and any(run.iterdir()) and not overwrite:
-                raise TrainingError(f"{run} is not empty and is not a training run; choose another --out")
-            if overwrite and not resume and run.is_dir():
-                shutil.rmtree(run)
-            run.mkdir(parents=True, exist_ok=True)
+            prepare_run_dir(run, resume=resume, overwrite=overwrite, keep=self.keep)
             info = {"train": self.cfg.to_dict(), "model": self.job.model_config(),
                     "processes": acc.num_processes, "mixed_precision": acc.mixed_precision, **run_info}
             (run / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
@@ -285,6 +296,8 @@ class Trainer:
                    disable=not (self.progress and acc.is_main_process))
         window: list[dict[str, float]] = []
         t_window = time.perf_counter()
+        if self.step == 0:
+            self._validate(bar)  # where the curves start: the untrained (or just-loaded) model
         self.model.train()
         try:
             while self.step < cfg.steps:
