@@ -319,7 +319,7 @@ def pretrain(objective: str, data: list[str | Path], out: str | Path, model_sect
             prepare_run_dir(Path(out), resume=resume, overwrite=overwrite, keep=("idm",))
             overwrite = False
             pseudo = idm_pseudo_actions(datasets, _open(labelled, "labelled datasets (--labelled)"), Path(out), opts,
-                                        train_cfg.seed, resume=resume, progress=progress)
+                                        train_cfg.seed, config.num_bins, resume=resume, progress=progress)
             info["labelled"] = [str(Path(p).resolve()) for p in labelled]
         else:
             pseudo = None
@@ -435,7 +435,7 @@ class IDMTrainJob:
 
 
 def idm_pseudo_actions(datasets: list[Dataset], labelled: list[Dataset], run_dir: Path, opts: VLADataOptions,
-                       seed: int, *, resume: bool, progress: bool) -> list[np.ndarray]:
+                       seed: int, num_bins: int, *, resume: bool, progress: bool) -> list[np.ndarray]:
     """Train the IDM on the labelled episodes (into <run>/idm, reused on resume), then label every
     step of `datasets`: (N, 7) pseudo-actions per dataset, NaN on each episode's last frame."""
     from lapa_training.vla.modeling_idm import IDMConfig, IDMModel
@@ -448,10 +448,10 @@ def idm_pseudo_actions(datasets: list[Dataset], labelled: list[Dataset], run_dir
         if len(train) == 0:
             raise TrainingError("objective idm needs labelled episodes with actions (--labelled)")
         val, _ = _val(train, action_samples(labelled, "val", 1))
-        bins = ActionBins.fit(train.targets.reshape(-1, 7), 256)
+        bins = ActionBins.fit(train.targets.reshape(-1, 7), num_bins)
         size = int(labelled[0].frames.shape[1])
         size = max(16, size - size % 8)
-        model = IDMModel(IDMConfig(image_size=size), action_bins=bins)
+        model = IDMModel(IDMConfig(image_size=size, num_bins=num_bins), action_bins=bins)
         cfg = TrainConfig(steps=opts.idm_steps, batch_size=opts.idm_batch_size, lr=1e-3, warmup_steps=50,
                           val_every=max(1, opts.idm_steps // 3), save_every=max(1, opts.idm_steps // 3), seed=seed)
         if progress:
