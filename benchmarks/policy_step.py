@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/policy_step.py [--checkpoint DIR] [--threads 2] [--steps 300]
                                                 [--image-size 64] [--camera 480x640] [--chunk-size 1]
+                                                [--train-steps 60] [--batch 32]
+
+Second half: samples/s of `lapa train finetune` against a minimal hand-written PyTorch loop on the
+same tiny model and batch size (goal: within 10 %).
 
 Without --checkpoint it builds the tiny preset (random weights, fitted bins on random actions),
 saves it, and loads it back through ``policy_api.load_policy`` like the policy server does, so the
@@ -65,10 +69,68 @@ def policy_latency(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# VLA training throughput: TO BE ADDED (owned by the training-engine side).
-# Put the training-step benchmark (samples/s for pretrain/finetune steps) here and call it from
-# main() below when its flag is given.
+# VLA training throughput: `lapa train finetune` vs a minimal hand-written PyTorch loop
 # ---------------------------------------------------------------------------------------------
+def training_throughput(args) -> None:
+    """samples/s of the trainer (data order, frame gathering, tokenising, bins, AdamW, clipping,
+    logging) against a bare loop doing forward + backward + AdamW on one fixed, pre-gathered batch
+    of the same tiny model. Augmentation is off in both; validation and saving fall outside the
+    timed window."""
+    from lapa_training.data.generate import generate
+    from lapa_training.data.ingest import IngestOptions, ingest
+    from lapa_training.vla import ActionBins, VLAConfig, VLAModel
+    from lapa_training.vla.train_vla import action_samples, finetune
+
+    steps, warm, batch = args.train_steps, 5, args.batch
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generate(tmp / "bags", ["reach", "push"], 2, image_size=args.image_size, progress=False)
+        ingest([tmp / "bags"], tmp / "data", IngestOptions(image_size=args.image_size, split=(1.0, 0.0, 0.0),
+                                                           progress=False, warn=lambda m: None))
+        marks = {}
+
+        def clock(step, record):
+            if step in (warm, steps):
+                marks[step] = time.perf_counter()
+
+        train = {"steps": steps, "batch_size": batch, "val_every": 10 * steps, "save_every": 10 * steps,
+                 "log_every": steps}
+        finetune([tmp / "data"], tmp / "run", {"image_size": args.image_size}, train, {"augment": False},
+                 progress=False, callbacks=[clock])
+        lapa_rate = (steps - warm) * batch / (marks[steps] - marks[warm])
+
+        from lapa_training.data.dataset import Dataset
+
+        ds = Dataset(tmp / "data")
+        samples = action_samples([ds], "train", 1)
+        torch.manual_seed(0)
+        model = VLAModel(VLAConfig.tiny(image_size=args.image_size, stage="finetune", objective="action"))
+        model.set_action_bins(ActionBins.fit(samples.targets.reshape(-1, 7), model.config.num_bins))
+        model.train()
+        rows = np.arange(batch) % len(samples)
+        images = torch.from_numpy(np.asarray(ds.frames)[samples.index[rows]])
+        instructions = [ds.episodes[int(ds.episode_index[i])]["instruction"] for i in samples.index[rows]]
+        targets = samples.targets[rows]
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+
+        def bare_step():
+            pixels = model.preprocess_images(images)
+            ids, mask = model.tokenize(instructions)
+            out = model(pixels, ids, mask, labels=model.encode_actions(targets))
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(warm):
+            bare_step()
+        t0 = time.perf_counter()
+        for _ in range(steps - warm):
+            bare_step()
+        bare_rate = (steps - warm) * batch / (time.perf_counter() - t0)
+    print(f"training, tiny VLA finetune, batch {batch}, {steps - warm} timed steps:")
+    print(f"  minimal PyTorch loop   {bare_rate:8.1f} samples/s")
+    print(f"  lapa train finetune    {lapa_rate:8.1f} samples/s   ratio {lapa_rate / bare_rate:.2f}  (goal >= 0.9)")
 
 
 def main() -> None:
@@ -79,10 +141,14 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64, help="tiny preset image size")
     ap.add_argument("--camera", default=None, help="HxW of the frames fed to act (default: the model size)")
     ap.add_argument("--chunk-size", type=int, default=1, help="tiny preset action chunk size")
+    ap.add_argument("--train-steps", type=int, default=60, help="training steps timed (0: skip the training half)")
+    ap.add_argument("--batch", type=int, default=32, help="training batch size")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     policy_latency(args)
+    if args.train_steps:
+        training_throughput(args)
 
 
 if __name__ == "__main__":

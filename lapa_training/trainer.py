@@ -320,6 +320,8 @@ class Trainer:
                     record["grad_norm"] = float(grad_norm)
                 window.append(record)
                 bar.update(1)
+                for callback in self.callbacks:  # tests and benchmarks: after the update, before val/save
+                    callback(self.step, record)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - t_window
                     line = {"step": self.step, **_mean(window),
@@ -333,8 +335,6 @@ class Trainer:
                 if self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save_step_checkpoint()
                     t_window = time.perf_counter()
-                for callback in self.callbacks:
-                    callback(self.step, record)
         except KeyboardInterrupt:
             bar.close()
             if self.step > 0:
