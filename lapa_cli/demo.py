@@ -20,7 +20,6 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.episodes < 1:
         raise UserError("--episodes must be at least 1")
-    import numpy as np
     from tqdm import tqdm
 
     from lapa_sim import tasks

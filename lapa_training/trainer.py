@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -37,6 +37,7 @@ from torch import nn
 
 from lapa_training.checkpoint import CheckpointError, check_config_compatible, load_checkpoint, \
     load_model_state, load_trainer_state, read_meta, save_checkpoint
+from lapa_training.dataclass_dict import dataclass_kwargs
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINTS_DIR = "checkpoints"
@@ -89,11 +90,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise TrainingError(f"unknown train settings {unknown}; known: {sorted(known)}")
-        return cls(**d).validate()
+        return cls(**dataclass_kwargs(cls, d, "train settings", error=TrainingError)).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

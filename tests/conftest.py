@@ -130,3 +130,17 @@ def sim_dataset(tmp_path_factory) -> Path:
     ingest([root / "bags"], root / "data", IngestOptions(image_size=64, split=(0.5, 0.25, 0.25), seed=0,
                                                          progress=False, warn=lambda msg: None))
     return root / "data"
+
+
+def user_error(capsys, argv: list[str], *needles: str) -> str:
+    """Run `lapa argv` in-process; assert it failed as a user mistake should (exit 2, one line on
+    stderr, no traceback) and that the line says each of `needles`. Returns the line."""
+    from lapa_cli.main import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("lapa ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err

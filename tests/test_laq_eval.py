@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import user_error
 from lapa_cli.main import main
 from lapa_training.data.dataset import Dataset
 from lapa_training.laq import LAQConfig, LAQModel, frames_to_input, output_to_uint8
@@ -360,18 +361,14 @@ def test_cli_writes_the_report_and_prints_a_summary(trained, sim_dataset, tmp_pa
 
 
 def _cli_error(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert err.startswith("lapa eval: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
+    return user_error(capsys, argv)
 
 
 def test_cli_errors_are_one_line(trained, sim_dataset, tmp_path, capsys):
     _, checkpoint = trained
     base = ["eval", "laq", "--data", str(sim_dataset), "--out", str(tmp_path / "out")]
     assert "checkpoint not found" in _cli_error(capsys, base + ["--checkpoint", str(tmp_path / "missing")])
-    assert "not a complete checkpoint" in _cli_error(capsys, base + ["--checkpoint", str(sim_dataset)])
+    assert "neither a checkpoint nor a training run" in _cli_error(capsys, base + ["--checkpoint", str(sim_dataset)])
     small = LAQModel(micro64(image_size=32)).save_pretrained(tmp_path / "laq32")
     err = _cli_error(capsys, base + ["--checkpoint", str(small)])
     assert "64x64 frames" in err and "32x32 images" in err and "--image-size 32" in err

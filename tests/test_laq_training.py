@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import user_error
 from lapa_cli.main import main as lapa
 from lapa_training.data.dataset import Dataset
 from lapa_training.laq import LAQModel, frames_to_input
 from lapa_training.laq.labelling import NO_LABEL, LabelError, label_dataset, read_labels
 from lapa_training.laq.train_laq import FramePairs, train_laq
-from lapa_training.trainer import TrainingError, checkpoint_dirs, latest_model_dir, lr_factor, read_metrics, \
+from lapa_training.trainer import checkpoint_dirs, latest_model_dir, lr_factor, read_metrics, \
     TrainConfig
 
 # The sim frames are 64x64; this model reads them at 32x32 (area-resized on the fly), 4x4 patches.
@@ -168,27 +169,19 @@ def test_labels_refuse_to_overwrite_and_go_stale_when_the_dataset_grows(trained,
 # ---------------------------------------------------------------------------------------------
 # user mistakes: one line, exit 2
 # ---------------------------------------------------------------------------------------------
-def _fails(capsys, argv, *needles):
-    assert lapa(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-
-
 def test_bad_training_settings_give_one_line_errors(sim_dataset, tmp_path, capsys):
     base = ["train", "laq", "--data", str(sim_dataset), "--out", str(tmp_path / "run"), "--quiet", "--steps", "2"]
-    _fails(capsys, base + ["--set", "model.patch_size=5"], "patch_size 5 does not divide image_size 64x64")
-    _fails(capsys, base + ["--set", "model.action_grid=[3,3]"], "action_grid 3x3")
-    _fails(capsys, base + ["--set", "model.width=3"], "bad model setting", "dim")
-    _fails(capsys, base + ["--set", "train.lr=-1"], "train.lr must be > 0")
-    _fails(capsys, base + ["--set", "lr=1"], "expected section.key=value")
-    _fails(capsys, base + ["--set", "optim.lr=1"], "unknown section 'optim'")
-    _fails(capsys, ["train", "laq", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "r")],
+    user_error(capsys, base + ["--set", "model.patch_size=5"], "patch_size 5 does not divide image_size 64x64")
+    user_error(capsys, base + ["--set", "model.action_grid=[3,3]"], "action_grid 3x3")
+    user_error(capsys, base + ["--set", "model.width=3"], "bad model setting", "dim")
+    user_error(capsys, base + ["--set", "train.lr=-1"], "train.lr must be > 0")
+    user_error(capsys, base + ["--set", "lr=1"], "expected section.key=value")
+    user_error(capsys, base + ["--set", "optim.lr=1"], "unknown section 'optim'")
+    user_error(capsys, ["train", "laq", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "r")],
            "is not a dataset")
     config = tmp_path / "bad.yaml"
     config.write_text("model: [1, 2]\n")
-    _fails(capsys, base + ["--config", str(config)], "section 'model' must be a mapping")
+    user_error(capsys, base + ["--config", str(config)], "section 'model' must be a mapping")
 
 
 def test_resuming_with_a_different_codebook_names_the_mismatch(sim_dataset, tmp_path, capsys):
@@ -196,14 +189,14 @@ def test_resuming_with_a_different_codebook_names_the_mismatch(sim_dataset, tmp_
             "--set", "model.image_size=32", "--set", "model.patch_size=4", "--set", "model.dim=32",
             "--set", "train.save_every=2"]
     assert lapa(args + ["--steps", "3"]) == 0
-    _fails(capsys, args + ["--steps", "3"], "already holds a training run", "--resume")
-    _fails(capsys, args + ["--steps", "6", "--resume", "--set", "model.codebook_size=16"], "codebook_size")
-    _fails(capsys, args + ["--steps", "6", "--resume", "--set", "model.action_grid=[4,4]"], "action_grid")
-    _fails(capsys, args + ["--steps", "2", "--resume"], "nothing left to do")
+    user_error(capsys, args + ["--steps", "3"], "already holds a training run", "--resume")
+    user_error(capsys, args + ["--steps", "6", "--resume", "--set", "model.codebook_size=16"], "codebook_size")
+    user_error(capsys, args + ["--steps", "6", "--resume", "--set", "model.action_grid=[4,4]"], "action_grid")
+    user_error(capsys, args + ["--steps", "2", "--resume"], "nothing left to do")
     assert lapa(args + ["--steps", "5", "--resume"]) == 0
 
 
 def test_labelling_with_a_bad_checkpoint_or_dataset_is_a_one_line_error(trained, tmp_path, capsys):
     run, _ = trained
-    _fails(capsys, ["label", "--laq", str(tmp_path), "--data", str(tmp_path)], "neither a checkpoint nor a training run")
-    _fails(capsys, ["label", "--laq", str(run), "--data", str(tmp_path / "nope")], "is not a dataset")
+    user_error(capsys, ["label", "--laq", str(tmp_path), "--data", str(tmp_path)], "neither a checkpoint nor a training run")
+    user_error(capsys, ["label", "--laq", str(run), "--data", str(tmp_path / "nope")], "is not a dataset")

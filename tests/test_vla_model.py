@@ -476,7 +476,8 @@ def test_policy_runtime_imports_no_training_code():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    allowed_first_party = {"lapa_training.vla", "lapa_training.checkpoint", "lapa_policy_node.policy_api"}
+    allowed_first_party = {"lapa_training.vla", "lapa_training.checkpoint", "lapa_training.dataclass_dict",
+                           "lapa_policy_node.policy_api"}
     allowed_third_party = {"numpy", "torch", "transformers", "tokenizers", "safetensors"}
     todo, seen = ["lapa_training", "lapa_training.vla", "lapa_training.vla.policy"], set()  # + parent packages
     while todo:

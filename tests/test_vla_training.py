@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import user_error
 from lapa_cli.main import main as lapa
 from lapa_training.data.dataset import Dataset
 from lapa_training.laq.labelling import label_dataset
@@ -161,23 +162,15 @@ def test_finetune_cli_ends_with_token_accuracy_next_to_success(latent_run, label
     assert "next to success rate" in capsys.readouterr().out
 
 
-def _fails(capsys, argv, *needles):
-    assert lapa(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-
-
 def test_vla_training_mistakes_are_one_line_errors(labelled_data, sim_dataset, tmp_path, capsys):
     base = ["--data", str(labelled_data), "--out", str(tmp_path / "r"), "--steps", "2", "--quiet"]
-    _fails(capsys, ["train", "pretrain", "--objective", "idm", *base], "needs --labelled")
-    _fails(capsys, ["train", "pretrain", "--objective", "latent", "--labels", "other", *base],
+    user_error(capsys, ["train", "pretrain", "--objective", "idm", *base], "needs --labelled")
+    user_error(capsys, ["train", "pretrain", "--objective", "latent", "--labels", "other", *base],
            "no latent labels named 'other'", "lapa label")
-    _fails(capsys, ["train", "pretrain", "--objective", "latent", "--data", str(sim_dataset), "--out",
+    user_error(capsys, ["train", "pretrain", "--objective", "latent", "--data", str(sim_dataset), "--out",
                     str(tmp_path / "r2"), "--quiet"], "no latent labels")
-    _fails(capsys, ["train", "finetune", "--init", str(tmp_path / "nothing"), *base], "neither a checkpoint")
-    _fails(capsys, ["train", "finetune", "--episodes", "0", *base], "must be >= 1")
-    _fails(capsys, ["train", "finetune", "--set", "model.num_bins=1", *base], "num_bins")
-    _fails(capsys, ["train", "pretrain", "--objective", "latent", "--set", "model.codebook_size=4", *base],
+    user_error(capsys, ["train", "finetune", "--init", str(tmp_path / "nothing"), *base], "neither a checkpoint")
+    user_error(capsys, ["train", "finetune", "--episodes", "0", *base], "must be >= 1")
+    user_error(capsys, ["train", "finetune", "--set", "model.num_bins=1", *base], "num_bins")
+    user_error(capsys, ["train", "pretrain", "--objective", "latent", "--set", "model.codebook_size=4", *base],
            "codebook")

@@ -14,8 +14,9 @@ Shapes, for a config with image (H, W) and patch p:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
+from lapa_training.dataclass_dict import dataclass_kwargs
 
 MODEL_TYPE = "laq"
 CONDITIONINGS = ("cross_attention", "additive")
@@ -174,15 +175,7 @@ class LAQConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LAQConfig":
-        d = dict(d)
-        model_type = d.pop("model_type", MODEL_TYPE)
-        if model_type != MODEL_TYPE:
-            raise ValueError(f"config has model_type {model_type!r}, expected {MODEL_TYPE!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LAQConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d).validate()
+        return cls(**dataclass_kwargs(cls, d, "LAQConfig keys", model_type=MODEL_TYPE)).validate()
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

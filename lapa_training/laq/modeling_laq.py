@@ -134,7 +134,7 @@ def sincos_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
 class LAQEncoder(nn.Module):
     def __init__(self, cfg: LAQConfig):
         super().__init__()
-        d, n = cfg.dim, cfg.num_patches
+        d = cfg.dim
         self.patch_embed = nn.Conv2d(cfg.channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.spatial_pos = nn.Parameter(sincos_2d(*cfg.patch_grid, d))
         self.time_embed = nn.Parameter(torch.randn(1, 2, 1, d) * 0.02)

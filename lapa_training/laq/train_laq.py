@@ -20,6 +20,7 @@ from lapa_training.data.dataset import Dataset, gather_frames
 from lapa_training.laq.configuration_laq import TRAINING_ONLY_KEYS, LAQConfig
 from lapa_training.laq.modeling_laq import LAQModel, frames_to_input
 from lapa_training.trainer import EpochOrder, Trainer, TrainConfig, TrainingError
+from lapa_training.dataclass_dict import dataclass_kwargs
 
 PRESETS = ("tiny", "small", "paper")
 
@@ -32,11 +33,7 @@ class LAQDataOptions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LAQDataOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainingError(f"unknown data settings {unknown}; known: {sorted(known)}")
-        opts = cls(**d)
+        opts = cls(**dataclass_kwargs(cls, d, "data settings", error=TrainingError))
         if opts.window_frames is not None and int(opts.window_frames) < 1:
             raise TrainingError(f"data.window_frames must be >= 1 (got {opts.window_frames})")
         if opts.val_pairs < 1 or opts.val_batch_size < 1:

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from lapa_training.dataclass_dict import dataclass_kwargs
 
 MODEL_TYPE = "lapa_vla"
 POLICY_TYPE = "lapa_vla"
@@ -198,15 +199,7 @@ class VLAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], check_backbones: bool = True) -> "VLAConfig":
-        d = dict(d)
-        model_type = d.pop("model_type", MODEL_TYPE)
-        if model_type != MODEL_TYPE:
-            raise ValueError(f"config has model_type {model_type!r}, expected {MODEL_TYPE!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VLAConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d).validate(check_backbones)
+        return cls(**dataclass_kwargs(cls, d, "VLAConfig keys", model_type=MODEL_TYPE)).validate(check_backbones)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -17,7 +17,7 @@ written by ``save_pretrained`` like the VLA's (lapa_training.checkpoint, no pick
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lapa_training.vla.action_bins import ACTION_DIM, IGNORE_INDEX, ActionBins
+from lapa_training.dataclass_dict import dataclass_kwargs
 
 MODEL_TYPE = "lapa_idm"
 BINS_FILE = "action_bins.json"
@@ -61,15 +62,7 @@ class IDMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "IDMConfig":
-        d = dict(d)
-        model_type = d.pop("model_type", MODEL_TYPE)
-        if model_type != MODEL_TYPE:
-            raise ValueError(f"config has model_type {model_type!r}, expected {MODEL_TYPE!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown IDMConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d).validate()
+        return cls(**dataclass_kwargs(cls, d, "IDMConfig keys", model_type=MODEL_TYPE)).validate()
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

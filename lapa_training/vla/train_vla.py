@@ -28,6 +28,7 @@ from lapa_training.trainer import EpochOrder, Trainer, TrainConfig, TrainingErro
 from lapa_training.vla.action_bins import IGNORE_INDEX, ActionBins
 from lapa_training.vla.configuration_vla import VLAConfig
 from lapa_training.vla.modeling_vla import VLAModel
+from lapa_training.dataclass_dict import dataclass_kwargs
 
 PRESETS = ("tiny", "paper")
 VLA_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 3e-4, "batch_size": 32, "warmup_steps": 50, "grad_clip": 1.0,
@@ -45,11 +46,7 @@ class VLADataOptions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VLADataOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainingError(f"unknown data settings {unknown}; known: {sorted(known)}")
-        opts = cls(**d)
+        opts = cls(**dataclass_kwargs(cls, d, "data settings", error=TrainingError))
         if opts.episodes is not None and int(opts.episodes) < 1:
             raise TrainingError(f"the number of labelled episodes must be >= 1 (got {opts.episodes})")
         if opts.val_samples < 1 or opts.idm_steps < 1 or opts.idm_batch_size < 1:
