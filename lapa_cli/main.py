@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lapa_cli import UserError, data, demo, evaluate, label, record, sim, train
+from lapa_cli import UserError, data, demo, evaluate, label, record, run, sim, train
 
 SUBCOMMANDS = {"sim": sim, "record": record, "data": data, "train": train, "label": label, "eval": evaluate,
-               "demo": demo}
+               "run": run, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:
