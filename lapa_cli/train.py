@@ -19,6 +19,15 @@ from pathlib import Path
 from lapa_cli import UserError
 
 
+def _say(*lines: str) -> None:
+    """Print on the main process only (under accelerate launch / torchrun every process runs this)."""
+    from lapa_training.trainer import is_main_process
+
+    if is_main_process():
+        for line in lines:
+            print(line)
+
+
 def _common(p, presets: tuple[str, ...]) -> None:
     p.add_argument("--data", type=Path, nargs="+", required=True, metavar="DATASET",
                    help="dataset directories (lapa data ingest); several are mixed")
@@ -63,8 +72,8 @@ def run_laq(args) -> int:
     config = _sections(args)
     final = train_laq(args.data, args.out, config["model"], config["train"], config["data"], resume=args.resume,
                       overwrite=args.overwrite, progress=not args.quiet)
-    print(f"LAQ model written to {final}; curves in {args.out / 'training_curves.png'}")
-    print(f"next: lapa label --laq {args.out} --data {' '.join(str(d) for d in args.data)}")
+    _say(f"LAQ model written to {final}; curves in {args.out / 'training_curves.png'}",
+         f"next: lapa label --laq {args.out} --data {' '.join(str(d) for d in args.data)}")
     return 0
 
 
@@ -95,8 +104,8 @@ def run_pretrain(args) -> int:
         raise UserError("--objective idm needs --labelled DATASET (action-labelled episodes for the IDM)")
     final = pretrain(args.objective, args.data, args.out, config["model"], config["train"], config["data"],
                      labelled=args.labelled, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"pretrained VLA written to {final}; curves in {args.out / 'training_curves.png'}")
-    print(f"next: lapa train finetune --init {args.out} --data <labelled dataset> --out <run>")
+    _say(f"pretrained VLA written to {final}; curves in {args.out / 'training_curves.png'}",
+         f"next: lapa train finetune --init {args.out} --data <labelled dataset> --out <run>")
     return 0
 
 
@@ -123,7 +132,11 @@ def run_finetune(args) -> int:
         raise UserError("--eval-episodes must be >= 0")
     final = finetune(args.data, args.out, config["model"], config["train"], config["data"], init=args.init,
                      resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"finetuned policy written to {final}; curves in {args.out / 'training_curves.png'}")
+    _say(f"finetuned policy written to {final}; curves in {args.out / 'training_curves.png'}")
+    from lapa_training.trainer import is_main_process
+
+    if not is_main_process():
+        return 0
     if args.eval_episodes:
         summary = closed_loop_summary(args.out, final, args.eval_tasks, args.eval_episodes, progress=not args.quiet)
         print(f"token accuracy (val) {summary['val_token_accuracy']:.3f} next to success rate "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -113,6 +114,12 @@ class TrainJob(Protocol):
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Validation metrics (model in eval mode, no grad); keys should start with 'val_'."""
+
+
+def is_main_process() -> bool:
+    """True in a single process and in rank 0 of accelerate launch / torchrun (before or after the
+    Accelerator exists): where to print and write shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def prepare_run_dir(run: Path, *, resume: bool, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
@@ -370,7 +377,23 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         return directory
 
+    def check_replicas_agree(self) -> None:
+        """Under several processes, every replica must hold the same weights (DDP averages the
+        gradients; NSVQ syncs its codebook replacements). A fingerprint of all parameters and
+        buffers is compared across processes; a mismatch is an error, not a silent bad model."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        model = acc.unwrap_model(self.model)
+        with torch.no_grad():
+            fingerprint = torch.stack([t.detach().double().sum() for t in model.state_dict().values()])
+        gathered = acc.gather(fingerprint.to(acc.device)[None]).cpu()
+        if not torch.equal(gathered.min(0).values, gathered.max(0).values):
+            raise TrainingError("the training processes hold different weights at the end of training "
+                                "(replicas diverged); the model is not saved")
+
     def save_final(self) -> Path:
+        self.check_replicas_agree()
         directory = self.run_dir / FINAL_DIR
         self._save(directory, with_trainer_state=False)
         if self.accelerator.is_main_process:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lapa_training.data.dataset import Dataset, gather_frames
-from lapa_training.trainer import EpochOrder, Trainer, TrainConfig, TrainingError, latest_model_dir
+from lapa_training.trainer import EpochOrder, Trainer, TrainConfig, TrainingError, is_main_process, \
+    latest_model_dir
 from lapa_training.vla.action_bins import IGNORE_INDEX, ActionBins
 from lapa_training.vla.configuration_vla import VLAConfig
 from lapa_training.vla.modeling_vla import VLAModel
@@ -380,7 +381,7 @@ def finetune(data: list[str | Path], out: str | Path, model_section: dict[str, A
     augment = True if opts.augment is None else bool(opts.augment)
     job = VLATrainJob(model, datasets, train, val, seed=train_cfg.seed, augment=augment, val_source=val_source,
                       info=info)
-    if progress:
+    if progress and is_main_process():
         print(f"finetuning on {used} labelled episode(s), {len(train)} frames; action bins per dim "
               f"{list(bins.num_bins)} (asked {config.num_bins}); init: {init or 'none (SCRATCH)'}")
     return _run(job, train_cfg, out, resume, overwrite, progress, callbacks,
@@ -451,7 +452,7 @@ def idm_pseudo_actions(datasets: list[Dataset], labelled: list[Dataset], run_dir
         model = IDMModel(IDMConfig(image_size=size, num_bins=num_bins), action_bins=bins)
         cfg = TrainConfig(steps=opts.idm_steps, batch_size=opts.idm_batch_size, lr=1e-3, warmup_steps=50,
                           val_every=max(1, opts.idm_steps // 3), save_every=max(1, opts.idm_steps // 3), seed=seed)
-        if progress:
+        if progress and is_main_process():
             print(f"VPT baseline: training the IDM on {sum(len(e) for e in episodes)} labelled episode(s) "
                   f"({len(train)} steps of data) for {opts.idm_steps} steps")
         Trainer(IDMTrainJob(model, labelled, train, val, seed), cfg, idm_run, resume=resume, overwrite=not resume,
