@@ -107,7 +107,7 @@ def training_throughput(args) -> None:
         model = VLAModel(VLAConfig.tiny(image_size=args.image_size, stage="finetune", objective="action"))
         model.set_action_bins(ActionBins.fit(samples.targets.reshape(-1, 7), model.config.num_bins))
         model.train()
-        rows = np.arange(batch) % len(samples)
+        rows = np.random.default_rng(0).choice(len(samples), size=batch, replace=len(samples) < batch)  # a typical mix
         images = torch.from_numpy(np.asarray(ds.frames)[samples.index[rows]])
         instructions = [ds.episodes[int(ds.episode_index[i])]["instruction"] for i in samples.index[rows]]
         targets = samples.targets[rows]
