@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,9 +52,11 @@ class CheckpointError(Exception):
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, config: dict[str, Any], *,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, step: int = 0,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, write_files: Callable[[Path], None] | None = None) -> Path:
     """Write model weights + config (+ optimizer/scheduler/RNG state when optimizer is given) to
-    `directory`, atomically replacing an earlier checkpoint there. Returns the directory."""
+    `directory`, atomically replacing an earlier checkpoint there. `write_files(dir)` may add files
+    of the model's own (a tokenizer, action bins); they are part of the same atomic swap and their
+    sizes are checked on load like the rest. Returns the directory."""
     target = Path(directory)
     if target.exists() and not (target / META_FILE).is_file() and (not target.is_dir() or any(target.iterdir())):
         raise CheckpointError(f"refusing to overwrite {target}: it exists and is not a checkpoint "
@@ -73,11 +75,13 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, config: dict[
             tensors, state = _trainer_state(optimizer, scheduler, step)
             save_file(tensors, str(tmp / TRAINER_TENSORS_FILE))
             (tmp / TRAINER_JSON_FILE).write_text(_dumps(state, "trainer state"))
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        if write_files is not None:
+            write_files(tmp)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step), "model_class": type(model).__name__,
                 "has_trainer_state": optimizer is not None, "files": files, "extra": extra_obj}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        for p in tmp.iterdir():
+        for p in tmp.rglob("*"):
             _fsync(p)
         _fsync(tmp)
         _swap_into_place(tmp, target)

@@ -159,23 +159,21 @@ class IDMModel(nn.Module):
     # ---- persistence ---------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, optimizer=None, scheduler=None, step: int = 0,
                         extra: dict | None = None) -> Path:
-        from lapa_training.vla.modeling_vla import save_with_files
+        from lapa_training.checkpoint import save_checkpoint
 
         def write_files(dest: Path) -> None:
             if self.action_bins is not None:
                 self.action_bins.save(dest / BINS_FILE)
 
-        return save_with_files(directory, self, self.config.to_dict(), write_files, optimizer=optimizer,
-                               scheduler=scheduler, step=step, extra=extra)
+        return save_checkpoint(directory, self, self.config.to_dict(), optimizer=optimizer, scheduler=scheduler,
+                               step=step, extra=extra, write_files=write_files)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "IDMModel":
         from lapa_training.checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint
-        from lapa_training.vla.modeling_vla import _check_files
 
-        state, saved, extra = load_checkpoint(directory, device=str(map_location))
+        state, saved, _ = load_checkpoint(directory, device=str(map_location))
         path = resolve_checkpoint(directory)
-        _check_files(path, extra)
         try:
             config = IDMConfig.from_dict(saved)
         except (TypeError, ValueError) as e:

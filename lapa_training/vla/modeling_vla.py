@@ -26,10 +26,6 @@ tokenizer/ and action_bins.json; ``from_pretrained`` rebuilds it without any dow
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +43,6 @@ from lapa_training.vla.configuration_vla import (BYTE_TOKENIZER, HEAD_KEYS, POLI
 TOKENIZER_DIR = "tokenizer"
 BINS_FILE = "action_bins.json"
 PAD_TOKEN, EOS_TOKEN = "<pad>", "<eos>"
-EXTRA_FILES_KEY = "extra_files"  # checkpoint.json extra: sizes of the files save_checkpoint does not list
 
 
 class VLABuildError(ValueError):
@@ -577,8 +572,10 @@ class VLAModel(nn.Module):
             if self.action_bins is not None:
                 self.action_bins.save(dest / BINS_FILE)
 
-        return save_with_files(directory, self, self.checkpoint_config(), write_files, optimizer=optimizer,
-                               scheduler=scheduler, step=step, extra=extra)
+        from lapa_training.checkpoint import save_checkpoint
+
+        return save_checkpoint(directory, self, self.checkpoint_config(), optimizer=optimizer, scheduler=scheduler,
+                               step=step, extra=extra, write_files=write_files)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, config: VLAConfig | None = None, replace_heads: bool = False,
@@ -593,9 +590,8 @@ class VLAModel(nn.Module):
         from lapa_training.checkpoint import CheckpointError, check_config_compatible, load_checkpoint, \
             load_model_state
 
-        state, saved, extra = load_checkpoint(directory, device=str(map_location))
+        state, saved, _ = load_checkpoint(directory, device=str(map_location))
         path = _resolved(directory)
-        _check_files(path, extra)
         saved = dict(saved)
         saved.pop("policy_type", None)
         backbones = saved.pop("backbones", None)
@@ -660,56 +656,7 @@ def _fill_resolved(config: VLAConfig, current: VLAConfig) -> VLAConfig:
     return VLAConfig.from_dict(d, check_backbones=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# self-contained checkpoints: lapa_training.checkpoint + extra files, swapped in atomically
-# ---------------------------------------------------------------------------------------------
-def save_with_files(directory: str | Path, model: nn.Module, config: dict[str, Any], write_files, *,
-                    optimizer=None, scheduler=None, step: int = 0, extra: dict | None = None) -> Path:
-    """``save_checkpoint`` plus extra files that ``write_files(dir)`` writes (tokenizer, bins).
-
-    Everything is assembled in a hidden sibling directory and renamed into place as one unit, like
-    save_checkpoint does, so a crash never leaves a checkpoint without its tokenizer or bins; the
-    extra files' sizes go into checkpoint.json (extra["extra_files"]) and are checked on load."""
-    from lapa_training.checkpoint import META_FILE, CheckpointError, _fsync, _swap_into_place, save_checkpoint
-
-    target = Path(directory)
-    if target.exists() and not (target / META_FILE).is_file() and (not target.is_dir() or any(target.iterdir())):
-        raise CheckpointError(f"refusing to overwrite {target}: it exists and is not a checkpoint (no {META_FILE})")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    payload = Path(tempfile.mkdtemp(prefix=f".{target.name}.files-", dir=target.parent))
-    staging = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:8]}"
-    try:
-        write_files(payload)
-        files = {str(p.relative_to(payload)): p.stat().st_size for p in sorted(payload.rglob("*")) if p.is_file()}
-        save_checkpoint(staging, model, config, optimizer=optimizer, scheduler=scheduler, step=step,
-                        extra={**(extra or {}), EXTRA_FILES_KEY: files})
-        for entry in sorted(payload.iterdir()):
-            os.rename(entry, staging / entry.name)
-        for p in staging.rglob("*"):
-            _fsync(p)
-        _fsync(staging)
-        _swap_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(payload, ignore_errors=True)
-    return target
-
-
 def _resolved(directory: str | Path) -> Path:
     from lapa_training.checkpoint import resolve_checkpoint
 
     return resolve_checkpoint(directory)
-
-
-def _check_files(path: Path, extra: dict[str, Any]) -> None:
-    from lapa_training.checkpoint import CheckpointError
-
-    for name, size in (extra.get(EXTRA_FILES_KEY) or {}).items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"checkpoint {path} is damaged: {name} has {f.stat().st_size} bytes, "
-                                  f"{size} were written")
