@@ -257,7 +257,7 @@ def _open(paths: list[str | Path], what: str) -> list[Dataset]:
 
 
 def _control_rate(datasets: list[Dataset]) -> float:
-    rates = {float(ds.meta.get("control_rate", 10.0)) for ds in datasets}
+    rates = {float(ds.meta.get("control_rate_hz", 10.0)) for ds in datasets}
     if len(rates) > 1:
         raise TrainingError(f"the datasets have different control rates {sorted(rates)} Hz: actions per step would "
                             f"mean different things; ingest them with the same --rate")
