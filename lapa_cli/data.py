@@ -191,6 +191,9 @@ def add_generate_parser(sub) -> None:
     _add_demo_args(p, "episodes per task (default 10)")
     p.add_argument("--action-free", action="store_true",
                    help="record only camera and instruction (action-free video of the robot)")
+    p.add_argument("--embodiment", choices=("panda", "floating_gripper"), default="panda",
+                   help="what does the tasks: the Panda arm (default), or a free-floating two-finger hand in a "
+                        "restyled scene, a stand-in for videos of another embodiment (use with --action-free)")
 
 
 def run_generate(args) -> int:
@@ -201,7 +204,8 @@ def run_generate(args) -> int:
     try:
         done = generate(args.out, tasks, args.episodes, first_seed=args.first_seed, storage=args.storage,
                         image_size=args.image_size, noise=args.noise, instruction_set=args.instruction_set,
-                        record_actions=not args.action_free, progress=sys.stderr.isatty())
+                        record_actions=not args.action_free, progress=sys.stderr.isatty(),
+                        embodiment=args.embodiment)
     except EpisodeWriterError as e:  # episode name taken
         raise UserError(str(e)) from None
     except OSError as e:  # output directory not writable

@@ -14,7 +14,7 @@ import numpy as np
 import transforms3d
 
 from lapa_sim import scene, tasks
-from lapa_sim.servo import ServoLimits, TwistServo
+from lapa_sim.servo import MocapServo, ServoLimits, TwistServo
 
 PHYSICS_DT = 0.002
 SERVO_DT = 0.01  # Servo publishes joint targets at 100 Hz
@@ -39,22 +39,37 @@ class Observation:
 
 
 class TabletopEnv:
-    """MuJoCo tabletop with the Panda arm, a Servo-like twist interface and the task family."""
+    """MuJoCo tabletop with the Panda arm, a Servo-like twist interface and the task family.
+
+    embodiment="floating_gripper" swaps the arm for a free-floating two-finger hand (see
+    lapa_sim.scene) behind the same interface: twists move the TCP, the gripper opens and closes,
+    observations have the same fields (joint_* then hold only the two finger joints).
+    """
 
     def __init__(self, image_size: tuple[int, int] = (128, 128), cameras: tuple[str, ...] = ("front",),
-                 servo_limits: ServoLimits | None = None):
-        self.model = scene.build_model()
+                 servo_limits: ServoLimits | None = None, embodiment: str = "panda"):
+        self.embodiment = scene.check_embodiment(embodiment)
+        self.model = scene.build_model(embodiment=embodiment)
         self.data = mujoco.MjData(self.model)
         self.image_height, self.image_width = int(image_size[0]), int(image_size[1])
         unknown = [c for c in cameras if c not in ("front", "wrist")]
         if unknown:
             raise ValueError(f"unknown camera(s) {unknown}; available: front, wrist")
         self.cameras = tuple(cameras)
-        self.servo = TwistServo(self.model, self.data, limits=servo_limits)
-        self._arm_qpos = self.servo.qpos_idx
-        self._finger_qpos = np.array([self.model.joint(n).qposadr[0] for n in scene.FINGER_JOINTS])
-        self._joint_names = scene.ARM_JOINTS + scene.FINGER_JOINTS
-        self._joint_qpos = np.concatenate([self._arm_qpos, self._finger_qpos])
+        if self.embodiment == "panda":
+            self.servo = TwistServo(self.model, self.data, limits=servo_limits)
+            self._arm_qpos = self.servo.qpos_idx
+            self._finger_qpos = np.array([self.model.joint(n).qposadr[0] for n in scene.FINGER_JOINTS])
+            self._joint_names = scene.ARM_JOINTS + scene.FINGER_JOINTS
+            self._joint_qpos = np.concatenate([self._arm_qpos, self._finger_qpos])
+        else:
+            self.servo = MocapServo(self.model, self.data, limits=servo_limits)
+            self._hand_qpos = self.model.joint(scene.HAND_FREE_JOINT).qposadr[0]
+            self._hand_mocap = self.model.body(scene.HAND_TARGET).mocapid[0]
+            self._finger_qpos = np.array([self.model.joint(n).qposadr[0] for n in scene.HAND_FINGER_JOINTS])
+            self._joint_names = scene.HAND_FINGER_JOINTS
+            self._joint_qpos = self._finger_qpos
+        self._gripper_ctrl = self.model.actuator("gripper_pos").id
         self._joint_dof = np.array([self.model.joint(n).dofadr[0] for n in self._joint_names])
         self._block_qpos = np.array([self.model.joint(f"block{i}_free").qposadr[0] for i in range(scene.N_BLOCKS)])
         self._block_geom = np.array([self.model.geom(f"block{i}").id for i in range(scene.N_BLOCKS)])
@@ -72,11 +87,16 @@ class TabletopEnv:
         """Start a new seeded episode of task (or replay a given Episode)."""
         ep = episode or tasks.sample_episode(task, seed, instruction_set)
         mujoco.mj_resetData(self.model, self.data)
-        self.data.qpos[self._arm_qpos] = scene.HOME_Q
+        if self.embodiment == "panda":
+            self.data.qpos[self._arm_qpos] = scene.HOME_Q
+            self.data.ctrl[:7] = scene.HOME_Q
+        else:
+            home = [*scene.HOME_TCP_POS, *scene.HOME_TCP_QUAT]
+            self.data.qpos[self._hand_qpos:self._hand_qpos + 7] = home
+            self.data.mocap_pos[self._hand_mocap], self.data.mocap_quat[self._hand_mocap] = home[:3], home[3:]
         self.data.qpos[self._finger_qpos] = scene.FINGER_MAX
-        self.data.ctrl[:7] = scene.HOME_Q
         self._gripper_target = 1.0
-        self.data.ctrl[7] = scene.FINGER_MAX
+        self.data.ctrl[self._gripper_ctrl] = scene.FINGER_MAX
         for i in range(scene.N_BLOCKS):
             adr = self._block_qpos[i]
             self.data.qpos[adr:adr + 3] = [*ep.block_xy[i], scene.BLOCK_HALF + 0.0005]
@@ -103,14 +123,18 @@ class TabletopEnv:
         if not np.isfinite(opening):
             raise ValueError("gripper command is NaN or inf")
         self._gripper_target = float(np.clip(opening, 0.0, 1.0))
-        self.data.ctrl[7] = self._gripper_target * scene.FINGER_MAX
+        self.data.ctrl[self._gripper_ctrl] = self._gripper_target * scene.FINGER_MAX
 
     def advance(self, seconds: float) -> None:
         """Run physics for seconds, updating the servo every SERVO_DT."""
         n_servo = max(1, int(round(seconds / SERVO_DT)))
         substeps = int(round(SERVO_DT / PHYSICS_DT))
         for _ in range(n_servo):
-            self.data.ctrl[:7] = self.servo.update(SERVO_DT, self.data.time)
+            if self.embodiment == "panda":
+                self.data.ctrl[:7] = self.servo.update(SERVO_DT, self.data.time)
+            else:
+                target = self.servo.update(SERVO_DT, self.data.time)
+                self.data.mocap_pos[self._hand_mocap], self.data.mocap_quat[self._hand_mocap] = target[:3], target[3:]
             for _ in range(substeps):
                 mujoco.mj_step(self.model, self.data)
 

@@ -4,6 +4,12 @@ The arm is read from the same URDF that robot_state_publisher reads, and the sce
 around it with ``mujoco.MjSpec``. The model is fixed for the life of a simulator; what changes
 between episodes (object colours, poses, which pad) is set on ``MjData``/``MjModel`` fields at
 reset, so renderers and ROS publishers never need rebuilding.
+
+Embodiments: ``panda`` (the default, the arm above) and ``floating_gripper``, a stand-in for "videos
+of another embodiment": a skin-coloured two-finger hand with a blue sleeve and no arm, floating
+free (a free body welded to a mocap target that the servo moves), over a pale table. Its tool
+centre point, finger geometry and gripper actuator match the Panda's, so the same twists and
+gripper commands, and the same scripted expert, work on both; the world and cameras are the same.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ COLORS: dict[str, tuple[float, float, float, float]] = {
 _ARM_CONTYPE, _ARM_CONAFF = 2, 1
 _WORLD_CONTYPE, _WORLD_CONAFF = 1, 3
 
+EMBODIMENTS = ("panda", "floating_gripper")
+
 TABLE_SIZE = (0.45, 0.6)  # half extents in x, y (m) of the table top around its centre
 TABLE_CENTER_X = 0.45
 
@@ -68,11 +76,14 @@ def _look_at_xyaxes(pos, lookat):
     return np.concatenate([right, up])
 
 
-def build_spec(urdf_path: Path = URDF_PATH) -> mujoco.MjSpec:
-    """Return the scene's MjSpec: URDF arm + actuators + table, blocks, pad, lights, cameras."""
-    if not urdf_path.is_file():
-        raise FileNotFoundError(f"robot description not found: {urdf_path}")
-    spec = mujoco.MjSpec.from_file(str(urdf_path))
+def check_embodiment(name: str) -> str:
+    if name not in EMBODIMENTS:
+        raise ValueError(f"unknown embodiment '{name}'; known: {', '.join(EMBODIMENTS)}")
+    return name
+
+
+def _set_options(spec: mujoco.MjSpec) -> None:
+    """Physics and rendering options shared by every embodiment."""
     spec.modelname = "lapa_tabletop"
     spec.compiler.fusestatic = False  # keep the TCP and camera links as bodies
     spec.option.timestep = 0.002
@@ -81,6 +92,14 @@ def build_spec(urdf_path: Path = URDF_PATH) -> mujoco.MjSpec:
     spec.option.noslip_iterations = 2
     spec.visual.global_.offwidth = 640
     spec.visual.global_.offheight = 480
+
+
+def build_spec(urdf_path: Path = URDF_PATH) -> mujoco.MjSpec:
+    """Return the scene's MjSpec: URDF arm + actuators + table, blocks, pad, lights, cameras."""
+    if not urdf_path.is_file():
+        raise FileNotFoundError(f"robot description not found: {urdf_path}")
+    spec = mujoco.MjSpec.from_file(str(urdf_path))
+    _set_options(spec)
 
     for body in spec.bodies:
         if body.name.startswith("panda_"):
@@ -94,9 +113,7 @@ def build_spec(urdf_path: Path = URDF_PATH) -> mujoco.MjSpec:
     # Finger pads: high friction, torsional friction so grasped blocks do not spin.
     for name in ("panda_leftfinger", "panda_rightfinger"):
         for geom in spec.body(name).geoms:
-            geom.friction = [1.5, 0.02, 0.001]
-            geom.condim = 4
-            geom.solref = [0.01, 1.0]
+            _finger_pad(geom)
 
     _add_world(spec)
     _add_actuators(spec)
@@ -108,17 +125,23 @@ def build_spec(urdf_path: Path = URDF_PATH) -> mujoco.MjSpec:
     return spec
 
 
-def _add_world(spec: mujoco.MjSpec) -> None:
+def _finger_pad(geom) -> None:
+    geom.friction = [1.5, 0.02, 0.001]
+    geom.condim = 4
+    geom.solref = [0.01, 1.0]
+
+
+def _add_world(spec: mujoco.MjSpec, table_rgba=(0.62, 0.52, 0.40, 1), floor_rgba=(0.3, 0.32, 0.35, 1)) -> None:
     world = spec.worldbody
     world.add_light(name="key", pos=[0.6, -0.6, 1.6], dir=[-0.1, 0.4, -1.0], diffuse=[0.7, 0.7, 0.7],
                     castshadow=False)
     world.add_light(name="fill", pos=[1.2, 0.8, 1.2], dir=[-0.6, -0.5, -0.6], diffuse=[0.35, 0.35, 0.35],
                     castshadow=False)
     world.add_geom(name="floor", type=mujoco.mjtGeom.mjGEOM_PLANE, size=[3, 3, 0.1], pos=[0, 0, -0.75],
-                   rgba=[0.3, 0.32, 0.35, 1], contype=_WORLD_CONTYPE, conaffinity=_WORLD_CONAFF)
+                   rgba=list(floor_rgba), contype=_WORLD_CONTYPE, conaffinity=_WORLD_CONAFF)
     world.add_geom(name="table", type=mujoco.mjtGeom.mjGEOM_BOX,
                    size=[TABLE_SIZE[0], TABLE_SIZE[1], 0.02], pos=[TABLE_CENTER_X, 0, -0.02],
-                   rgba=[0.62, 0.52, 0.40, 1], friction=[0.6, 0.005, 0.0001],
+                   rgba=list(table_rgba), friction=[0.6, 0.005, 0.0001],
                    contype=_WORLD_CONTYPE, conaffinity=_WORLD_CONAFF)
 
     for i in range(N_BLOCKS):
@@ -150,7 +173,11 @@ def _add_actuators(spec: mujoco.MjSpec) -> None:
         act.biasprm[2] = -kv
         act.forcelimited = True
         act.forcerange = [-150.0, 150.0]
-    act = spec.add_actuator(name="gripper_pos", target=FINGER_JOINTS[0], trntype=mujoco.mjtTrn.mjTRN_JOINT)
+    _add_gripper_actuator(spec, FINGER_JOINTS[0])
+
+
+def _add_gripper_actuator(spec: mujoco.MjSpec, joint: str) -> None:
+    act = spec.add_actuator(name="gripper_pos", target=joint, trntype=mujoco.mjtTrn.mjTRN_JOINT)
     act.gaintype = mujoco.mjtGain.mjGAIN_FIXED
     act.biastype = mujoco.mjtBias.mjBIAS_AFFINE
     act.gainprm[0] = 800.0
@@ -160,5 +187,84 @@ def _add_actuators(spec: mujoco.MjSpec) -> None:
     act.forcerange = [-15.0, 15.0]  # N: a firm grip that cannot crush the scene
 
 
-def build_model(urdf_path: Path = URDF_PATH) -> mujoco.MjModel:
+# ---------------------------------------------------------------- the floating gripper
+HAND_BODY = "hand"  # free body; its frame is the TCP frame (z from the palm towards the fingertips)
+HAND_TARGET = "hand_target"  # mocap body the hand is welded to; the servo moves it
+HAND_FREE_JOINT = "hand_free"
+HAND_FINGER_JOINTS = ("hand_finger_joint1", "hand_finger_joint2")
+# The Panda's TCP pose at HOME_Q (base frame): the hand starts where the arm's TCP starts.
+HOME_TCP_POS = (0.4635, 0.0, 0.4028)
+HOME_TCP_QUAT = (0.0, 1.0, 0.0, 0.0)  # w x y z: pointing down
+HAND_RGBA = (0.93, 0.72, 0.58, 1.0)  # skin
+FINGER_RGBA = (0.86, 0.62, 0.50, 1.0)
+SLEEVE_RGBA = (0.16, 0.36, 0.78, 1.0)  # blue cuff and sleeve
+HAND_TABLE_RGBA = (0.66, 0.70, 0.68, 1.0)  # pale grey-green counter instead of the wooden table
+HAND_FLOOR_RGBA = (0.42, 0.36, 0.30, 1.0)
+# Distances along the TCP z axis, chosen as on the Panda: fingers slide from 0.045 m above the TCP
+# and their tips end 0.012 m past it, their inner faces on the joints' zero planes.
+_FINGER_BASE = -0.045
+_FINGER_HALF = (0.011, 0.008, 0.027)
+
+
+def build_floating_gripper_spec() -> mujoco.MjSpec:
+    """The same world with a floating two-finger hand (no arm) instead of the Panda."""
+    spec = mujoco.MjSpec()
+    _set_options(spec)
+    _add_world(spec, table_rgba=HAND_TABLE_RGBA, floor_rgba=HAND_FLOOR_RGBA)
+    world = spec.worldbody
+    target = world.add_body(name=HAND_TARGET, mocap=True, pos=list(HOME_TCP_POS), quat=list(HOME_TCP_QUAT))
+    target.add_site(name="hand_target", size=[0.005, 0, 0], rgba=[0, 0, 1, 0], group=5)
+
+    hand = world.add_body(name=HAND_BODY, pos=list(HOME_TCP_POS), quat=list(HOME_TCP_QUAT), gravcomp=1.0)
+    hand.add_freejoint(name=HAND_FREE_JOINT)
+    collide = dict(contype=_ARM_CONTYPE, conaffinity=_ARM_CONAFF)
+    visual = dict(contype=0, conaffinity=0)
+    # palm: a rounded slab across the finger direction (y), knuckles along its lower edge
+    hand.add_geom(name="palm", type=mujoco.mjtGeom.mjGEOM_BOX, size=[0.03, 0.05, 0.022], pos=[0, 0, -0.068],
+                  rgba=list(HAND_RGBA), mass=0.35, **collide)
+    hand.add_geom(name="knuckles", type=mujoco.mjtGeom.mjGEOM_CAPSULE, size=[0.024, 0.05, 0],
+                  pos=[0, 0, -0.05], quat=[0.7071068, 0.7071068, 0, 0], rgba=list(HAND_RGBA), mass=0.05, **visual)
+    hand.add_geom(name="thumb", type=mujoco.mjtGeom.mjGEOM_CAPSULE, size=[0.011, 0.022, 0],
+                  pos=[-0.034, 0.02, -0.06], quat=[0.9238795, 0.3826834, 0, 0], rgba=list(FINGER_RGBA), mass=0.02,
+                  **visual)
+    hand.add_geom(name="cuff", type=mujoco.mjtGeom.mjGEOM_CYLINDER, size=[0.036, 0.012, 0], pos=[0, 0, -0.1],
+                  rgba=list(SLEEVE_RGBA), mass=0.05, **visual)
+    hand.add_geom(name="sleeve", type=mujoco.mjtGeom.mjGEOM_CYLINDER, size=[0.032, 0.06, 0], pos=[0, 0, -0.17],
+                  rgba=list(SLEEVE_RGBA), mass=0.1, **visual)
+    hand.add_site(name="tcp", size=[0.005, 0, 0], rgba=[1, 0, 0, 0], group=5)
+    # the wrist camera where the Panda's sits relative to its TCP (hand link + (0.07, 0, 0), pitched 0.3 rad)
+    cam_quat = np.empty(4)
+    mujoco.mju_mulQuat(cam_quat, np.array([np.cos(-0.15), 0.0, np.sin(-0.15), 0.0]), np.array([0.0, 1.0, 0.0, 0.0]))
+    hand.add_camera(name="wrist", fovy=70.0, pos=[0.07, 0, -0.1034], quat=list(cam_quat))
+
+    for name, joint, sign in (("hand_leftfinger", HAND_FINGER_JOINTS[0], 1.0),
+                              ("hand_rightfinger", HAND_FINGER_JOINTS[1], -1.0)):
+        finger = hand.add_body(name=name, pos=[0, 0, _FINGER_BASE], gravcomp=1.0)
+        finger.add_joint(name=joint, type=mujoco.mjtJoint.mjJNT_SLIDE, axis=[0, sign, 0], range=[0.0, FINGER_MAX],
+                         armature=0.01, damping=[0.5, 0.0, 0.0])
+        hx, hy, hz = _FINGER_HALF
+        pad = finger.add_geom(name=name, type=mujoco.mjtGeom.mjGEOM_BOX, size=[hx, hy, hz],
+                              pos=[0, sign * hy, hz + 0.003], rgba=list(FINGER_RGBA), mass=0.015, **collide)
+        _finger_pad(pad)
+        finger.add_geom(name=f"{name}_tip", type=mujoco.mjtGeom.mjGEOM_CAPSULE, size=[hy, hx - hy, 0],
+                        pos=[0, sign * hy, 2 * hz + 0.003 - hy], quat=[0.7071068, 0, 0.7071068, 0],
+                        rgba=list(FINGER_RGBA), mass=0.001, **visual)  # rounded fingertip
+
+    spec.add_equality(name="hand_weld", type=mujoco.mjtEq.mjEQ_WELD, objtype=mujoco.mjtObj.mjOBJ_BODY,
+                      name1=HAND_BODY, name2=HAND_TARGET, solref=[0.01, 1.0],
+                      data=_eq_data([0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]))  # anchor, relative pose (identity), torquescale
+    # the second finger mirrors the first, like the URDF's mimic joint
+    spec.add_equality(name="hand_finger_mimic", type=mujoco.mjtEq.mjEQ_JOINT, objtype=mujoco.mjtObj.mjOBJ_JOINT,
+                      name1=HAND_FINGER_JOINTS[1], name2=HAND_FINGER_JOINTS[0], data=_eq_data([0, 1, 0, 0, 0]))
+    _add_gripper_actuator(spec, HAND_FINGER_JOINTS[0])
+    return spec
+
+
+def _eq_data(values) -> list[float]:
+    return [float(v) for v in values] + [0.0] * (mujoco.mjNEQDATA - len(values))
+
+
+def build_model(urdf_path: Path = URDF_PATH, embodiment: str = "panda") -> mujoco.MjModel:
+    if check_embodiment(embodiment) == "floating_gripper":
+        return build_floating_gripper_spec().compile()
     return build_spec(urdf_path).compile()

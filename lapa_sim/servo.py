@@ -5,6 +5,9 @@ least-squares Jacobian inverse, scales the whole motion down when any joint woul
 velocity limit (keeping the direction), halts when a joint would leave its position limits, and
 halts when commands stop arriving (``incoming_command_timeout``). This class does the same on the
 simulated arm and writes joint position targets for the arm's position servos.
+
+``MocapServo`` gives the floating-gripper embodiment the same interface and the same rules (speed
+caps, timeout, limits) with a pose target instead of joint targets.
 """
 
 from __future__ import annotations
@@ -28,7 +31,47 @@ class ServoLimits:
     max_tracking_error: float = 0.05  # rad, anti-windup between commanded and measured joints
 
 
-class TwistServo:
+class _TwistInput:
+    """What every servo shares: the latest twist command, its speed limits and its timeout."""
+
+    limits: ServoLimits
+    _twist: np.ndarray
+    _stamp: float
+    halted_reason: str
+
+    def command(self, twist: np.ndarray, now: float) -> None:
+        """Set the twist [vx vy vz wx wy wz] (base frame, m/s and rad/s), received at time now."""
+        twist = np.asarray(twist, dtype=float).reshape(6)
+        if not np.all(np.isfinite(twist)):
+            raise ValueError("twist contains NaN or inf")
+        v, w = twist[:3], twist[3:]
+        lin, ang = np.linalg.norm(v), np.linalg.norm(w)
+        if lin > self.limits.max_linear_speed:
+            v = v * (self.limits.max_linear_speed / lin)
+        if ang > self.limits.max_angular_speed:
+            w = w * (self.limits.max_angular_speed / ang)
+        self._twist = np.concatenate([v, w])
+        self._stamp = now
+
+    def stop(self) -> None:
+        """Forget the current command: the arm holds where it is."""
+        self._twist[:] = 0.0
+        self._stamp = -np.inf
+
+    @property
+    def is_moving(self) -> bool:
+        return self.halted_reason == ""
+
+    def _halt_reason(self, now: float) -> str:
+        """Why the servo must hold still now ("" when it may move)."""
+        if now - self._stamp > self.limits.command_timeout:
+            return "stale command" if np.isfinite(self._stamp) else "no command yet"
+        if not np.any(self._twist):
+            return "zero command"
+        return ""
+
+
+class TwistServo(_TwistInput):
     """Integrates end-effector twists (base frame) into arm joint position targets."""
 
     def __init__(self, model: mujoco.MjModel, data: mujoco.MjData, site: str = "tcp",
@@ -55,29 +98,6 @@ class TwistServo:
         self._twist[:] = 0.0
         self._stamp = -np.inf
         self.halted_reason = "no command yet"
-
-    def command(self, twist: np.ndarray, now: float) -> None:
-        """Set the twist [vx vy vz wx wy wz] (base frame, m/s and rad/s), received at time now."""
-        twist = np.asarray(twist, dtype=float).reshape(6)
-        if not np.all(np.isfinite(twist)):
-            raise ValueError("twist contains NaN or inf")
-        v, w = twist[:3], twist[3:]
-        lin, ang = np.linalg.norm(v), np.linalg.norm(w)
-        if lin > self.limits.max_linear_speed:
-            v = v * (self.limits.max_linear_speed / lin)
-        if ang > self.limits.max_angular_speed:
-            w = w * (self.limits.max_angular_speed / ang)
-        self._twist = np.concatenate([v, w])
-        self._stamp = now
-
-    def stop(self) -> None:
-        """Forget the current command: the arm holds where it is."""
-        self._twist[:] = 0.0
-        self._stamp = -np.inf
-
-    @property
-    def is_moving(self) -> bool:
-        return self.halted_reason == ""
 
     def update(self, dt: float, now: float) -> np.ndarray:
         """Advance the joint targets by one servo period; returns the targets (also kept in q_cmd)."""
@@ -121,3 +141,82 @@ class TwistServo:
         """Hold still: keep the commanded targets, but never further than the windup bound."""
         err = self.limits.max_tracking_error
         return np.clip(self.q_cmd, q - err, q + err)
+
+
+class MocapServo(_TwistInput):
+    """The same twist interface for a free-floating hand: integrates twists into a target pose.
+
+    The hand is welded to a mocap body; update() returns the target TCP pose [x y z qw qx qy qz]
+    for it. As on the arm: speeds are capped, stale or zero commands hold the hand where it is, the
+    target never runs more than max_position_error / max_rotation_error ahead of the measured pose
+    (anti-windup, e.g. while pressing on the table), and a workspace box plays the joint limits.
+    """
+
+    def __init__(self, model: mujoco.MjModel, data: mujoco.MjData, site: str = "tcp",
+                 limits: ServoLimits | None = None,
+                 workspace: tuple[tuple[float, float], ...] = ((0.1, 0.95), (-0.6, 0.6), (0.0, 0.75)),
+                 max_position_error: float = 0.02, max_rotation_error: float = 0.15):
+        self.model, self.data = model, data
+        self.limits = limits or ServoLimits()
+        self.site_id = model.site(site).id
+        self.workspace = np.asarray(workspace, dtype=float)
+        self.max_position_error, self.max_rotation_error = max_position_error, max_rotation_error
+        self._twist = np.zeros(6)
+        self._stamp = -np.inf
+        self.halted_reason = "no command yet"
+        self.pos_cmd, self.quat_cmd = self._measured()
+
+    def _measured(self) -> tuple[np.ndarray, np.ndarray]:
+        quat = np.empty(4)
+        mujoco.mju_mat2Quat(quat, self.data.site_xmat[self.site_id])
+        return self.data.site_xpos[self.site_id].copy(), quat
+
+    def reset(self) -> None:
+        self.pos_cmd, self.quat_cmd = self._measured()
+        self._twist[:] = 0.0
+        self._stamp = -np.inf
+        self.halted_reason = "no command yet"
+
+    @property
+    def target(self) -> np.ndarray:
+        return np.concatenate([self.pos_cmd, self.quat_cmd])
+
+    def update(self, dt: float, now: float) -> np.ndarray:
+        """Advance the target pose by one servo period; returns it as [x y z qw qx qy qz]."""
+        pos, quat = self._measured()
+        self.halted_reason = self._halt_reason(now)
+        if not self.halted_reason:
+            v, w = self._twist[:3], self._twist[3:]
+            pos_next = self.pos_cmd + v * dt
+            low, high = self.workspace[:, 0], self.workspace[:, 1]
+            leaving = ((pos_next < low) & (v < 0)) | ((pos_next > high) & (v > 0))
+            if np.any(leaving):
+                self.halted_reason = f"workspace limit ({', '.join('xyz'[i] for i in np.flatnonzero(leaving))})"
+            else:
+                self.pos_cmd = pos_next
+                angle = np.linalg.norm(w) * dt
+                if angle > 0:
+                    turn = np.empty(4)
+                    mujoco.mju_axisAngle2Quat(turn, w / np.linalg.norm(w), angle)
+                    mujoco.mju_mulQuat(self.quat_cmd, turn, self.quat_cmd.copy())  # base-frame rate: turn first
+                    mujoco.mju_normalize4(self.quat_cmd)
+        self._clamp_to(pos, quat)
+        return self.target
+
+    def _clamp_to(self, pos: np.ndarray, quat: np.ndarray) -> None:
+        """Keep the target within the windup bounds of the measured pose."""
+        err = self.pos_cmd - pos
+        dist = np.linalg.norm(err)
+        if dist > self.max_position_error:
+            self.pos_cmd = pos + err * (self.max_position_error / dist)
+        # rotation from measured to commanded, as a base-frame axis and angle
+        conj, rel = np.empty(4), np.empty(4)
+        mujoco.mju_negQuat(conj, quat)
+        mujoco.mju_mulQuat(rel, self.quat_cmd, conj)
+        if rel[0] < 0:
+            rel = -rel
+        angle = 2.0 * np.arctan2(np.linalg.norm(rel[1:]), rel[0])
+        if angle > self.max_rotation_error:
+            turn = np.empty(4)
+            mujoco.mju_axisAngle2Quat(turn, rel[1:] / np.linalg.norm(rel[1:]), self.max_rotation_error)
+            mujoco.mju_mulQuat(self.quat_cmd, turn, quat)

@@ -91,6 +91,7 @@ def generate_episode(env, out_dir: Path, task: str, seed: int, *, name: str | No
     TCP pose and joint states stamped t_k, then the expert's twist (stamped t_k, base frame) and
     gripper opening, which the simulator holds until t_{k+1}. With record_actions=False only the
     camera and the instruction are written: an action-free episode, like a plain video of the robot.
+    The env's embodiment is stored in the metadata (``embodiment``, and as ``robot``).
     """
     from lapa_sim import tasks
     from lapa_sim.expert import ScriptedExpert
@@ -101,9 +102,10 @@ def generate_episode(env, out_dir: Path, task: str, seed: int, *, name: str | No
     obs = env.reset(task, seed, instruction_set)
     ep = env.episode
     expert = ScriptedExpert(ep, noise=noise, seed=seed)
+    embodiment = getattr(env, "embodiment", "panda")
     writer = EpisodeBagWriter(out_dir, name or f"{task}_{seed:06d}", storage=storage, metadata={
-        "instruction": ep.instruction, "robot": "panda", "task": task, "seed": seed, "fps": control_rate,
-        "source": source, "instruction_set": instruction_set})
+        "instruction": ep.instruction, "robot": embodiment, "task": task, "seed": seed, "fps": control_rate,
+        "source": source, "instruction_set": instruction_set, "embodiment": embodiment})
     try:
         writer.add_topic(bag_format.INSTRUCTION_TOPIC, "std_msgs/msg/String", "latched")
         writer.add_topic(bag_format.IMAGE_TOPIC, "sensor_msgs/msg/Image", "sensor")
@@ -149,16 +151,22 @@ def generate_episode(env, out_dir: Path, task: str, seed: int, *, name: str | No
 
 def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *, first_seed: int = 0,
              storage: str = "mcap", image_size: int = 128, control_rate: float = 10.0, noise: float = 0.03,
-             instruction_set: str = "train", record_actions: bool = True, progress: bool = True
-             ) -> list[GeneratedEpisode]:
-    """Write episodes_per_task bags of each task into out_dir; seeds first_seed, first_seed + 1, ..."""
+             instruction_set: str = "train", record_actions: bool = True, progress: bool = True,
+             embodiment: str = "panda") -> list[GeneratedEpisode]:
+    """Write episodes_per_task bags of each task into out_dir; seeds first_seed, first_seed + 1, ...
+
+    embodiment: "panda", or "floating_gripper" (a free-floating hand in a restyled scene, a stand-in
+    for videos of another embodiment; usually with record_actions=False).
+    """
     from tqdm import tqdm
 
     from lapa_sim.env import TabletopEnv
+    from lapa_sim.scene import check_embodiment
 
+    check_embodiment(embodiment)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = TabletopEnv(image_size=(image_size, image_size))
+    env = TabletopEnv(image_size=(image_size, image_size), embodiment=embodiment)
     jobs = [(task, first_seed + i) for task in task_list for i in range(episodes_per_task)]
     done: list[GeneratedEpisode] = []
     try:
