@@ -157,7 +157,8 @@ class Demo:
             return False
         generate(folder, list(TASKS), self.s.other_embodiment_episodes, image_size=self.s.image_size,
                  first_seed=self.s.seed * 100_000 + 80_000, record_actions=False, embodiment="floating_gripper")
-        self.cmd(f"lapa data generate --embodiment floating_gripper --no-actions --out {folder}")
+        self.cmd(f"lapa data generate --embodiment floating_gripper --action-free --episodes "
+                 f"{self.s.other_embodiment_episodes} --image-size {self.s.image_size} --out {folder}")
         return True
 
     def _corpora(self) -> list[Path]:
