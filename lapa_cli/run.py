@@ -3,12 +3,13 @@ same parameter files as its launch file (lapa_policy_node/graphs.py, config/*.ya
 
     lapa run sim_demo --checkpoint runs/lapa_ft/model --instruction "go to the red block"
 
-Each node runs as a child process (``python -m <module> --ros-args --params-file <yaml> -p ...``) in
-a process group of its own; its output is shown with a ``[node]`` prefix. Ctrl-C (SIGINT, SIGTERM,
-SIGHUP) stops the nodes in reverse start order (the policy server first, so that its final zero
-twist still reaches the arm): SIGINT, then up to 15 s to exit, then SIGKILL. A node that exits on
-its own ends the run with one error line and exit code 1. Children also get SIGTERM if this
-process dies without cleaning up (Linux parent-death signal).
+Each node runs as a child process (``python -m lapa_cli.run --node <module> --ros-args --params-file
+<yaml> -p ...``, see node_main) in a process group of its own; its output is shown with a ``[node]``
+prefix. Ctrl-C (SIGINT, SIGTERM, SIGHUP) stops the nodes in reverse start order (the policy server
+first, so that its final zero twist still reaches the arm): SIGINT, then up to 15 s to exit, then
+SIGKILL; a second Ctrl-C kills at once. A node that exits on its own ends the run with one error
+line and exit code 1. Children also get SIGTERM if this process dies without cleaning up (Linux
+parent-death signal).
 """
 
 from __future__ import annotations
@@ -97,8 +98,31 @@ def plan(graph, values: dict, ros_args: list[str] | None = None) -> list[Planned
             continue
         argv = node_argv(spec.executable, share_file(spec.params_file),
                          {k: ros_value(v) for k, v in params.items()}, ros_args or [])
-        planned.append(Planned(spec, [sys.executable, "-m", spec.module, *argv[1:]], params))
+        planned.append(Planned(spec, [sys.executable, "-m", "lapa_cli.run", "--node", spec.module, *argv[1:]],
+                               params))
     return planned
+
+
+def node_main(module: str, ros_argv: list[str]) -> int:
+    """A child process: ``python -m lapa_cli.run --node MODULE --ros-args ...`` runs MODULE's main().
+
+    Why not ``python -m MODULE``: a SIGINT that arrives while the node is still importing its
+    dependencies (MuJoCo, say; another node may have died and the run is ending) would print a
+    KeyboardInterrupt traceback. Here it is noted during the import and the node exits quietly;
+    once the node runs, lapa_policy_node.runtime.run_node handles SIGINT/SIGTERM itself."""
+    import importlib
+
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    entry = importlib.import_module(module).main
+    if interrupted:
+        print(f"[lapa run] {module}: interrupted while starting", flush=True)
+        return 0
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # until run_node installs its own
+    try:
+        return int(entry([module, *ros_argv]) or 0)
+    except KeyboardInterrupt:
+        return 0
 
 
 def effective_parameter(planned: Planned, name: str):
@@ -116,7 +140,7 @@ def effective_parameter(planned: Planned, name: str):
 # ---------------------------------------------------------------------------------------------
 # processes
 # ---------------------------------------------------------------------------------------------
-_print_lock = threading.Lock()
+_print_lock = threading.RLock()  # re-entrant: signal handlers print too
 
 
 def say(text: str, *, err: bool = False) -> None:
@@ -155,17 +179,20 @@ class Child:
     def poll(self):
         return self.proc.poll()
 
-    def stop(self) -> str | None:
-        """SIGINT, wait, SIGKILL; returns a problem description or None when it exited cleanly."""
+    def stop(self, hurry: threading.Event | None = None) -> str | None:
+        """SIGINT, wait (until STOP_TIMEOUT, or until `hurry` is set), SIGKILL; returns a problem
+        description, or None when it exited cleanly."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while self.proc.poll() is None and time.monotonic() < deadline and not (hurry and hurry.is_set()):
+                time.sleep(0.02)
+            if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
                 self.relay.join(timeout=2)
-                return f"{self.name} did not stop within {STOP_TIMEOUT:.0f} s of SIGINT and was killed"
+                why = "a second interrupt" if hurry and hurry.is_set() else f"{STOP_TIMEOUT:.0f} s of SIGINT"
+                return f"{self.name} was killed: it had not stopped after {why}"
         self.relay.join(timeout=2)
         return None if self.proc.returncode == 0 else f"{self.name} exited with code {self.proc.returncode}"
 
@@ -192,9 +219,10 @@ class Child:
 class GoalRunner(threading.Thread):
     """Waits for the policy server and a camera frame, sends one goal, prints feedback and result."""
 
-    def __init__(self, server_name: str, image_topic: str, image_transport: str, goal: dict):
+    def __init__(self, server_name: str, image_topic: str, image_transport: str, pose_topic: str, goal: dict):
         super().__init__(name="lapa-run-goal", daemon=True)
         self.server_name, self.image_topic, self.image_transport = server_name, image_topic, image_transport
+        self.pose_topic = pose_topic
         self.goal = goal
         self.stopping = threading.Event()
         self.finished = threading.Event()
@@ -232,18 +260,23 @@ class GoalRunner(threading.Thread):
         from lapa_policy_node.runtime import spinning
 
         node = rclpy.create_node(f"lapa_run_{os.getpid()}")
+        # Everything is created before the node spins: rclpy's ActionClient registers itself with
+        # the node before it is fully built, and a concurrent spin then fails on it.
+        client = ActionClient(node, FollowInstruction, f"/{self.server_name}/follow_instruction")
+        frames = []
+        node.create_subscription(CompressedImage if self.image_transport == "compressed" else Image,
+                                 self.image_topic, lambda m: frames.append(1) if not frames else None,
+                                 qos_profile_sensor_data)
         with spinning(node):
-            client = ActionClient(node, FollowInstruction, f"/{self.server_name}/follow_instruction")
-            frames = []
-            node.create_subscription(CompressedImage if self.image_transport == "compressed" else Image,
-                                     self.image_topic, lambda m: frames.append(1) if not frames else None,
-                                     qos_profile_sensor_data)
             self._wait(lambda: client.server_is_ready(), f"the action server /{self.server_name}/follow_instruction")
             self._wait(lambda: frames, f"a camera frame on {self.image_topic}")
-            topic = node.resolve_topic_name(self.image_topic)
-            self._wait(lambda: any(i.node_name == self.server_name
-                                   for i in node.get_subscriptions_info_by_topic(topic)),
-                       f"{self.server_name} to subscribe to {self.image_topic}")
+            # the goal's first step needs a frame and an EE pose at the server: its subscriptions
+            # must be matched (the server waits about a second for them, then aborts the goal)
+            for topic in filter(None, (self.image_topic, self.pose_topic)):
+                resolved = node.resolve_topic_name(topic)
+                self._wait(lambda: any(i.node_name == self.server_name
+                                       for i in node.get_subscriptions_info_by_topic(resolved)),
+                           f"{self.server_name} to subscribe to {topic}")
             goal = FollowInstruction.Goal(**self.goal)
             say(f"[lapa run] goal: '{goal.instruction}'")
             # Right after discovery the server's reply may not reach us yet: resend if unanswered
@@ -350,7 +383,8 @@ def run(args) -> int:
             rclpy_up = True
             server = next(p for p in planned if p.spec.key == "server")
             runner = GoalRunner(server.spec.name, effective_parameter(server, "image_topic"),
-                                effective_parameter(server, "image_transport") or "raw", goal)
+                                effective_parameter(server, "image_transport") or "raw",
+                                effective_parameter(server, "ee_pose_topic") or "", goal)
             runner.start()
         while stop["signal"] is None and failed is None:
             time.sleep(0.05)
@@ -364,12 +398,19 @@ def run(args) -> int:
             say(f"[lapa run] {signal.Signals(stop['signal']).name} received: stopping "
                 f"{', '.join(c.name for c in reversed(children))}")
     finally:
-        # a second Ctrl-C must not cut the orderly shutdown short
+        # while the nodes stop in order, another Ctrl-C kills whatever is still running
+        hurry = threading.Event()
+
+        def _hurry(_signum, _frame):
+            if not hurry.is_set():
+                hurry.set()
+                say("[lapa run] interrupted again: killing the nodes that are still running")
+
         for s in previous:
-            signal.signal(s, signal.SIG_IGN)
+            signal.signal(s, _hurry)
         if runner is not None:
             runner.stop()
-        problems = [p for p in (c.stop() for c in reversed(children)) if p]
+        problems = [p for p in (c.stop(hurry) for c in reversed(children)) if p]
         if rclpy_up:
             import rclpy
 
@@ -384,3 +425,9 @@ def run(args) -> int:
         return 1
     say("[lapa run] all nodes stopped")
     return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--node"] or len(sys.argv) < 3:
+        sys.exit("usage: python -m lapa_cli.run --node MODULE [--ros-args ...] (the lapa run child process)")
+    sys.exit(node_main(sys.argv[2], sys.argv[3:]))
