@@ -15,3 +15,20 @@ def node_argv(executable: str, config, overrides: dict, ros_args: list[str]) -> 
         if value is not None:
             argv += ["-p", f"{name}:={value}"]
     return argv + list(ros_args[1:] if ros_args else [])
+
+
+def torch_device(name: str):
+    """--device: auto (cuda when present), cpu, cuda, cuda:N -> torch.device, or a UserError."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -68,7 +68,15 @@ def run(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output folder {args.out}: {e.strerror}") from None
-    return Demo(args.out.resolve(), settings).run()
+    from lapa_policy_node.collect import CollectError
+    from lapa_training.checkpoint import CheckpointError
+    from lapa_training.data.errors import IngestError
+    from lapa_training.trainer import TrainingError
+
+    try:
+        return Demo(args.out.resolve(), settings).run()
+    except (CollectError, TrainingError, CheckpointError, IngestError) as e:
+        raise UserError(f"{e} (finished stages are kept in {args.out}; run again to continue)") from None
 
 
 class Demo:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from lapa_cli import UserError
+from lapa_cli import UserError, torch_device
 
 
 # ---------------------------------------------------------------- laq
@@ -41,20 +41,6 @@ def add_laq_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
-
-
 def run_laq(args) -> int:
     from lapa_training.checkpoint import CheckpointError
     from lapa_training.data.dataset import Dataset
@@ -69,7 +55,7 @@ def run_laq(args) -> int:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
     if not args.checkpoint.exists():
         raise UserError(f"checkpoint not found: {args.checkpoint}")
-    device = _device(args.device)
+    device = torch_device(args.device)
     try:
         dataset = Dataset(args.data)
     except IngestError as e:

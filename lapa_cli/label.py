@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lapa_cli import UserError
+from lapa_cli import UserError, torch_device
 
 
 def add_parser(sub) -> None:
@@ -29,8 +29,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from lapa_training.checkpoint import CheckpointError, read_meta
     from lapa_training.data.errors import IngestError
     from lapa_training.laq.labelling import LabelError, label_dataset
@@ -41,11 +39,7 @@ def run(args) -> int:
         raise UserError("--batch-size must be >= 1")
     if args.window_frames is not None and args.window_frames < 1:
         raise UserError("--window-frames must be >= 1")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"device {device!r} is not usable here: {e}") from None
+    device = torch_device(args.device)
     try:
         checkpoint = latest_model_dir(args.laq)
         model = LAQModel.from_pretrained(checkpoint)

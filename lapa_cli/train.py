@@ -153,10 +153,9 @@ def closed_loop_summary(run_dir: Path, final: Path, task_names, episodes: int, p
 
     from lapa_policy_node.policy_api import load_policy
     from lapa_sim import tasks
+    from lapa_training.data.dataset import Dataset
     from lapa_training.eval_policy import evaluate_policy, format_report
     from lapa_training.trainer import METRICS_FILE, read_metrics
-
-    from lapa_training.data.dataset import Dataset
 
     info = json.loads((run_dir / "run.json").read_text())
     size = int(Dataset(info["data"][0]).frames.shape[1])

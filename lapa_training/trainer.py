@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from lapa_training.checkpoint import CheckpointError, check_config_compatible, load_checkpoint, \
-    load_model_state, load_trainer_state, read_meta, save_checkpoint
+    load_model_state, load_trainer_state, save_checkpoint
 from lapa_training.dataclass_dict import dataclass_kwargs
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -478,6 +478,3 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path) -> None:
     plt.close(fig)
     tmp.replace(out_png)
 
-
-def checkpoint_step(directory: str | Path) -> int:
-    return int(read_meta(directory)["step"])

@@ -63,7 +63,7 @@ class FramePairs:
     """
 
     def __init__(self, datasets: list[Dataset], split: str | None, window_frames: int | None = None, seed: int = 0):
-        self.datasets, self.seed = datasets, seed
+        self.datasets = datasets
         sizes = {tuple(ds.frames.shape[1:]) for ds in datasets if len(ds)}
         if len(sizes) > 1:
             raise TrainingError(f"the datasets have different frame sizes {sorted(sizes)}; ingest them with the "
