@@ -144,6 +144,10 @@ def test_sigterm_while_recording_saves_the_episode_with_unknown_success(tmp_path
 
     rec = _recorder(tmp_path, storage="sqlite3")
     assert teleop.start_client.wait_for_service(timeout_sec=20)
+    # a service answering does not mean the camera subscription is matched yet: wait for it too
+    wait_for(lambda: any(i.node_name == "lapa_recorder" for i in
+                         teleop.get_subscriptions_info_by_topic(bag_format.IMAGE_TOPIC)), 20,
+             what="the recorder's camera subscription")
     assert teleop._call(teleop.start_client, StartEpisode.Request(instruction="hold still", name="interrupted")).success
     time.sleep(0.8)
     assert rec.stop(signal.SIGTERM) == 0, rec.output()
