@@ -19,6 +19,13 @@ the camera stalls (watchdog, independent of the policy thread), when the policy 
 NaN/inf, when the EE pose is needed and stale, when a goal ends for any reason, and on shutdown.
 Policy inference runs in its own callback group, so the watchdog and the action server keep serving
 while the policy thinks.
+
+Timing: a step starts when a frame the policy has not seen arrives, so a command follows its frame
+by the policy's own time, not by a timer's phase against the camera. The control rate is a ceiling
+kept by a token bucket (steps at least half a period apart, on average no more than one per
+period, so a late or early frame from a camera at the control rate is taken at once). When no
+new frame comes for 1.5 periods (a camera slower than the control rate, a late frame), the loop steps
+on the newest frame again. A goal's first step waits up to one period for a frame newer than the goal.
 """
 
 from __future__ import annotations
@@ -76,9 +83,11 @@ class PolicyServerNode(Node):
         self.period = 1.0 / self.control_rate
 
         self._lock = threading.Lock()  # guards _run, the latest inputs and every command publish
+        self._wake = threading.Condition(self._lock)  # a new frame, or a stop: the control loop looks again
         self._run: _Run | None = None
         self._image = None
         self._image_time = -np.inf
+        self._image_count = 0
         self._pose: np.ndarray | None = None
         self._pose_time = -np.inf
         self._success: bool | None = None
@@ -105,7 +114,11 @@ class PolicyServerNode(Node):
             goal_callback=self._on_goal, cancel_callback=self._on_cancel,
             handle_accepted_callback=self._on_accepted, callback_group=ReentrantCallbackGroup())
         self.create_timer(self.period / 2, self._watchdog, callback_group=MutuallyExclusiveCallbackGroup())
-        self._topic_goal = None
+        # the plain-topic interface sends goals to our own action server; made here, not in the
+        # callback: an ActionClient built while the executor spins can be seen half-made
+        from rclpy.action import ActionClient
+
+        self._topic_goal = ActionClient(self, FollowInstruction, "~/follow_instruction")
         self._publish_status("idle")
         self.get_logger().info(
             f"policy server ready: {p['checkpoint']} at {self.control_rate:.1f} Hz; camera {p['image_topic']}, "
@@ -194,11 +207,19 @@ class PolicyServerNode(Node):
     def _on_image(self, msg) -> None:
         with self._lock:
             self._image, self._image_time = msg, time.monotonic()
+            self._image_count += 1
+            self._wake.notify_all()
+        if self._image_count == 1:
+            size = f"{msg.width}x{msg.height} {msg.encoding}" if isinstance(msg, Image) else msg.format
+            self.get_logger().info(f"first camera frame on {self.p['image_topic']} ({size})")
 
     def _on_pose(self, msg: PoseStamped) -> None:
         p = msg.pose.position
         with self._lock:
+            first = self._pose is None
             self._pose, self._pose_time = np.array([p.x, p.y, p.z]), time.monotonic()
+        if first:
+            self.get_logger().info(f"first EE pose on {self.p['ee_pose_topic']} (frame '{msg.header.frame_id}')")
 
     def _on_success(self, msg: Bool) -> None:
         with self._lock:
@@ -213,10 +234,6 @@ class PolicyServerNode(Node):
             if run is not None:
                 self._stop(run, "stopped by an empty instruction on ~/instruction")
             return
-        if self._topic_goal is None:
-            from rclpy.action import ActionClient
-
-            self._topic_goal = ActionClient(self, self.Action, "~/follow_instruction")
         self._topic_goal.send_goal_async(self.Action.Goal(instruction=text))
 
     # ------------------------------------------------------------------ commands
@@ -253,6 +270,7 @@ class PolicyServerNode(Node):
                 run.stop_reason = reason
             self._publish_twist(np.zeros(6))
             run.limiter.reset()
+            self._wake.notify_all()
 
     # ------------------------------------------------------------------ action server
     def _on_goal(self, goal) -> GoalResponse:
@@ -343,16 +361,20 @@ class PolicyServerNode(Node):
             time.sleep(0.01)
         run.commanding = True
         steps = 0
-        next_tick = time.monotonic()
+        pace = _StepPacer(self.period, time.monotonic())
+        with self._lock:  # the first step waits (up to a period) for a frame newer than the goal
+            latest, last_frame = time.monotonic() + self.period, self._image_count
         while True:
-            next_tick += self.period
-            if run.stop_reason is not None:
-                return False, steps, run.stop_reason
-            now = time.monotonic()
             with self._lock:
-                image, image_age = self._image, now - self._image_time
+                self._wait_for_step(run, pace, latest, last_frame)
+                now = time.monotonic()
+                image, image_age, last_frame = self._image, now - self._image_time, self._image_count
                 pose, pose_age = self._pose, now - self._pose_time
                 success = self._success
+            pace.spend(now)
+            latest = now + 1.5 * self.period
+            if run.stop_reason is not None:
+                return False, steps, run.stop_reason
             if success:
                 return True, steps, "success"
             if steps >= run.max_steps:
@@ -390,9 +412,20 @@ class PolicyServerNode(Node):
                                             tokens=[int(t) for t in out.tokens], token_kind=out.token_kind,
                                             policy_latency_s=float(latency))
             goal_handle.publish_feedback(feedback)
-            time.sleep(max(0.0, next_tick - time.monotonic()))
-            if time.monotonic() - next_tick > self.period:  # fell behind: do not try to catch up
-                next_tick = time.monotonic()
+
+    def _wait_for_step(self, run: _Run, pace: _StepPacer, latest: float, last_frame: int) -> None:
+        """Holding the lock: return when the next step is due (see the module doc) or the run stops."""
+        while run.stop_reason is None:
+            now = time.monotonic()
+            if now >= latest:
+                return
+            if self._image_count != last_frame:
+                wait = pace.wait(now)
+                if wait <= 0:
+                    return
+                self._wake.wait(timeout=min(wait, latest - now))
+            else:
+                self._wake.wait(timeout=latest - now)
 
     # ------------------------------------------------------------------ watchdog, status, shutdown
     def _watchdog(self) -> None:
@@ -419,6 +452,26 @@ class PolicyServerNode(Node):
             self._publish_twist(np.zeros(6))
             time.sleep(0.01)
         self.get_logger().info("sent a final zero twist")
+
+
+class _StepPacer:
+    """The control rate as a ceiling: steps at least half a period apart, and over any stretch of
+    time at most one per period plus two (a token bucket that holds 1.5 steps and may be drawn
+    half a step into debt), so a jittery camera at the control rate gets every frame taken at once
+    and a faster camera is followed at the control rate."""
+
+    def __init__(self, period: float, now: float, burst: float = 1.5, debt: float = 0.5):
+        self.period, self.burst, self.debt = period, burst, debt
+        self.tokens, self.time, self.last = 1.0, now, -np.inf
+
+    def wait(self, now: float) -> float:
+        """Seconds until a step is allowed (<= 0: now)."""
+        tokens = min(self.burst, self.tokens + (now - self.time) / self.period)
+        return max((1.0 - self.debt - tokens) * self.period, self.last + 0.5 * self.period - now)
+
+    def spend(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.time) / self.period) - 1.0
+        self.time = self.last = now
 
 
 def _to_rgb(msg) -> np.ndarray:

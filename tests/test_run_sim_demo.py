@@ -337,9 +337,8 @@ def _server(test_node, name: str, checkpoint: Path, **params) -> NodeProcess:
     wait_for(lambda: "policy server ready" in proc.output() or proc.proc.poll() is not None, 60,
              what="the policy server")
     assert proc.proc.poll() is None, proc.output()
-    for topic in (params.get("image_topic", "/camera/image_raw"), "/ee_pose"):
-        wait_for(lambda: any(i.node_name == name for i in test_node.get_subscriptions_info_by_topic(topic)), 20,
-                 what=f"the server's subscription to {topic} to be discovered")
+    for line in ("first camera frame", "first EE pose"):  # delivered, not only discovered
+        wait_for(lambda: line in proc.output(), 30, what=f"'{line}' in the server log: {proc.output()[-600:]}")
     return proc
 
 
