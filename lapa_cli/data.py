@@ -165,6 +165,9 @@ def _add_demo_args(p, episodes_help: str) -> None:
     p.add_argument("--noise", type=float, default=0.03, help="expert noise in m/s for diverse demos (default 0.03)")
     p.add_argument("--instruction-set", choices=("train", "paraphrase"), default="train",
                    help="instruction wordings (default train; paraphrase = held-out wordings)")
+    p.add_argument("--combinations", choices=("all", "seen", "unseen"), default="all",
+                   help="task/target-colour combinations: all seeds (default), or only seeds whose target is not "
+                        "(seen) or is (unseen) the task's held-out colour, e.g. to keep them out of training data")
 
 
 def _check_demo_args(args) -> list[str]:
@@ -205,7 +208,7 @@ def run_generate(args) -> int:
         done = generate(args.out, tasks, args.episodes, first_seed=args.first_seed, storage=args.storage,
                         image_size=args.image_size, noise=args.noise, instruction_set=args.instruction_set,
                         record_actions=not args.action_free, progress=sys.stderr.isatty(),
-                        embodiment=args.embodiment)
+                        embodiment=args.embodiment, combinations=args.combinations)
     except EpisodeWriterError as e:  # episode name taken
         raise UserError(str(e)) from None
     except OSError as e:  # output directory not writable
@@ -231,7 +234,7 @@ def run_collect(args) -> int:
     try:
         done = collect(args.out, tasks, args.episodes, first_seed=args.first_seed, storage=args.storage,
                        image_size=args.image_size, noise=args.noise, instruction_set=args.instruction_set,
-                       progress=sys.stderr.isatty(), log_dir=args.logs)
+                       progress=sys.stderr.isatty(), log_dir=args.logs, combinations=args.combinations)
     except CollectError as e:
         raise UserError(str(e)) from None
     ok = sum(e.success for e in done)

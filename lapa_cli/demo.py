@@ -7,8 +7,13 @@
 3. pretrain  LAPA (latent tokens), ACTIONVLA (the same video with its true actions: an upper
              bound), LAPA on the other embodiment only;
 4. finetune  each of them, and SCRATCH, on the same small labelled set;
-5. eval      closed loop in the simulator on held-out layouts, with seen and paraphrased
-             instructions; a table with success rate +- standard error, and plots.
+5. eval      closed loop in the simulator on held-out layouts, in three categories: seen tasks and
+             instructions, unseen task/target-colour combinations (each task's held-out colour is
+             never a target in any training data), and paraphrased instructions; a table with
+             success rate +- standard error, and plots. In-process and lock-step for the table; and
+             for SCRATCH and LAPA also through the real ROS path (lapa_sim_arm + lapa_policy_server
+             over DDS, one FollowInstruction goal per episode, in real time) on the same layouts;
+6. sweep     SCRATCH and LAPA finetuned on fewer labelled episodes, evaluated on the seen category.
 
 Every stage writes into --out and is skipped when a previous `lapa demo` finished it with the
 same settings, so a second run reuses the work (delete a stage's folder to redo it). Every stage
@@ -27,6 +32,11 @@ from pathlib import Path
 from lapa_cli import UserError
 
 TASKS = ("reach", "push", "pick_place")
+STAGES = ("data", "laq", "pretrain", "finetune", "eval", "sweep")
+# evaluation category -> (instruction set, task/target-colour combinations); training data is "seen"
+CATEGORIES = {"seen": ("train", "seen"), "unseen_combination": ("train", "unseen"), "paraphrase": ("paraphrase", "seen")}
+CATEGORY_TITLES = {"seen": "seen", "unseen_combination": "unseen combo", "paraphrase": "paraphrased"}
+SWEEP_METHODS = ("scratch", "lapa")
 
 
 @dataclass
@@ -39,18 +49,22 @@ class DemoSettings:
     pretrain_steps: int = 1500
     finetune_steps: int = 800
     num_bins: int = 32  # the labelled set is small: 256 bins would leave one or two samples per bin
-    eval_episodes: int = 10  # per task and instruction set
+    eval_episodes: int = 10  # per task and category
+    sweep_labelled_episodes: tuple[int, ...] = (2, 4)  # train-split labelled episodes (the full set is the last point)
+    ros_methods: tuple[str, ...] = ("scratch", "lapa")  # also evaluated through the ROS action server, in real time
+    ros_eval_episodes: int = 4  # per task, seen category
     seed: int = 0
 
     @classmethod
     def quick(cls) -> "DemoSettings":
         return cls(video_episodes=2, labelled_episodes=1, other_embodiment_episodes=1, laq_steps=20,
-                   pretrain_steps=10, finetune_steps=10, eval_episodes=1)
+                   pretrain_steps=10, finetune_steps=10, eval_episodes=1, sweep_labelled_episodes=(1,),
+                   ros_methods=("lapa",), ros_eval_episodes=1)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the end-to-end demo on the embedded simulator",
-                       description=__doc__.split("\n\n")[0] + " Stages: data, laq, pretrain, finetune, eval.")
+                       description=__doc__.split("\n\n")[0] + " Stages: " + ", ".join(STAGES) + ".")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="toy size: the same path in a few minutes")
     p.add_argument("--eval-episodes", type=int, help="closed-loop episodes per task and instruction set")
@@ -119,12 +133,17 @@ class Demo:
         self.stage("pretrain", settings, self.pretrain)
         self.stage("finetune", settings, self.finetune)
         self.stage("eval", settings, self.evaluate)
+        self.stage("sweep", settings, self.sweep)
         results = json.loads((out / "eval" / "results.json").read_text())
+        sweep = json.loads((out / "sweep" / "results.json").read_text())
         print(f"\nLAPA demo ({time.perf_counter() - t_all:.0f} s this run; stage times in {self.state_file}):")
         print(format_table(results))
-        print(f"\nplots: {out / 'eval' / 'success.png'}, training curves under {out}/*/training_curves.png")
+        print(format_sweep(sweep))
+        print(f"\nplots: {out / 'eval' / 'success.png'}, {out / 'sweep' / 'sweep.png'}, rollouts in "
+              f"{out / 'eval'}/<method>/<category>/rollouts.png, training curves under {out}/*/*/training_curves.png")
         self._write_commands()
-        print(f"commands for each stage: {out / 'COMMANDS.md'}")
+        self._write_results(results, sweep)
+        print(f"commands for each stage: {out / 'COMMANDS.md'}; the results as markdown: {out / 'RESULTS.md'}")
         return 0
 
     def data(self) -> None:
@@ -134,12 +153,14 @@ class Demo:
 
         s, out = self.s, self.out
         bags = out / "bags"
-        generate(bags / "video", list(TASKS), s.video_episodes, image_size=s.image_size, first_seed=s.seed * 100_000)
-        self.cmd(f"lapa data generate --out {bags / 'video'} --episodes {s.video_episodes} --image-size {s.image_size}")
+        generate(bags / "video", list(TASKS), s.video_episodes, image_size=s.image_size, first_seed=s.seed * 100_000,
+                 combinations="seen")
+        self.cmd(f"lapa data generate --out {bags / 'video'} --episodes {s.video_episodes} --image-size {s.image_size} "
+                 f"--first-seed {s.seed * 100_000} --combinations seen")
         collect(bags / "labelled", list(TASKS), s.labelled_episodes, image_size=s.image_size,
-                first_seed=s.seed * 100_000 + 50_000)
+                first_seed=s.seed * 100_000 + 50_000, combinations="seen")
         self.cmd(f"lapa data collect --out {bags / 'labelled'} --episodes {s.labelled_episodes} "
-                 f"--image-size {s.image_size}")
+                 f"--image-size {s.image_size} --first-seed {s.seed * 100_000 + 50_000} --combinations seen")
         other = self._other_embodiment(bags / "other")
         data = out / "data"
         quiet = dict(image_size=s.image_size, seed=s.seed, mode="overwrite", warn=lambda m: None)
@@ -164,9 +185,11 @@ class Demo:
             print("the simulator has no second embodiment yet: skipping the cross-embodiment arm of the demo")
             return False
         generate(folder, list(TASKS), self.s.other_embodiment_episodes, image_size=self.s.image_size,
-                 first_seed=self.s.seed * 100_000 + 80_000, record_actions=False, embodiment="floating_gripper")
+                 first_seed=self.s.seed * 100_000 + 80_000, record_actions=False, embodiment="floating_gripper",
+                 combinations="seen")
         self.cmd(f"lapa data generate --embodiment floating_gripper --action-free --episodes "
-                 f"{self.s.other_embodiment_episodes} --image-size {self.s.image_size} --out {folder}")
+                 f"{self.s.other_embodiment_episodes} --image-size {self.s.image_size} --first-seed "
+                 f"{self.s.seed * 100_000 + 80_000} --combinations seen --out {folder}")
         return True
 
     def _corpora(self) -> list[Path]:
@@ -236,35 +259,130 @@ class Demo:
             self.cmd(f"lapa train finetune {'--init ' + str(init) + ' ' if init else ''}--data {labelled} "
                      f"--out {self.out / 'finetune' / name} --steps {s.finetune_steps} --set model.num_bins={s.num_bins}")
 
-    def evaluate(self) -> None:
+    def _eval_cell(self, policy_dir: Path, category: str, out: Path) -> dict:
         from lapa_policy_node.policy_api import load_policy
         from lapa_training.eval_policy import evaluate_policy
+
+        s = self.s
+        instructions, combinations = CATEGORIES[category]
+        report = evaluate_policy(load_policy(policy_dir), list(TASKS), s.eval_episodes, image_size=s.image_size,
+                                 instruction_set=instructions, combinations=combinations, out_dir=out,
+                                 first_seed=900_000 + s.seed * 1000)
+        self.cmd(f"lapa eval policy --policy {policy_dir} --episodes {s.eval_episodes} --image-size {s.image_size} "
+                 f"--seed {900_000 + s.seed * 1000} --instructions {instructions} --combinations {combinations} "
+                 f"--out {out}")
+        return {"success_rate": report.success_rate(), "by_task": report.by_task(), "episodes": len(report.episodes)}
+
+    def _eval_over_ros(self, out: Path) -> dict:
+        """The seen category's first layouts through the action server; with the in-process result on the
+        same layouts, so the two paths can be compared."""
+        from lapa_policy_node.policy_api import load_policy
+        from lapa_policy_node.ros_eval import evaluate_over_ros
+        from lapa_sim.tasks import episode_seeds
+        from lapa_training.eval_policy import evaluate_policy
+
+        s = self.s
+        first = 900_000 + s.seed * 1000
+        jobs = [(task, seed) for task in TASKS for seed in episode_seeds(task, first, s.ros_eval_episodes, "seen")]
+        cells = {}
+        for name in s.ros_methods:
+            policy_dir = self.out / "finetune" / name / "model"
+            print(f"-- {name} through the ROS action server ({len(jobs)} episodes in real time)")
+            # 2 CPU cores render, serve and run the policy at once: a frame may come late past the
+            # 0.25 s watchdog a real arm keeps; here it would only cut episodes short
+            ros = evaluate_over_ros(policy_dir, jobs, image_size=s.image_size, out_dir=out / name,
+                                    ros_args=["-p", "lapa_policy_server:camera_timeout:=1.0"])
+            same = evaluate_policy(load_policy(policy_dir), list(TASKS), s.ros_eval_episodes, image_size=s.image_size,
+                                   first_seed=first, combinations="seen", progress=False)
+            cells[name] = {"success_rate": ros.success_rate(), "episodes": len(ros.episodes),
+                           "by_task": ros.by_task(), "act_ms_p50": ros.act_ms_p50, "act_ms_p99": ros.act_ms_p99,
+                           "in_process_success_rate": same.success_rate()}
+            self.cmd(f"lapa eval policy --ros --policy {policy_dir} --episodes {s.ros_eval_episodes} --image-size "
+                     f"{s.image_size} --seed {first} --combinations seen --out {out / name}")
+        return cells
+
+    def evaluate(self) -> None:
         from lapa_training.trainer import METRICS_FILE, read_metrics
 
-        s, out = self.s, self.out / "eval"
-        results: dict[str, dict] = {"episodes_per_cell": s.eval_episodes, "methods": {}}
+        out = self.out / "eval"
+        results: dict[str, dict] = {"episodes_per_cell": self.s.eval_episodes * len(TASKS),
+                                    "categories": list(CATEGORIES), "methods": {}}
         for name in self._methods():
             policy_dir = self.out / "finetune" / name / "model"
             row = {}
-            for instructions in ("train", "paraphrase"):
-                report = evaluate_policy(load_policy(policy_dir), list(TASKS), s.eval_episodes,
-                                         image_size=s.image_size, instruction_set=instructions,
-                                         out_dir=out / name / instructions, first_seed=900_000 + s.seed * 1000)
-                row[instructions] = {"success_rate": report.success_rate(), "by_task": report.by_task(),
-                                     "episodes": len(report.episodes)}
-                self.cmd(f"lapa eval policy --policy {policy_dir} --episodes {s.eval_episodes} --image-size "
-                         f"{s.image_size} --instructions {instructions} --out {out / name / instructions}")
+            for category in CATEGORIES:
+                print(f"-- {name}, {CATEGORY_TITLES[category]}")
+                row[category] = self._eval_cell(policy_dir, category, out / name / category)
             val = [r for r in read_metrics(self.out / "finetune" / name / METRICS_FILE) if "val_token_accuracy" in r]
             row["val_token_accuracy"] = val[-1]["val_token_accuracy"] if val else None
             results["methods"][name] = row
+        results["ros"] = self._eval_over_ros(out / "ros")
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         success_plot(results, out / "success.png")
 
+    def sweep(self) -> None:
+        """SCRATCH vs LAPA finetuned on fewer labelled episodes; the full set is the eval stage's row."""
+        from lapa_training.data.dataset import Dataset
+        from lapa_training.vla.train_vla import finetune, pick_episodes
+
+        s, labelled, out = self.s, self.out / "data" / "labelled", self.out / "sweep"
+        full = len(pick_episodes(Dataset(labelled), None, s.seed))
+        video = len(Dataset(self.out / "data" / "video").episodes)
+        main = json.loads((self.out / "eval" / "results.json").read_text())
+        sweep: dict = {"video_episodes": video, "episodes_per_point": main["episodes_per_cell"], "points": []}
+        for count in sorted({c for c in s.sweep_labelled_episodes if c < full}) + [full]:
+            point = {"labelled_episodes": count, "percent_of_video": 100 * count / video, "methods": {}}
+            for name in SWEEP_METHODS:
+                if count == full:
+                    point["methods"][name] = main["methods"][name]["seen"]
+                    continue
+                run = out / f"{name}_{count}eps"
+                init = self._methods()[name]
+                print(f"-- finetuning {name} on {count} labelled episodes")
+                finetune([labelled], run, {"num_bins": s.num_bins},
+                         {"steps": s.finetune_steps, "val_every": max(1, s.finetune_steps // 4),
+                          "save_every": max(1, s.finetune_steps // 2), "seed": s.seed}, {"episodes": count},
+                         init=init, overwrite=True)
+                self.cmd(f"lapa train finetune {'--init ' + str(init) + ' ' if init else ''}--data {labelled} "
+                         f"--out {run} --steps {s.finetune_steps} --set model.num_bins={s.num_bins} "
+                         f"--set data.episodes={count}")
+                point["methods"][name] = self._eval_cell(run / "model", "seen", run / "eval")
+            sweep["points"].append(point)
+        (out / "results.json").write_text(json.dumps(sweep, indent=2) + "\n")
+        sweep_plot(sweep, out / "sweep.png")
+
+    def _write_results(self, results: dict, sweep: dict) -> None:
+        """RESULTS.md: the tables, the plots, the machine and the stage wall times of this run."""
+        import os
+        import platform
+
+        import torch
+
+        seconds = self.state.get("seconds", {})
+        laq = json.loads((self.out / "laq_eval" / "report.json").read_text())
+        from lapa_training.laq.evaluate_laq import format_summary
+
+        lines = ["# lapa demo results", "",
+                 f"Command: `lapa demo --out {self.out}{' --seed ' + str(self.s.seed) if self.s.seed else ''}` "
+                 f"(settings: `{json.dumps(asdict(self.s))}`)", "",
+                 f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                 f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}; "
+                 f"torch {torch.__version__}, Python {platform.python_version()}", "",
+                 "## Closed-loop success", "", "```", format_table(results), "```", "",
+                 "![success](eval/success.png)", "", "## Fewer labels", "", "```", format_sweep(sweep).strip("\n"),
+                 "```", "", "![sweep](sweep/sweep.png)", "", "## LAQ", "", "```", format_summary(laq), "```", "",
+                 "## Stage wall times", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {stage} | {seconds.get(stage, float('nan')):.0f} |" for stage in STAGES]
+        lines += [f"| total | {sum(seconds.get(stage, 0.0) for stage in STAGES):.0f} |", "",
+                  "Rollout frames: `eval/<method>/<category>/rollouts.png`; training curves: "
+                  "`<stage>/<run>/training_curves.png`; every stage as a command: `COMMANDS.md`.", ""]
+        (self.out / "RESULTS.md").write_text("\n".join(lines))
+
     def _write_commands(self) -> None:
         lines = ["# The demo's stages as `lapa` commands", "",
                  "Run from the repository root after `./setup.sh`; each line is one stage of `lapa demo`.", "", "```"]
-        for stage in ("data", "laq", "pretrain", "finetune", "eval"):
+        for stage in STAGES:
             lines += self.state.get("commands", {}).get(stage, [])
         lines += ["```", ""]
         (self.out / "COMMANDS.md").write_text("\n".join(lines))
@@ -274,17 +392,39 @@ def standard_error(p: float, n: int) -> float:
     return (p * (1 - p) / n) ** 0.5 if n else float("nan")
 
 
+def _cell(result: dict) -> str:
+    p = result["success_rate"]
+    return f"{100 * p:5.1f} ± {100 * standard_error(p, result['episodes']):4.1f} %"
+
+
 def format_table(results: dict) -> str:
-    n = results["episodes_per_cell"]
-    lines = [f"  {'method':<24}{'seen instr.':>16}{'paraphrased':>16}{'val token acc':>15}"]
+    categories = results.get("categories", list(CATEGORIES))
+    lines = [f"  {'method':<24}" + "".join(f"{CATEGORY_TITLES.get(c, c):>16}" for c in categories)
+             + f"{'val token acc':>15}"]
     for name, row in results["methods"].items():
-        cells = []
-        for key in ("train", "paraphrase"):
-            p, eps = row[key]["success_rate"], row[key]["episodes"]
-            cells.append(f"{100 * p:5.1f} ± {100 * standard_error(p, eps):4.1f} %")
         acc = row.get("val_token_accuracy")
-        lines.append(f"  {name:<24}{cells[0]:>16}{cells[1]:>16}{'' if acc is None else f'{acc:.3f}':>15}")
-    lines.append(f"  ({n} episodes per task and instruction set, {len(TASKS)} tasks; ± is one standard error)")
+        lines.append(f"  {name:<24}" + "".join(f"{_cell(row[c]):>16}" for c in categories)
+                     + f"{'' if acc is None else f'{acc:.3f}':>15}")
+    lines.append(f"  ({results['episodes_per_cell']} episodes per cell over {len(TASKS)} tasks; ± is one standard "
+                 f"error; held-out layouts)")
+    if results.get("ros"):
+        lines.append("\n  through the ROS action server (sim arm + policy server over DDS, real time; seen category):")
+        lines.append(f"  {'method':<24}{'over ROS':>16}{'same layouts in-process':>26}{'act p50/p99 ms':>17}")
+        for name, cell in results["ros"].items():
+            lines.append(f"  {name:<24}{_cell(cell):>16}{100 * cell['in_process_success_rate']:>24.1f} %"
+                         f"{cell['act_ms_p50']:>10.1f}/{cell['act_ms_p99']:.1f}")
+        lines.append(f"  ({next(iter(results['ros'].values()))['episodes']} episodes per cell)")
+    return "\n".join(lines)
+
+
+def format_sweep(sweep: dict) -> str:
+    names = list(sweep["points"][0]["methods"]) if sweep["points"] else []
+    lines = [f"\n  labelled-episode sweep (seen category, {sweep['episodes_per_point']} episodes per point; "
+             f"{sweep['video_episodes']} action-free video episodes)",
+             f"  {'labelled episodes':<24}" + "".join(f"{n:>16}" for n in names)]
+    for point in sweep["points"]:
+        label = f"{point['labelled_episodes']} ({point['percent_of_video']:.0f} % of video)"
+        lines.append(f"  {label:<24}" + "".join(f"{_cell(point['methods'][n]):>16}" for n in names))
     return "\n".join(lines)
 
 
@@ -296,18 +436,42 @@ def success_plot(results: dict, path: Path) -> None:
     import numpy as np
 
     names = list(results["methods"])
+    categories = results.get("categories", list(CATEGORIES))
+    width = 0.8 / len(categories)
     fig, ax = plt.subplots(figsize=(1.8 * len(names) + 2, 3.6))
     x = np.arange(len(names))
-    for k, (key, label) in enumerate((("train", "seen instructions"), ("paraphrase", "paraphrased"))):
-        rates = [results["methods"][m][key]["success_rate"] for m in names]
-        errs = [standard_error(r, results["methods"][m][key]["episodes"]) for r, m in zip(rates, names)]
-        ax.bar(x + (k - 0.5) * 0.38, [100 * r for r in rates], 0.38, yerr=[100 * e for e in errs], capsize=3,
-               label=label)
+    for k, category in enumerate(categories):
+        cells = [results["methods"][m][category] for m in names]
+        ax.bar(x + (k - (len(categories) - 1) / 2) * width, [100 * c["success_rate"] for c in cells], width,
+               yerr=[100 * standard_error(c["success_rate"], c["episodes"]) for c in cells], capsize=3,
+               label=CATEGORY_TITLES.get(category, category))
     ax.set_xticks(x, names)
     ax.set_ylabel("success rate [%]")
     ax.set_ylim(0, 100)
     ax.legend()
     ax.set_title("closed-loop success in the simulator (held-out layouts)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def sweep_plot(sweep: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    counts = [p["labelled_episodes"] for p in sweep["points"]]
+    for name in (sweep["points"][0]["methods"] if sweep["points"] else []):
+        cells = [p["methods"][name] for p in sweep["points"]]
+        ax.errorbar(counts, [100 * c["success_rate"] for c in cells], marker="o", capsize=3, label=name,
+                    yerr=[100 * standard_error(c["success_rate"], c["episodes"]) for c in cells])
+    ax.set_xlabel("labelled finetuning episodes")
+    ax.set_ylabel("success rate [%] (seen)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title("fewer labels: SCRATCH vs LAPA")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -93,6 +93,12 @@ def add_policy_parser(sub) -> None:
     p.add_argument("--image-size", type=int, default=128, help="camera image size in px (default 128)")
     p.add_argument("--instructions", choices=("train", "paraphrase"), default="train",
                    help="instruction templates: as in training, or unseen paraphrases (default train)")
+    p.add_argument("--combinations", choices=("all", "seen", "unseen"), default="all",
+                   help="task/target-colour combinations: all (default), seen, or unseen (each task's held-out "
+                        "target colour, kept out of training data made with --combinations seen)")
+    p.add_argument("--ros", action="store_true",
+                   help="through the real ROS path: lapa_sim_arm and lapa_policy_server as processes over DDS, in "
+                        "real time, one FollowInstruction goal per episode (default: in-process, lock-step)")
     p.add_argument("--out", type=Path, required=True, help="directory for the report")
 
 
@@ -121,12 +127,25 @@ def run_policy(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {args.out}: {e.strerror}") from None
-    report = evaluate_policy(policy, task_names, args.episodes, image_size=args.image_size,
-                             first_seed=EVAL_SEED if args.seed is None else args.seed,
-                             instruction_set=args.instructions, out_dir=args.out, progress=sys.stderr.isatty())
-    print(f"closed-loop evaluation of {path}, {args.episodes} episode(s) per task, {args.instructions} instructions:")
+    first_seed = EVAL_SEED if args.seed is None else args.seed
+    if args.ros:
+        from lapa_policy_node.ros_eval import RosEvalError, evaluate_over_ros
+
+        jobs = [(task, seed) for task in task_names
+                for seed in tasks.episode_seeds(task, first_seed, args.episodes, args.combinations)]
+        try:
+            report = evaluate_over_ros(path, jobs, image_size=args.image_size, instruction_set=args.instructions,
+                                       out_dir=args.out, progress=sys.stderr.isatty())
+        except RosEvalError as e:
+            raise UserError(" ".join(str(e).split())) from None
+    else:
+        report = evaluate_policy(policy, task_names, args.episodes, image_size=args.image_size,
+                                 first_seed=first_seed, instruction_set=args.instructions, out_dir=args.out,
+                                 progress=sys.stderr.isatty(), combinations=args.combinations)
+    print(f"closed-loop evaluation of {path}{' through ROS' if args.ros else ''}, {args.episodes} episode(s) per "
+          f"task, {args.instructions} instructions, {args.combinations} combinations:")
     print(format_report(report))
-    print(f"report: {args.out / 'report.json'}, rollouts: {args.out / 'rollouts.png'}")
+    print(f"report: {args.out / 'report.json'}" + ("" if args.ros else f", rollouts: {args.out / 'rollouts.png'}"))
     return 0
 
 

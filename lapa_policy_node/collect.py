@@ -39,14 +39,18 @@ def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 def collect(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *, first_seed: int = 0,
             storage: str = "mcap", image_size: int = 128, control_rate: float = 10.0, camera_rate: float = 10.0,
             noise: float = 0.03, instruction_set: str = "train", progress: bool = True,
-            log_dir: str | Path | None = None) -> list:
-    """Record episodes_per_task episodes of each task through ROS; returns CollectedEpisode records."""
+            log_dir: str | Path | None = None, combinations: str = "all") -> list:
+    """Record episodes_per_task episodes of each task through ROS (seeds from first_seed on, only
+    those of `combinations`, see lapa_sim.tasks.episode_seeds); returns CollectedEpisode records."""
     import rclpy
     from tqdm import tqdm
 
     from lapa_policy_node.runtime import spinning
     from lapa_policy_node.scripted_teleop import ScriptedTeleop, TeleopError
+    from lapa_sim.tasks import episode_seeds
 
+    jobs = [(task, seed) for task in task_list
+            for seed in episode_seeds(task, first_seed, episodes_per_task, combinations)]
     out_dir = Path(out_dir).resolve()
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="lapa-collect-"))
     try:
@@ -72,7 +76,6 @@ def collect(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *
                     if proc.poll() is not None:
                         raise CollectError(f"{log.stem} exited ({proc.returncode}):\n{log.read_text()[-2000:]}") from None
                 raise CollectError(str(e)) from None
-            jobs = [(task, first_seed + i) for task in task_list for i in range(episodes_per_task)]
             bar = tqdm(jobs, desc="recording episodes through ROS", unit="ep", disable=not progress)
             for task, seed in bar:
                 try:

@@ -91,6 +91,7 @@ class PolicyServerNode(Node):
         self._pose: np.ndarray | None = None
         self._pose_time = -np.inf
         self._success: bool | None = None
+        self._success_time = -np.inf
         self._last_reason = ""
 
         sensors = MutuallyExclusiveCallbackGroup()
@@ -223,7 +224,7 @@ class PolicyServerNode(Node):
 
     def _on_success(self, msg: Bool) -> None:
         with self._lock:
-            self._success = bool(msg.data)
+            self._success, self._success_time = bool(msg.data), time.monotonic()
 
     def _on_instruction_topic(self, msg: String) -> None:
         """Plain-topic interface: an instruction starts a goal (preempting), '' stops."""
@@ -370,7 +371,9 @@ class PolicyServerNode(Node):
                 now = time.monotonic()
                 image, image_age, last_frame = self._image, now - self._image_time, self._image_count
                 pose, pose_age = self._pose, now - self._pose_time
-                success = self._success
+                if steps == 0:  # success must be news: not a stale "true" about the scene before this goal
+                    first_frame_time = self._image_time
+                success = self._success and self._success_time >= first_frame_time
             pace.spend(now)
             latest = now + 1.5 * self.period
             if run.stop_reason is not None:

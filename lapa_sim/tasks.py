@@ -8,7 +8,10 @@ Three tasks, each about coloured blocks on the table in front of the arm:
 
 Directions are the robot's: forward = away from the base (+x), left = +y.
 Each task has two instruction sets: ``train`` phrasings, and ``paraphrase`` phrasings that
-are held out for evaluating generalisation to unseen wording.
+are held out for evaluating generalisation to unseen wording. Each task also has one held-out
+target colour (``HELD_OUT_TARGETS``): demonstrations made with ``combinations="seen"`` never ask
+for it, so evaluating with ``combinations="unseen"`` tests unseen object/colour combinations
+(every colour still appears in the demonstrations, as a distractor or as another task's target).
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ DIRECTION_WORDS = {"left": "to the left", "right": "to the right", "forward": "f
                    "backward": "backward"}
 
 TASKS = tuple(INSTRUCTIONS)
+
+HELD_OUT_TARGETS = {"reach": "purple", "push": "green", "pick_place": "blue"}
+COMBINATIONS = ("all", "seen", "unseen")
 
 
 class UnknownTaskError(ValueError):
@@ -121,6 +127,28 @@ def sample_episode(task: str, seed: int, instruction_set: str = "train",
     ep.instruction = templates[int(rng.integers(len(templates)))].format(
         color=ep.color, target=pad_color, direction=DIRECTION_WORDS.get(direction, ""))
     return ep
+
+
+def is_held_out(ep: Episode) -> bool:
+    """Whether the episode asks for its task's held-out target colour."""
+    return HELD_OUT_TARGETS.get(ep.task) == ep.color
+
+
+def episode_seeds(task: str, first_seed: int, count: int, combinations: str = "all") -> list[int]:
+    """The first `count` seeds from first_seed on whose episode is in `combinations`: "all" (every
+    seed), "seen" (not the task's held-out target colour) or "unseen" (only that colour)."""
+    check_task(task)
+    if combinations not in COMBINATIONS:
+        raise ValueError(f"combinations must be one of {', '.join(COMBINATIONS)}, not '{combinations}'")
+    if combinations == "all":
+        return list(range(first_seed, first_seed + count))
+    want_held_out = combinations == "unseen"
+    seeds, seed = [], first_seed
+    while len(seeds) < count:
+        if is_held_out(sample_episode(task, seed)) == want_held_out:
+            seeds.append(seed)
+        seed += 1
+    return seeds
 
 
 def _layout_ok(task: str, pts: np.ndarray, target: int, direction: str) -> bool:

@@ -66,8 +66,9 @@ class PolicyReport:
 def evaluate_policy(policy: Policy, task_names: list[str] | tuple[str, ...], episodes: int, *,
                     first_seed: int = EVAL_SEED, image_size: int = 128, instruction_set: str = "train",
                     limits: MotionLimits | None = None, out_dir: str | Path | None = None,
-                    progress: bool = True, keep_frames: int = 1) -> PolicyReport:
-    """Run `episodes` seeded episodes of each task; with out_dir, write report.json and a contact
+                    progress: bool = True, keep_frames: int = 1, combinations: str = "all") -> PolicyReport:
+    """Run `episodes` seeded episodes of each task (seeds from first_seed on, only those of
+    `combinations`: see lapa_sim.tasks.episode_seeds); with out_dir, write report.json and a contact
     sheet (rollouts.png) of the first `keep_frames` episodes of every task."""
     from tqdm import tqdm
 
@@ -85,7 +86,7 @@ def evaluate_policy(policy: Policy, task_names: list[str] | tuple[str, ...], epi
     env = TabletopEnv(image_size=(image_size, image_size))
     report, act_seconds, sheet = PolicyReport(), [], []
     t_start = time.perf_counter()
-    jobs = [(task, first_seed + i) for task in task_names for i in range(episodes)]
+    jobs = [(task, seed) for task in task_names for seed in tasks.episode_seeds(task, first_seed, episodes, combinations)]
     try:
         bar = tqdm(jobs, desc="closed-loop eval", unit="ep", disable=not progress, dynamic_ncols=True)
         for n, (task, seed) in enumerate(bar):

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ROOT
 
-STAGES = ("data", "laq", "pretrain", "finetune", "eval")
+STAGES = ("data", "laq", "pretrain", "finetune", "eval", "sweep")
+CATEGORIES = ("seen", "unseen_combination", "paraphrase")
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +32,9 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
     methods = results["methods"]
     assert {"scratch", "lapa", "actionvla"} <= set(methods)
     for name, row in methods.items():
-        for instructions in ("train", "paraphrase"):
-            cell = row[instructions]
-            assert cell["episodes"] == 3 * results["episodes_per_cell"]
+        for category in CATEGORIES:
+            cell = row[category]
+            assert cell["episodes"] == results["episodes_per_cell"] > 0
             assert 0.0 <= cell["success_rate"] <= 1.0
             assert set(cell["by_task"]) == {"reach", "push", "pick_place"}
         assert 0.0 <= row["val_token_accuracy"] <= 1.0
@@ -52,7 +53,42 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
     for needle in ("lapa data collect", "lapa train laq", "lapa label", "lapa train pretrain --objective latent",
                    "lapa train finetune --init", "lapa eval policy"):
         assert needle in commands, commands
-    assert "seen instr." in stdout and "paraphrased" in stdout
+    assert "unseen combo" in stdout and "paraphrased" in stdout and "labelled-episode sweep" in stdout
+    ros = results["ros"]["lapa"]  # the same policy through the action server and the sim arm over DDS
+    assert ros["episodes"] == 3 and 0.0 <= ros["success_rate"] <= 1.0 and ros["act_ms_p50"] > 0
+    assert json.loads((out / "eval/ros/lapa/report.json").read_text())["path"] == "ros"
+    assert "through the ROS action server" in stdout and "lapa eval policy --ros" in commands
+    assert (out / "RESULTS.md").read_text().count("|") > 10
+
+
+def test_held_out_combinations_are_in_no_training_data_and_are_what_the_unseen_category_evaluates(quick_demo):
+    from lapa_sim.tasks import is_held_out, sample_episode
+
+    out, _ = quick_demo
+    for corpus in ("video", "labelled", "other"):
+        episodes = [json.loads(line) for line in (out / "data" / corpus / "episodes.jsonl").read_text().splitlines()]
+        assert episodes
+        for e in episodes:
+            seed = e["provenance"]["seed"]
+            assert not is_held_out(sample_episode(e["task"], seed)), (corpus, e["name"])
+    for category, held_out in (("seen", False), ("unseen_combination", True), ("paraphrase", False)):
+        report = json.loads((out / "eval/lapa" / category / "report.json").read_text())
+        assert report["episodes"]
+        assert all(is_held_out(sample_episode(e["task"], e["seed"])) == held_out for e in report["episodes"])
+
+
+def test_the_labelled_episode_sweep_ends_at_the_full_set_and_uses_fewer_before(quick_demo):
+    out, _ = quick_demo
+    sweep = json.loads((out / "sweep/results.json").read_text())
+    counts = [p["labelled_episodes"] for p in sweep["points"]]
+    assert counts == sorted(set(counts)) and len(counts) >= 2
+    main = json.loads((out / "eval/results.json").read_text())
+    assert sweep["points"][-1]["methods"]["lapa"] == main["methods"]["lapa"]["seen"]
+    for point in sweep["points"][:-1]:
+        for name in ("scratch", "lapa"):
+            run = out / "sweep" / f"{name}_{point['labelled_episodes']}eps"
+            assert (run / "model/config.json").is_file() and point["methods"][name]["episodes"] > 0
+    assert (out / "sweep/sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_second_demo_reuses_every_finished_stage(quick_demo):

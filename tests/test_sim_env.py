@@ -100,6 +100,21 @@ def test_layouts_are_seeded_and_reproducible():
                                     for t in tasks.INSTRUCTIONS["pick_place"]["train"]]
 
 
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_held_out_combinations_split_seeds_into_seen_and_unseen(task):
+    seen = tasks.episode_seeds(task, 1000, 40, "seen")
+    unseen = tasks.episode_seeds(task, 1000, 8, "unseen")
+    assert len(seen) == 40 and len(unseen) == 8 and not set(seen) & set(unseen)
+    assert all(tasks.sample_episode(task, s).color != tasks.HELD_OUT_TARGETS[task] for s in seen)
+    assert all(tasks.sample_episode(task, s).color == tasks.HELD_OUT_TARGETS[task] for s in unseen)
+    everything = tasks.episode_seeds(task, 1000, 60, "all")
+    assert everything == list(range(1000, 1060)) and set(seen[:10]) <= set(everything)
+    # the held-out colour still shows up in seen episodes, as a distractor block
+    assert any(tasks.HELD_OUT_TARGETS[task] in tasks.sample_episode(task, s).block_colors for s in seen)
+    with pytest.raises(ValueError, match="combinations"):
+        tasks.episode_seeds(task, 0, 1, "novel")
+
+
 def test_unknown_task_and_instruction_set_are_clear_errors():
     with pytest.raises(tasks.UnknownTaskError, match="unknown task 'fly'.*reach, push, pick_place"):
         tasks.sample_episode("fly", 0)

@@ -152,8 +152,9 @@ def generate_episode(env, out_dir: Path, task: str, seed: int, *, name: str | No
 def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *, first_seed: int = 0,
              storage: str = "mcap", image_size: int = 128, control_rate: float = 10.0, noise: float = 0.03,
              instruction_set: str = "train", record_actions: bool = True, progress: bool = True,
-             embodiment: str = "panda") -> list[GeneratedEpisode]:
+             embodiment: str = "panda", combinations: str = "all") -> list[GeneratedEpisode]:
     """Write episodes_per_task bags of each task into out_dir; seeds first_seed, first_seed + 1, ...
+    (only those of `combinations`, see lapa_sim.tasks.episode_seeds).
 
     embodiment: "panda", or "floating_gripper" (a free-floating hand in a restyled scene, a stand-in
     for videos of another embodiment; usually with record_actions=False).
@@ -162,12 +163,14 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
 
     from lapa_sim.env import TabletopEnv
     from lapa_sim.scene import check_embodiment
+    from lapa_sim.tasks import episode_seeds
 
     check_embodiment(embodiment)
+    jobs = [(task, seed) for task in task_list
+            for seed in episode_seeds(task, first_seed, episodes_per_task, combinations)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = TabletopEnv(image_size=(image_size, image_size), embodiment=embodiment)
-    jobs = [(task, first_seed + i) for task in task_list for i in range(episodes_per_task)]
     done: list[GeneratedEpisode] = []
     try:
         bar = tqdm(jobs, desc="generating episodes", unit="ep", disable=not progress)
