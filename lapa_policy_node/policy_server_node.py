@@ -75,6 +75,7 @@ class PolicyServerNode(Node):
         super().__init__("lapa_policy_server", **kwargs)
         p = self._declare_parameters()
         self.p = p
+        self._convert = make_converter(p["image_converter"], self.get_logger().info)
         try:
             self.policy = load_policy(p["checkpoint"])
         except PolicyLoadError as e:
@@ -138,6 +139,9 @@ class PolicyServerNode(Node):
             "checkpoint": declare(self, "checkpoint", "", "policy checkpoint directory (config.json + weights)"),
             "image_topic": declare(self, "image_topic", "/camera/image_raw", "camera topic"),
             "image_transport": declare(self, "image_transport", "raw", "raw (sensor_msgs/Image) or compressed"),
+            "image_converter": declare(self, "image_converter", "auto",
+                                       "camera message to RGB: auto (cv_bridge when importable, else built-in), "
+                                       "cv_bridge, or builtin (OpenCV/numpy)"),
             "ee_pose_topic": declare(self, "ee_pose_topic", "/ee_pose", "TCP pose in the base frame"),
             "success_topic": declare(self, "success_topic", "", "std_msgs/Bool task success signal; '' = none"),
             "twist_topic": declare(self, "twist_topic", "/servo_node/delta_twist_cmds", "MoveIt Servo twist input"),
@@ -182,6 +186,8 @@ class PolicyServerNode(Node):
             raise ConfigError("parameter 'checkpoint' is empty: give the policy checkpoint directory")
         if p["image_transport"] not in ("raw", "compressed"):
             raise ConfigError(f"parameter 'image_transport': '{p['image_transport']}' is not raw or compressed")
+        if p["image_converter"] not in ("auto", "cv_bridge", "builtin"):
+            raise ConfigError(f"parameter 'image_converter': '{p['image_converter']}' is not auto, cv_bridge or builtin")
         if p["gripper_mode"] not in ("opening", "trajectory"):
             raise ConfigError(f"parameter 'gripper_mode': '{p['gripper_mode']}' is not opening or trajectory")
         for key in ("image_topic", "ee_pose_topic", "twist_topic", "success_topic", "gripper_topic"):
@@ -390,8 +396,8 @@ class PolicyServerNode(Node):
             if self.p["enforce_workspace"] and (pose is None or pose_age > self.p["pose_timeout"]):
                 return False, steps, f"EE pose stale on {self.p['ee_pose_topic']} (needed for the workspace box)"
             try:
-                rgb = _to_rgb(image)
-            except ValueError as e:
+                rgb = self._convert(image)
+            except (ValueError, TypeError) as e:  # cv_bridge's CvBridgeError is a TypeError
                 return False, steps, f"bad camera image: {e}"
             t0 = time.perf_counter()
             try:
@@ -479,6 +485,30 @@ class _StepPacer:
 
 def _to_rgb(msg) -> np.ndarray:
     return compressed_msg_to_rgb(msg) if isinstance(msg, CompressedImage) else image_msg_to_rgb(msg)
+
+
+def make_converter(choice: str, log=print):
+    """Camera message -> RGB uint8 (H, W, 3): ROS 2 cv_bridge where it is importable (a real ROS
+    install) and chosen ("auto" or "cv_bridge"), else the built-in OpenCV/numpy conversion."""
+    if choice != "builtin":
+        try:
+            from cv_bridge import CvBridge
+        except ImportError:
+            if choice == "cv_bridge":
+                raise ConfigError("parameter 'image_converter': cv_bridge is not importable here "
+                                  "(install ros-<distro>-cv-bridge, or use auto/builtin)") from None
+        else:
+            bridge = CvBridge()
+            log("converting camera images with cv_bridge")
+
+            def convert(msg) -> np.ndarray:
+                if isinstance(msg, CompressedImage):
+                    return np.asarray(bridge.compressed_imgmsg_to_cv2(msg, "rgb8"))
+                return np.asarray(bridge.imgmsg_to_cv2(msg, "rgb8"))
+
+            return convert
+        log("cv_bridge is not importable: converting camera images with OpenCV/numpy")
+    return lambda msg: _to_rgb(msg)
 
 
 def main(args=None) -> int:

@@ -77,6 +77,35 @@ def test_steps_follow_frames_at_once_and_never_exceed_the_control_rate():
     assert abs(len(steps) - 100) <= 2 and np.diff(steps).min() >= 0.5 * period - 1e-9
 
 
+def test_camera_images_go_through_cv_bridge_when_it_is_there_and_the_builtin_path_otherwise(monkeypatch):
+    import sys
+    import types
+
+    from lapa_policy_node.policy_server_node import make_converter
+    from lapa_policy_node.runtime import ConfigError
+
+    frame = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    msg = Image(height=2, width=3, encoding="bgr8", step=9, data=frame.tobytes())
+    lines = []
+    monkeypatch.setitem(sys.modules, "cv_bridge", None)  # as here: not importable
+    builtin = make_converter("auto", lines.append)
+    assert np.array_equal(builtin(msg), frame[..., ::-1]) and "not importable" in lines[-1]
+    with pytest.raises(ConfigError, match="cv_bridge is not importable"):
+        make_converter("cv_bridge")
+
+    calls = []
+
+    class CvBridge:  # the ROS 2 cv_bridge API the server uses
+        def imgmsg_to_cv2(self, m, desired_encoding):
+            calls.append(desired_encoding)
+            return frame
+
+    monkeypatch.setitem(sys.modules, "cv_bridge", types.SimpleNamespace(CvBridge=CvBridge))
+    bridged = make_converter("auto", lines.append)
+    assert bridged(msg) is not None and calls == ["rgb8"] and "with cv_bridge" in lines[-1]
+    assert np.array_equal(make_converter("builtin", lines.append)(msg), frame[..., ::-1]) and calls == ["rgb8"]
+
+
 @pytest.fixture(scope="module")
 def sim(ros):
     proc = NodeProcess(SIM, {"image_width": 48, "image_height": 48, "camera_rate": 20.0})
