@@ -13,6 +13,9 @@
              success rate +- standard error, and plots. In-process and lock-step for the table; and
              for SCRATCH and LAPA also through the real ROS path (lapa_sim_arm + lapa_policy_server
              over DDS, one FollowInstruction goal per episode, in real time) on the same layouts;
+             and offline: each method's predicted motion against expert demonstrations of held-out
+             seen-category layouts (horizontal direction cosine: cheap, low-variance, and telling
+             when every success rate is still 0);
 6. sweep     SCRATCH and LAPA finetuned on fewer labelled episodes, evaluated on the seen category.
 
 Every stage writes into --out and is skipped when a previous `lapa demo` finished it with the
@@ -274,6 +277,35 @@ class Demo:
                  f"--out {out}")
         return {"success_rate": report.success_rate(), "by_task": report.by_task(), "episodes": len(report.episodes)}
 
+    def _test_demonstrations(self) -> Path:
+        """Expert demonstrations, with actions, of the seen category's evaluation layouts (twice as many
+        per task as the closed-loop cells): the offline action evaluation's data. Made here, not in the
+        data stage, because only evaluation uses them."""
+        from lapa_training.data.dataset import is_dataset
+        from lapa_training.data.generate import generate
+        from lapa_training.data.ingest import IngestOptions, ingest
+
+        s, bags, data = self.s, self.out / "bags" / "test", self.out / "data" / "test"
+        first, count = 900_000 + s.seed * 1000, 2 * s.eval_episodes
+        if not is_dataset(data):
+            generate(bags, list(TASKS), count, image_size=s.image_size, first_seed=first, combinations="seen")
+            ingest([bags], data, IngestOptions(image_size=s.image_size, seed=s.seed, mode="overwrite",
+                                               split=(0.0, 0.0, 1.0), warn=lambda m: None))
+        self.cmd(f"lapa data generate --out {bags} --episodes {count} --image-size {s.image_size} --first-seed {first} "
+                 f"--combinations seen")
+        self.cmd(f"lapa data ingest {bags} --out {data} --image-size {s.image_size} --split 0,0,1")
+        return data
+
+    def _offline_cell(self, policy_dir: Path, test: Path, out: Path) -> dict:
+        from lapa_policy_node.policy_api import load_policy
+        from lapa_training.data.dataset import Dataset
+        from lapa_training.eval_actions import evaluate_actions, write_action_report
+
+        report = evaluate_actions(load_policy(policy_dir), Dataset(test))
+        write_action_report(report, out)
+        self.cmd(f"lapa eval actions --policy {policy_dir} --data {test} --out {out}")
+        return {k: report[k] for k in ("cosine_xy", "cosine_xy_se", "cosine_xyz", "cosine_xyz_se", "episodes")}
+
     def _eval_over_ros(self, out: Path) -> dict:
         """The seen category's first layouts through the action server; with the in-process result on the
         same layouts, so the two paths can be compared."""
@@ -306,12 +338,14 @@ class Demo:
         out = self.out / "eval"
         results: dict[str, dict] = {"episodes_per_cell": self.s.eval_episodes * len(TASKS),
                                     "categories": list(CATEGORIES), "methods": {}}
+        test = self._test_demonstrations()
         for name in self._methods():
             policy_dir = self.out / "finetune" / name / "model"
             row = {}
             for category in ("seen",) if name in ONLY_SEEN else CATEGORIES:
                 print(f"-- {name}, {CATEGORY_TITLES[category]}")
                 row[category] = self._eval_cell(policy_dir, category, out / name / category)
+            row["offline"] = self._offline_cell(policy_dir, test, out / name / "offline")
             val = [r for r in read_metrics(self.out / "finetune" / name / METRICS_FILE) if "val_token_accuracy" in r]
             row["val_token_accuracy"] = val[-1]["val_token_accuracy"] if val else None
             results["methods"][name] = row
@@ -334,7 +368,8 @@ class Demo:
             point = {"labelled_episodes": count, "percent_of_video": 100 * count / video, "methods": {}}
             for name in SWEEP_METHODS:
                 if count == full:
-                    point["methods"][name] = main["methods"][name]["seen"]
+                    point["methods"][name] = {**main["methods"][name]["seen"],
+                                              "offline": main["methods"][name].get("offline")}
                     continue
                 run = out / f"{name}_{count}eps"
                 init = self._methods()[name]
@@ -347,6 +382,8 @@ class Demo:
                          f"--out {run} --steps {s.finetune_steps} --set model.num_bins={s.num_bins} "
                          f"--set data.episodes={count}")
                 point["methods"][name] = self._eval_cell(run / "model", "seen", run / "eval")
+                point["methods"][name]["offline"] = self._offline_cell(run / "model", self.out / "data" / "test",
+                                                                       run / "offline")
             sweep["points"].append(point)
         (out / "results.json").write_text(json.dumps(sweep, indent=2) + "\n")
         sweep_plot(sweep, out / "sweep.png")
@@ -399,13 +436,17 @@ def _cell(result: dict) -> str:
 def format_table(results: dict) -> str:
     categories = results.get("categories", list(CATEGORIES))
     lines = [f"  {'method':<24}" + "".join(f"{CATEGORY_TITLES.get(c, c):>16}" for c in categories)
-             + f"{'val token acc':>15}"]
+             + f"{'offline cos(xy)':>17}{'val token acc':>15}"]
     for name, row in results["methods"].items():
         acc = row.get("val_token_accuracy")
         lines.append(f"  {name:<24}" + "".join(f"{_cell(row[c]) if c in row else '-':>16}" for c in categories)
-                     + f"{'' if acc is None else f'{acc:.3f}':>15}")
+                     + f"{_offline(row.get('offline')):>17}{'' if acc is None else f'{acc:.3f}':>15}")
     lines.append(f"  ({results['episodes_per_cell']} episodes per cell over {len(TASKS)} tasks; ± is one standard "
                  f"error; held-out layouts)")
+    offline = next((r["offline"] for r in results["methods"].values() if r.get("offline")), None)
+    if offline:
+        lines.append(f"  (offline cos(xy): predicted vs expert horizontal motion on {offline['episodes']} held-out "
+                     f"demonstrations, every frame; chance 0, ± over episodes)")
     if results.get("ros"):
         lines.append("\n  through the ROS action server (sim arm + policy server over DDS, real time; seen category):")
         lines.append(f"  {'method':<24}{'over ROS':>16}{'same layouts in-process':>26}{'act p50/p99 ms':>17}")
@@ -416,14 +457,19 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _offline(cell: dict | None) -> str:
+    return "-" if not cell else f"{cell['cosine_xy']:.2f} ± {cell['cosine_xy_se']:.2f}"
+
+
 def format_sweep(sweep: dict) -> str:
     names = list(sweep["points"][0]["methods"]) if sweep["points"] else []
     lines = [f"\n  labelled-episode sweep (seen category, {sweep['episodes_per_point']} episodes per point; "
-             f"{sweep['video_episodes']} action-free video episodes)",
-             f"  {'labelled episodes':<24}" + "".join(f"{n:>16}" for n in names)]
+             f"{sweep['video_episodes']} action-free video episodes; success, then offline cos(xy))",
+             f"  {'labelled episodes':<24}" + "".join(f"{n:>16}{'':>14}" for n in names)]
     for point in sweep["points"]:
         label = f"{point['labelled_episodes']} ({point['percent_of_video']:.0f} % of video)"
-        lines.append(f"  {label:<24}" + "".join(f"{_cell(point['methods'][n]):>16}" for n in names))
+        lines.append(f"  {label:<24}" + "".join(f"{_cell(point['methods'][n]):>16}"
+                                                f"{_offline(point['methods'][n].get('offline')):>14}" for n in names))
     return "\n".join(lines)
 
 

@@ -103,9 +103,7 @@ def add_policy_parser(sub) -> None:
 
 
 def run_policy(args) -> int:
-    from lapa_policy_node.policy_api import PolicyLoadError, load_policy
     from lapa_sim import tasks
-    from lapa_training.checkpoint import CheckpointError
     from lapa_training.eval_policy import EVAL_SEED, evaluate_policy, format_report
 
     if args.episodes < 1:
@@ -116,13 +114,7 @@ def run_policy(args) -> int:
     unknown = [t for t in task_names if t not in tasks.TASKS]
     if unknown:
         raise UserError(f"unknown task(s) {', '.join(unknown)}; tasks are {', '.join(tasks.TASKS)}")
-    path = args.policy
-    if (path / "model" / "config.json").is_file() and not (path / "config.json").is_file():
-        path = path / "model"
-    try:
-        policy = load_policy(path)
-    except (PolicyLoadError, CheckpointError) as e:
-        raise UserError(" ".join(str(e).split())) from None
+    path, policy = _load_policy_arg(args.policy)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -149,10 +141,59 @@ def run_policy(args) -> int:
     return 0
 
 
+def add_actions_parser(sub) -> None:
+    p = sub.add_parser(
+        "actions", help="offline: a policy's predicted motion against held-out demonstrations",
+        description="Run a policy checkpoint on every labelled frame of a dataset it did not train on (with each "
+                    "episode's instruction) and compare its end-effector translation with the demonstrator's: "
+                    "cosine, per-axis sign agreement and correlation, gripper agreement, per task. A cheap, "
+                    "low-variance companion to the closed-loop success rate. Writes report.json and agreement.png.")
+    p.add_argument("--policy", type=Path, required=True,
+                   help="policy checkpoint (a directory with config.json), or a training run (its model/)")
+    p.add_argument("--data", type=Path, required=True, help="dataset with actions (lapa data ingest)")
+    p.add_argument("--split", choices=("train", "val", "test"), default=None,
+                   help="only this split of --data (default: every episode)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the report")
+
+
+def run_actions(args) -> int:
+    from lapa_training.data.dataset import Dataset
+    from lapa_training.data.errors import IngestError
+    from lapa_training.eval_actions import ActionEvalError, evaluate_actions, format_action_report, write_action_report
+
+    path, policy = _load_policy_arg(args.policy)
+    try:
+        dataset = Dataset(args.data)
+        report = evaluate_actions(policy, dataset, split=args.split, progress=sys.stderr.isatty())
+        written = write_action_report(report, args.out)
+    except (IngestError, ActionEvalError) as e:
+        raise UserError(" ".join(str(e).split())) from None
+    except OSError as e:
+        raise UserError(f"cannot write the report to {args.out}: {e.strerror}") from None
+    print(f"offline action agreement of {path} on {args.data}{'' if args.split is None else f' ({args.split})'}:")
+    print(format_action_report(report))
+    print(f"report: {written}, plot: {args.out / 'agreement.png'}")
+    return 0
+
+
+def _load_policy_arg(path: Path):
+    """--policy: a checkpoint directory, or a training run whose model/ is one -> (path, policy)."""
+    from lapa_policy_node.policy_api import PolicyLoadError, load_policy
+    from lapa_training.checkpoint import CheckpointError
+
+    if (path / "model" / "config.json").is_file() and not (path / "config.json").is_file():
+        path = path / "model"
+    try:
+        return path, load_policy(path)
+    except (PolicyLoadError, CheckpointError) as e:
+        raise UserError(" ".join(str(e).split())) from None
+
+
 # ---------------------------------------------------------------- the `lapa eval` command
 ACTIONS: dict[str, tuple[Callable, Callable[..., int]]] = {
     "laq": (add_laq_parser, run_laq),
     "policy": (add_policy_parser, run_policy),
+    "actions": (add_actions_parser, run_actions),
 }
 
 

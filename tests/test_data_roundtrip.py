@@ -58,7 +58,8 @@ def test_generated_bag_ingests_to_exactly_the_frames_and_actions_the_sim_produce
 def test_action_free_generation_gives_an_action_free_episode(tmp_path, env):
     from lapa_training.data.generate import generate_episode
 
-    generate_episode(env, tmp_path / "bags", "reach", 2, record_actions=False)
+    # a seed as large as evaluation layouts use: header stamps must still fit ROS time's int32 seconds
+    generate_episode(env, tmp_path / "bags", "reach", 900_002, record_actions=False)
     ingest([tmp_path / "bags"], tmp_path / "ds", IngestOptions(image_size=32, progress=False))
     ds = Dataset(tmp_path / "ds")
     assert not ds.episodes[0]["has_actions"] and np.all(np.isnan(ds.actions))

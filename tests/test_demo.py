@@ -38,6 +38,8 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
             assert 0.0 <= cell["success_rate"] <= 1.0
             assert set(cell["by_task"]) == {"reach", "push", "pick_place"}
         assert 0.0 <= row["val_token_accuracy"] <= 1.0
+        # offline: every method against the same expert demonstrations of held-out layouts
+        assert -1.0 <= row["offline"]["cosine_xy"] <= 1.0 and row["offline"]["episodes"] == 2 * results["episodes_per_cell"]
     for name in methods:
         assert (out / "finetune" / name / "model/config.json").is_file()
         assert (out / "finetune" / name / "training_curves.png").is_file()
@@ -51,7 +53,7 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
     assert (out / "data/video/labels/laq/tokens.npy").is_file()
     commands = (out / "COMMANDS.md").read_text()
     for needle in ("lapa data collect", "lapa train laq", "lapa label", "lapa train pretrain --objective latent",
-                   "lapa train finetune --init", "lapa eval policy"):
+                   "lapa train finetune --init", "lapa eval policy", "lapa eval actions"):
         assert needle in commands, commands
     assert "unseen combo" in stdout and "paraphrased" in stdout and "labelled-episode sweep" in stdout
     ros = results["ros"]["lapa"]  # the same policy through the action server and the sim arm over DDS
@@ -83,7 +85,8 @@ def test_the_labelled_episode_sweep_ends_at_the_full_set_and_uses_fewer_before(q
     counts = [p["labelled_episodes"] for p in sweep["points"]]
     assert counts == sorted(set(counts)) and len(counts) >= 2
     main = json.loads((out / "eval/results.json").read_text())
-    assert sweep["points"][-1]["methods"]["lapa"] == main["methods"]["lapa"]["seen"]
+    full = dict(sweep["points"][-1]["methods"]["lapa"])
+    assert full.pop("offline") == main["methods"]["lapa"]["offline"] and full == main["methods"]["lapa"]["seen"]
     for point in sweep["points"][:-1]:
         for name in ("scratch", "lapa"):
             run = out / "sweep" / f"{name}_{point['labelled_episodes']}eps"

@@ -18,6 +18,8 @@ from lapa_training.data.bag_format import typestore
 from lapa_training.data.episode_writer import EpisodeBagWriter
 
 EPOCH_NS = 1_700_000_000 * 10**9  # simulated wall clock of episode 0; each seed starts 1000 s later
+# ... modulo this many seeds: header stamps keep their seconds in int32 (until 2038) for any seed
+SEED_CLOCK_PERIOD = 100_000
 
 
 @dataclass
@@ -114,7 +116,7 @@ def generate_episode(env, out_dir: Path, task: str, seed: int, *, name: str | No
             writer.add_topic(bag_format.JOINT_STATE_TOPIC, "sensor_msgs/msg/JointState")
             writer.add_topic(bag_format.TWIST_TOPIC, "geometry_msgs/msg/TwistStamped")
             writer.add_topic(bag_format.GRIPPER_TOPIC, "std_msgs/msg/Float64")
-        t0 = EPOCH_NS + seed * 1000 * 10**9
+        t0 = EPOCH_NS + (seed % SEED_CLOCK_PERIOD) * 1000 * 10**9
         writer.write_msg(bag_format.INSTRUCTION_TOPIC, t0, msgs.string(ep.instruction))
         frames, twists, grippers = [], [], []
         max_steps = int(round(tasks.MAX_SECONDS[task] / period))
