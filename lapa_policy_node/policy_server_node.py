@@ -122,6 +122,7 @@ class PolicyServerNode(Node):
 
         self._topic_goal = ActionClient(self, FollowInstruction, "~/follow_instruction")
         self._publish_status("idle")
+        self.get_logger().info(motion_interface_note())
         self.get_logger().info(
             f"policy server ready: {p['checkpoint']} at {self.control_rate:.1f} Hz; camera {p['image_topic']}, "
             f"twists to {p['twist_topic']} ({p['twist_frame']})")
@@ -485,6 +486,21 @@ class _StepPacer:
 
 def _to_rgb(msg) -> np.ndarray:
     return compressed_msg_to_rgb(msg) if isinstance(msg, CompressedImage) else image_msg_to_rgb(msg)
+
+
+def motion_interface_note() -> str:
+    """The start-up line on how commands reach the arm: Servo twists always; MoveIt's plan-and-execute
+    (moveit_py) is not a mode of this server, whether or not moveit_py is installed."""
+    import importlib.util
+
+    try:
+        have_moveit_py = importlib.util.find_spec("moveit") is not None
+    except (ImportError, ValueError):
+        have_moveit_py = False
+    if have_moveit_py:
+        return ("moveit_py is installed, but this server only streams end-effector twists to MoveIt Servo: "
+                "plan-and-execute mode is not offered")
+    return "moveit_py is not importable: plan-and-execute mode skipped; streaming end-effector twists to MoveIt Servo"
 
 
 def make_converter(choice: str, log=print):

@@ -106,6 +106,18 @@ def test_camera_images_go_through_cv_bridge_when_it_is_there_and_the_builtin_pat
     assert np.array_equal(make_converter("builtin", lines.append)(msg), frame[..., ::-1]) and calls == ["rgb8"]
 
 
+def test_the_log_says_plan_and_execute_is_not_offered_whether_or_not_moveit_py_is_there(monkeypatch):
+    import importlib.util
+
+    from lapa_policy_node.policy_server_node import motion_interface_note
+
+    real = importlib.util.find_spec
+    assert real("moveit") is None  # as here
+    assert "plan-and-execute mode skipped" in motion_interface_note()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "moveit" else real(name, *a))
+    assert "plan-and-execute mode is not offered" in motion_interface_note()
+
+
 @pytest.fixture(scope="module")
 def sim(ros):
     proc = NodeProcess(SIM, {"image_width": 48, "image_height": 48, "camera_rate": 20.0})
@@ -142,6 +154,7 @@ def _server(test_node, tmp_path, name="lapa_policy_server", delta=(STEP, 0, 0, 0
     wait_for(lambda: "policy server ready" in proc.output() or proc.proc.poll() is not None, 60,
              what="the policy server")
     assert proc.proc.poll() is None, proc.output()
+    assert "plan-and-execute mode skipped" in proc.output()  # moveit_py is not installable here
     if "image_topic" not in params:  # a test with its own camera waits for its first frame itself
         _wait_for_inputs(proc, "first camera frame")
     _wait_for_inputs(proc, "first EE pose")
