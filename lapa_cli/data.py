@@ -197,6 +197,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--embodiment", choices=("panda", "floating_gripper"), default="panda",
                    help="what does the tasks: the Panda arm (default), or a free-floating two-finger hand in a "
                         "restyled scene, a stand-in for videos of another embodiment (use with --action-free)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes, each with its own simulator (default 1); the bags do not depend on it")
 
 
 def run_generate(args) -> int:
@@ -204,11 +206,13 @@ def run_generate(args) -> int:
     from lapa_training.data.generate import generate
 
     tasks = _check_demo_args(args)
+    if not 1 <= args.workers <= 256:
+        raise UserError(f"--workers must lie in [1, 256], not {args.workers}")
     try:
         done = generate(args.out, tasks, args.episodes, first_seed=args.first_seed, storage=args.storage,
                         image_size=args.image_size, noise=args.noise, instruction_set=args.instruction_set,
                         record_actions=not args.action_free, progress=sys.stderr.isatty(),
-                        embodiment=args.embodiment, combinations=args.combinations)
+                        embodiment=args.embodiment, combinations=args.combinations, workers=args.workers)
     except EpisodeWriterError as e:  # episode name taken
         raise UserError(str(e)) from None
     except OSError as e:  # output directory not writable

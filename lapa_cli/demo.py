@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ CATEGORIES = {"seen": ("train", "seen"), "unseen_combination": ("train", "unseen
 CATEGORY_TITLES = {"seen": "seen", "unseen_combination": "unseen combo", "paraphrase": "paraphrased"}
 SWEEP_METHODS = ("scratch", "lapa")
 ONLY_SEEN = ("lapa_other_embodiment",)  # its claim (beats SCRATCH) needs the seen category only
+WORKERS = max(1, min(4, os.cpu_count() or 1))  # simulator processes for bulk generation (bags do not depend on it)
 
 
 @dataclass
@@ -158,9 +160,9 @@ class Demo:
         s, out = self.s, self.out
         bags = out / "bags"
         generate(bags / "video", list(TASKS), s.video_episodes, image_size=s.image_size, first_seed=s.seed * 100_000,
-                 combinations="seen")
+                 combinations="seen", workers=WORKERS)
         self.cmd(f"lapa data generate --out {bags / 'video'} --episodes {s.video_episodes} --image-size {s.image_size} "
-                 f"--first-seed {s.seed * 100_000} --combinations seen")
+                 f"--first-seed {s.seed * 100_000} --combinations seen --workers {WORKERS}")
         collect(bags / "labelled", list(TASKS), s.labelled_episodes, image_size=s.image_size,
                 first_seed=s.seed * 100_000 + 50_000, combinations="seen")
         self.cmd(f"lapa data collect --out {bags / 'labelled'} --episodes {s.labelled_episodes} "
@@ -190,10 +192,10 @@ class Demo:
             return False
         generate(folder, list(TASKS), self.s.other_embodiment_episodes, image_size=self.s.image_size,
                  first_seed=self.s.seed * 100_000 + 80_000, record_actions=False, embodiment="floating_gripper",
-                 combinations="seen")
+                 combinations="seen", workers=WORKERS)
         self.cmd(f"lapa data generate --embodiment floating_gripper --action-free --episodes "
                  f"{self.s.other_embodiment_episodes} --image-size {self.s.image_size} --first-seed "
-                 f"{self.s.seed * 100_000 + 80_000} --combinations seen --out {folder}")
+                 f"{self.s.seed * 100_000 + 80_000} --combinations seen --workers {WORKERS} --out {folder}")
         return True
 
     def _corpora(self) -> list[Path]:
@@ -288,11 +290,12 @@ class Demo:
         s, bags, data = self.s, self.out / "bags" / "test", self.out / "data" / "test"
         first, count = 900_000 + s.seed * 1000, 2 * s.eval_episodes
         if not is_dataset(data):
-            generate(bags, list(TASKS), count, image_size=s.image_size, first_seed=first, combinations="seen")
+            generate(bags, list(TASKS), count, image_size=s.image_size, first_seed=first, combinations="seen",
+                     workers=WORKERS)
             ingest([bags], data, IngestOptions(image_size=s.image_size, seed=s.seed, mode="overwrite",
                                                split=(0.0, 0.0, 1.0), warn=lambda m: None))
         self.cmd(f"lapa data generate --out {bags} --episodes {count} --image-size {s.image_size} --first-seed {first} "
-                 f"--combinations seen")
+                 f"--combinations seen --workers {WORKERS}")
         self.cmd(f"lapa data ingest {bags} --out {data} --image-size {s.image_size} --split 0,0,1")
         return data
 
@@ -390,7 +393,6 @@ class Demo:
 
     def _write_results(self, results: dict, sweep: dict) -> None:
         """RESULTS.md: the tables, the plots, the machine and the stage wall times of this run."""
-        import os
         import platform
 
         import torch

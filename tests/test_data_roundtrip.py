@@ -131,3 +131,17 @@ def test_ros_recorded_episode_ingests_to_the_images_and_commands_that_went_over_
         np.testing.assert_allclose(actions[k, :3], expected[:3], atol=3e-4, err_msg=f"step {k}")
     moved = np.nansum(actions[:, :3], axis=0)
     assert np.linalg.norm(moved) > 0.05  # the reach moved the TCP: the comparison above was not all zeros
+
+
+def test_parallel_generation_writes_the_same_episodes_as_one_process(tmp_path):
+    from lapa_training.data.generate import generate
+
+    for workers in (1, 2):
+        done = generate(tmp_path / f"bags{workers}", ["reach", "push"], 2, image_size=32, first_seed=7,
+                        progress=False, workers=workers)
+        assert [(e.task, e.seed) for e in done] == [("reach", 7), ("reach", 8), ("push", 7), ("push", 8)]
+        ingest([tmp_path / f"bags{workers}"], tmp_path / f"ds{workers}", IngestOptions(image_size=32, progress=False))
+    one, two = Dataset(tmp_path / "ds1"), Dataset(tmp_path / "ds2")
+    np.testing.assert_array_equal(np.asarray(one.frames), np.asarray(two.frames))
+    np.testing.assert_array_equal(np.asarray(one.actions), np.asarray(two.actions))
+    assert [e["instruction"] for e in one.episodes] == [e["instruction"] for e in two.episodes]

@@ -154,33 +154,74 @@ def generate_episode(env, out_dir: Path, task: str, seed: int, *, name: str | No
 def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *, first_seed: int = 0,
              storage: str = "mcap", image_size: int = 128, control_rate: float = 10.0, noise: float = 0.03,
              instruction_set: str = "train", record_actions: bool = True, progress: bool = True,
-             embodiment: str = "panda", combinations: str = "all") -> list[GeneratedEpisode]:
+             embodiment: str = "panda", combinations: str = "all", workers: int = 1) -> list[GeneratedEpisode]:
     """Write episodes_per_task bags of each task into out_dir; seeds first_seed, first_seed + 1, ...
     (only those of `combinations`, see lapa_sim.tasks.episode_seeds).
 
     embodiment: "panda", or "floating_gripper" (a free-floating hand in a restyled scene, a stand-in
     for videos of another embodiment; usually with record_actions=False).
+    workers: processes, each with its own simulator (episodes depend on their seed alone, so the bags
+    are the same for any number of workers).
     """
     from tqdm import tqdm
 
-    from lapa_sim.env import TabletopEnv
     from lapa_sim.scene import check_embodiment
     from lapa_sim.tasks import episode_seeds
 
     check_embodiment(embodiment)
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
     jobs = [(task, seed) for task in task_list
             for seed in episode_seeds(task, first_seed, episodes_per_task, combinations)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = TabletopEnv(image_size=(image_size, image_size), embodiment=embodiment)
+    options = dict(storage=storage, control_rate=control_rate, noise=noise, instruction_set=instruction_set,
+                   record_actions=record_actions)
     done: list[GeneratedEpisode] = []
+    bar = tqdm(total=len(jobs), desc="generating episodes", unit="ep", disable=not progress)
+    pool = None
     try:
-        bar = tqdm(jobs, desc="generating episodes", unit="ep", disable=not progress)
-        for task, seed in bar:
-            done.append(generate_episode(env, out_dir, task, seed, storage=storage, control_rate=control_rate,
-                                         noise=noise, instruction_set=instruction_set,
-                                         record_actions=record_actions))
+        if workers == 1 or len(jobs) < 2:
+            _init_worker(out_dir, image_size, embodiment, options)
+            results = map(_generate_one, jobs)
+        else:
+            import multiprocessing
+
+            # spawn, not fork: every worker builds its own MuJoCo model and renderer from scratch
+            pool = multiprocessing.get_context("spawn").Pool(
+                min(workers, len(jobs)), initializer=_init_worker, initargs=(out_dir, image_size, embodiment, options))
+            results = pool.imap(_generate_one, jobs, chunksize=2)
+        for episode in results:
+            done.append(episode)
+            bar.update(1)
             bar.set_postfix(success=f"{np.mean([e.success for e in done]):.0%}")
     finally:
-        env.close()
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _close_worker()
     return done
+
+
+_worker: dict = {}  # this process's simulator and episode options (see generate)
+
+
+def _init_worker(out_dir: Path, image_size: int, embodiment: str, options: dict) -> None:
+    from lapa_sim.env import TabletopEnv
+
+    _close_worker()
+    _worker.update(env=TabletopEnv(image_size=(image_size, image_size), embodiment=embodiment), out_dir=out_dir,
+                   options=options)
+
+
+def _generate_one(job: tuple[str, int]) -> GeneratedEpisode:
+    task, seed = job
+    return generate_episode(_worker["env"], _worker["out_dir"], task, seed, **_worker["options"])
+
+
+def _close_worker() -> None:
+    env = _worker.pop("env", None)
+    if env is not None:
+        env.close()
+    _worker.clear()
