@@ -505,3 +505,30 @@ def test_policy_runtime_imports_no_training_code():
                     assert top in allowed_third_party or top in sys.stdlib_module_names or top == "__future__", \
                         f"{module} imports {name}"
     assert "lapa_training.vla.modeling_vla" in seen and "lapa_training.checkpoint" in seen
+
+
+def test_spatial_readout_reads_image_token_states_by_position_and_old_checkpoints_load_without_it(tmp_path):
+    with pytest.raises(ValueError, match="spatial_readout must be an integer >= 0"):
+        VLAConfig.tiny(spatial_readout=-1)
+    model = tiny(objective="action", stage="finetune", num_bins=16).eval()
+    assert model.config.spatial_readout == 16 and model.image_tokens == 64  # the tiny tower's 8x8 grid
+    assert model.parameter_counts()["spatial_readout"] > 0
+    px, ids, mask = batch(model)
+    with torch.inference_mode():
+        with_readout = model.final_hidden(px, ids, mask)
+        last_only = with_readout - model.spatial_readout(
+            model.language(inputs_embeds=torch.cat([model.encode_images(px), model.language.get_input_embeddings()(ids)], 1),
+                           attention_mask=torch.cat([mask.new_ones(len(ids), 64), mask], 1)).last_hidden_state[:, :64])
+    assert not torch.allclose(with_readout, last_only)
+    # a checkpoint written before the option existed has no key: it loads as the plain readout
+    plain = tiny(objective="action", stage="finetune", num_bins=16, spatial_readout=0)
+    assert plain.spatial_readout is None and "spatial_readout" not in plain.parameter_counts()
+    path = plain.save_pretrained(tmp_path / "old")
+    config = json.loads((path / "config.json").read_text())
+    del config["spatial_readout"]
+    (path / "config.json").write_text(json.dumps(config))
+    meta = json.loads((path / "checkpoint.json").read_text())  # as that older writer recorded it
+    meta["files"]["config.json"] = (path / "config.json").stat().st_size
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    loaded = VLAModel.from_pretrained(path)
+    assert loaded.config.spatial_readout == 0 and loaded.spatial_readout is None

@@ -301,6 +301,14 @@ class VLAModel(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        self.spatial_readout: nn.Module | None = None
+        self.image_tokens = 0
+        if config.spatial_readout:
+            with torch.no_grad():  # how many tokens this vision tower makes (class token or not)
+                probe = torch.zeros(1, 3, *self.image_size, dtype=next(self.vision.parameters()).dtype)
+                self.image_tokens = int(self.vision(pixel_values=probe).last_hidden_state.shape[1])
+            self.spatial_readout = nn.Sequential(nn.Linear(lm_dim, config.spatial_readout), nn.Flatten(1),
+                                                 nn.Linear(config.spatial_readout * self.image_tokens, lm_dim))
         self.register_buffer("pixel_scale", 1.0 / (255.0 * torch.tensor(config.image_std)).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("pixel_shift", (torch.tensor(config.image_mean) / torch.tensor(config.image_std))
@@ -359,7 +367,8 @@ class VLAModel(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         parts = {"vision": self.vision, "projector": self.projector, "language": self.language,
-                 "latent_head": self.latent_head, "action_head": self.action_head}
+                 "spatial_readout": self.spatial_readout, "latent_head": self.latent_head,
+                 "action_head": self.action_head}
         return {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items() if m is not None}
 
     def set_action_bins(self, bins: ActionBins) -> None:
@@ -438,7 +447,8 @@ class VLAModel(nn.Module):
 
     def final_hidden(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The LM's final hidden state at the last non-pad position of [image tokens; text] (B, D)."""
+        """The LM's final hidden state at the last non-pad position of [image tokens; text] (B, D),
+        plus, with config.spatial_readout, a projection of the image tokens' final states by position."""
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != self.image_size:
             raise ValueError(f"pixel_values must be (B, 3, {self.image_size[0]}, {self.image_size[1]}) (use "
                              f"preprocess_images), got {tuple(pixel_values.shape)}")
@@ -457,7 +467,10 @@ class VLAModel(nn.Module):
             positions = torch.arange(full_mask.shape[1], device=x.device)
             last = (full_mask * positions).argmax(dim=1)
         hidden = self.language(inputs_embeds=x, attention_mask=full_mask, use_cache=False).last_hidden_state
-        return hidden[torch.arange(b, device=x.device), last]
+        out = hidden[torch.arange(b, device=x.device), last]
+        if self.spatial_readout is not None:  # + the image tokens' states, laid out by position
+            out = out + self.spatial_readout(hidden[:, :n])
+        return out
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLAOutput:
@@ -594,6 +607,7 @@ class VLAModel(nn.Module):
         path = _resolved(directory)
         saved = dict(saved)
         saved.pop("policy_type", None)
+        saved.setdefault("spatial_readout", 0)  # checkpoints from before the option had none
         backbones = saved.pop("backbones", None)
         if not isinstance(backbones, dict) or not {"vision", "language"} <= set(backbones):
             raise CheckpointError(f"{path}/config.json has no backbone configs: not a VLA checkpoint written by "

@@ -329,6 +329,7 @@ def pretrain(objective: str, data: list[str | Path], out: str | Path, model_sect
         bins = ActionBins.fit(train.targets.reshape(-1, 7), config.num_bins)
         model = VLAModel(config, action_bins=bins)
     augment = bool(opts.augment) if opts.augment is not None else False
+    info["augment"] = augment
     job = VLATrainJob(model, datasets, train, val, seed=train_cfg.seed, augment=augment, val_source=val_source,
                       info=info)
     return _run(job, train_cfg, out, resume, overwrite, progress, callbacks,
@@ -379,6 +380,7 @@ def finetune(data: list[str | Path], out: str | Path, model_section: dict[str, A
             "data": [str(Path(p).resolve()) for p in data], "labelled_episodes": used,
             "val_samples": opts.val_samples, "effective_bins": list(bins.num_bins)}
     augment = True if opts.augment is None else bool(opts.augment)
+    info["augment"] = augment  # recorded in run.json: it changes what the model learns
     job = VLATrainJob(model, datasets, train, val, seed=train_cfg.seed, augment=augment, val_source=val_source,
                       info=info)
     if progress and is_main_process():
