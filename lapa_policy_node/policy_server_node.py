@@ -524,7 +524,7 @@ def make_converter(choice: str, log=print):
 
             return convert
         log("cv_bridge is not importable: converting camera images with OpenCV/numpy")
-    return lambda msg: _to_rgb(msg)
+    return _to_rgb
 
 
 def main(args=None) -> int:

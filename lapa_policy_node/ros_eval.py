@@ -30,8 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from lapa_training.eval_policy import EpisodeOutcome, PolicyReport
 
 READY_TIMEOUT = 120.0  # s for both nodes to start (a model load on a busy machine takes a while)
@@ -119,10 +117,7 @@ def evaluate_over_ros(policy_dir, jobs: list[tuple[str, int]], *, image_size: in
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    if latencies:
-        report.act_ms_p50 = float(np.percentile(latencies, 50) * 1e3)
-        report.act_ms_p99 = float(np.percentile(latencies, 99) * 1e3)
-    report.wall_seconds = time.perf_counter() - t_start
+    report.finish(latencies, t_start)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,13 @@ class PolicyReport:
                          "failures": int(sum(e.failure is not None for e in eps))}
         return out
 
+    def finish(self, act_seconds: list[float], started: float) -> None:
+        """Set the act-time percentiles and the wall time (from perf_counter `started`)."""
+        if act_seconds:
+            self.act_ms_p50 = float(np.percentile(act_seconds, 50) * 1e3)
+            self.act_ms_p99 = float(np.percentile(act_seconds, 99) * 1e3)
+        self.wall_seconds = time.perf_counter() - started
+
     def to_dict(self) -> dict[str, Any]:
         return {"success_rate": self.success_rate(), "by_task": self.by_task(), "act_ms_p50": self.act_ms_p50,
                 "act_ms_p99": self.act_ms_p99, "wall_seconds": self.wall_seconds,
@@ -123,10 +130,7 @@ def evaluate_policy(policy: Policy, task_names: list[str] | tuple[str, ...], epi
             bar.set_postfix(success=f"{report.success_rate():.0%}")
     finally:
         env.close()
-    if act_seconds:
-        report.act_ms_p50 = float(np.percentile(act_seconds, 50) * 1e3)
-        report.act_ms_p99 = float(np.percentile(act_seconds, 99) * 1e3)
-    report.wall_seconds = time.perf_counter() - t_start
+    report.finish(act_seconds, t_start)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
