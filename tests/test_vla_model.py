@@ -94,7 +94,8 @@ def test_bad_configs_give_clear_errors(tmp_path):
 def test_config_round_trip_presets_and_heads():
     cfg = VLAConfig.tiny(image_size=128, chunk_size=4, num_bins=64)
     assert VLAConfig.from_json(cfg.to_json()) == cfg
-    assert cfg.vision_overrides == {"image_size": 128, "patch_size": 16}
+    assert cfg.vision_overrides == {"image_size": 128} and not cfg.freeze_vision
+    assert VLAModel(cfg).image_tokens == 64  # the tiny tower's 8x8 grid at any image size
     paper = VLAConfig.paper()  # described, never loaded here
     assert "siglip" in paper.vision_backbone and "Qwen" in paper.language_backbone
     assert paper.head == "latent" and paper.finetune().head == "action"
@@ -159,7 +160,7 @@ def test_image_preprocessing_crops_resizes_and_normalises():
 
 
 def test_frozen_vision_gets_no_gradient_and_stays_unchanged():
-    model = tiny(objective="action", num_bins=32)
+    model = tiny(objective="action", num_bins=32, freeze_vision=True)
     model.set_action_bins(fitted_bins(32))
     model.train()
     assert not model.vision.training  # frozen parts stay in eval mode
@@ -199,7 +200,7 @@ def test_save_load_round_trip_is_self_contained_and_identical(tmp_path):
     assert {"model.safetensors", "config.json", "checkpoint.json", "tokenizer", "action_bins.json"} <= files
     assert not [p for p in path.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".pth")]
     config = json.loads((path / "config.json").read_text())
-    assert config["policy_type"] == "lapa_vla" and config["backbones"]["vision"]["model_type"] == "siglip_vision_model"
+    assert config["policy_type"] == "lapa_vla" and config["backbones"]["vision"]["model_type"] == "lapa_tiny_conv_vision"
     from safetensors.torch import load_file
 
     saved = load_file(str(path / "model.safetensors"))
@@ -425,8 +426,11 @@ def test_overfits_a_handful_of_samples_to_within_a_bin(tmp_path):
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        if step % 10 == 9 and float(out.accuracy) == 1.0:
-            break
+        if step % 10 == 9:
+            with torch.no_grad():  # the weights as saved: after the last update
+                out = model(px, ids, mask, labels=labels)
+            if float(out.accuracy) == 1.0:
+                break
     assert float(out.accuracy) == 1.0, f"accuracy {float(out.accuracy):.3f} after {step + 1} steps"
     model.save_pretrained(tmp_path / "ft")
     policy = load_policy(tmp_path / "ft")
@@ -532,3 +536,35 @@ def test_spatial_readout_reads_image_token_states_by_position_and_old_checkpoint
     (path / "checkpoint.json").write_text(json.dumps(meta))
     loaded = VLAModel.from_pretrained(path)
     assert loaded.config.spatial_readout == 0 and loaded.spatial_readout is None
+
+
+def test_tiny_vision_tower_is_a_position_aware_cnn_and_siglip_tiny_checkpoints_still_load(tmp_path):
+    import transformers
+
+    from lapa_training.vla.modeling_vla import VLABuildError
+    from lapa_training.vla.tiny_vision import TinyConvVisionModel
+
+    model = tiny(objective="action", stage="finetune", num_bins=16).eval()
+    assert isinstance(model.vision, TinyConvVisionModel) and not model.config.freeze_vision
+    # 8x8 tokens at any image size; a flat grey image still gives different tokens at different places,
+    # because the coordinate planes say where each one is
+    for size in (32, 64, 128):
+        tower = tiny(image_size=size).vision.eval()
+        with torch.no_grad():
+            tokens = tower(pixel_values=torch.zeros(1, 3, size, size)).last_hidden_state
+        assert tokens.shape == (1, 64, 64)
+        assert (tokens[0, 0] - tokens[0, 63]).abs().max() > 1e-3
+    with pytest.raises(VLABuildError, match="multiple of grid 8"):
+        VLAModel(VLAConfig.tiny(vision_overrides={"image_size": 60}))
+    # checkpoints made while the tiny tower was a SigLIP ViT rebuild that ViT from their saved config
+    vit = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        image_size=64, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, vision_use_head=False))
+    old = VLAModel(VLAConfig.tiny(objective="action", stage="finetune", num_bins=16), vision=vit,
+                   language=model.language, tokenizer=model.tokenizer).eval()
+    old.set_action_bins(fitted_bins(16))
+    loaded = VLAModel.from_pretrained(old.save_pretrained(tmp_path / "vit")).eval()
+    assert isinstance(loaded.vision, transformers.SiglipVisionModel)
+    px, ids, mask = batch(old)
+    with torch.no_grad():
+        assert torch.equal(old(px, ids, mask).logits, loaded(px, ids, mask).logits)

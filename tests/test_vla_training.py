@@ -69,7 +69,7 @@ def test_latent_pretraining_learns_the_laq_tokens(latent_run):
 
 
 def test_action_pretraining_learns_the_true_actions(labelled_data, tmp_path):
-    pretrain("action", [labelled_data], tmp_path / "run", BINS8, {**FAST, "steps": 50, "val_every": 25}, SMALL,
+    pretrain("action", [labelled_data], tmp_path / "run", BINS8, {**FAST, "steps": 100, "val_every": 25}, SMALL,
              progress=False)
     losses = val_losses(tmp_path / "run")
     assert learned(losses), losses
@@ -111,8 +111,9 @@ def test_episode_subsets_are_nested_and_from_the_train_split(labelled_data):
 
 def test_finetuning_starts_from_the_pretrained_backbone_and_learns_actions(latent_run, labelled_data, tmp_path):
     run = tmp_path / "ft"
-    finetune([labelled_data], run, BINS8, {**FAST, "steps": 100, "val_every": 25}, {**SMALL, "episodes": 4, "augment": False},
-             init=latent_run, progress=False)
+    # the vision tower frozen here (the tiny preset trains it) so that the check below can see it was loaded
+    finetune([labelled_data], run, {**BINS8, "freeze_vision": True}, {**FAST, "steps": 100, "val_every": 25},
+             {**SMALL, "episodes": 4, "augment": False}, init=latent_run, progress=False)
     info = json.loads((run / "run.json").read_text())
     ds = Dataset(labelled_data)
     chosen = pick_episodes(ds, 4, seed=0)

@@ -15,8 +15,8 @@ Pretraining with objective "latent" uses the latent-action head (L x |C| logits)
 num_bins logits). ``finetune()`` gives the config of the finetuning model for a pretrained one.
 
 Backbones are named by ``vision_backbone`` / ``language_backbone``: "tiny" (built in code from
-transformers config classes, nothing downloaded: a SigLIP vision tower and a Qwen2 LM, see
-TINY_VISION / TINY_LANGUAGE) or a Hugging Face model id ("org/name") or local directory, loaded
+code, nothing downloaded: a small CNN vision tower and a Qwen2 LM, see TINY_VISION /
+TINY_LANGUAGE) or a Hugging Face model id ("org/name") or local directory, loaded
 with ``from_pretrained``. ``vision_overrides`` / ``language_overrides`` are passed to the backbone
 configs (for "tiny": applied on top of the built-in ones). A saved VLA checkpoint stores the
 resolved backbone configs and the tokenizer, so loading it never downloads.
@@ -39,8 +39,8 @@ OBJECTIVES = ("latent", "action", "idm")
 STAGES = ("pretrain", "finetune")
 
 # The built-in tiny backbones (CPU demo and tests); overrides are applied on top.
-TINY_VISION: dict[str, Any] = dict(image_size=64, patch_size=8, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=2, vision_use_head=False)
+# The tiny vision tower is a small CNN with coordinate channels (lapa_training/vla/tiny_vision.py).
+TINY_VISION: dict[str, Any] = dict(image_size=64, hidden_size=64, channels=[32, 64, 64], grid=8)
 TINY_LANGUAGE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                      tie_word_embeddings=False)
@@ -174,14 +174,18 @@ class VLAConfig:
     # ---- presets -------------------------------------------------------------------------
     @classmethod
     def tiny(cls, image_size: int = 64, **overrides) -> "VLAConfig":
-        """Built-in tiny SigLIP (an 8x8 grid of patches of an image_size image, width 64, 2 layers)
-        + tiny Qwen2 (width 128, 2 layers) + byte-level tokenizer, with the spatial readout: CPU
-        demo and tests."""
+        """Built-in tiny CNN vision tower (an 8x8 grid of tokens of width 64 from an image_size
+        image) + tiny Qwen2 (width 128, 2 layers) + byte-level tokenizer, with the spatial readout:
+        CPU demo and tests.
+
+        Unlike the paper, the vision tower is trained (freeze_vision=False): the paper freezes a
+        *pretrained* encoder, and a frozen random tower only limits what the VLA can see."""
         if not _is_int(image_size) or image_size < 8 or image_size % 8:
             raise ValueError(f"VLAConfig.tiny: image_size must be a multiple of 8, got {image_size!r}")
-        vision = {"image_size": image_size, "patch_size": image_size // 8, **overrides.pop("vision_overrides", {})}
+        vision = {"image_size": image_size, **overrides.pop("vision_overrides", {})}
         return cls(**{**dict(vision_backbone=TINY, language_backbone=TINY, vision_overrides=vision,
-                             prompt_template="{instruction}", max_text_tokens=64, spatial_readout=16),
+                             freeze_vision=False, prompt_template="{instruction}", max_text_tokens=64,
+                             spatial_readout=16),
                       **overrides}).validate()
 
     @classmethod

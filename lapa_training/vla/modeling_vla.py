@@ -105,7 +105,12 @@ def _load_vision(name: str, overrides: dict[str, Any]) -> nn.Module:
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
     if name == TINY:
-        return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**{**TINY_VISION, **overrides}))
+        from lapa_training.vla.tiny_vision import TinyConvVisionConfig, TinyConvVisionModel
+
+        try:
+            return TinyConvVisionModel(TinyConvVisionConfig(**{**TINY_VISION, **overrides}))
+        except (TypeError, ValueError) as e:
+            raise VLABuildError(f"cannot build the tiny vision tower with vision_overrides {overrides}: {e}") from e
     try:
         cfg = transformers.AutoConfig.from_pretrained(_local_or_id(name))
         vision_cfg = getattr(cfg, "vision_config", None)
@@ -165,6 +170,8 @@ def _check_sequence_length(vision: nn.Module, language: nn.Module, max_text_toke
 def _model_from_config_dict(d: dict[str, Any], what: str) -> nn.Module:
     """Rebuild a backbone (random weights) from its saved config dict: no download."""
     from transformers import AutoConfig, AutoModel
+
+    import lapa_training.vla.tiny_vision  # noqa: F401  registers the tiny vision tower with AutoModel
 
     d = dict(d)
     try:
