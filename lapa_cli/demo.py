@@ -253,31 +253,58 @@ class Demo:
             methods[name] = self.out / "pretrain" / name
         return methods
 
+    def _finetune_model(self) -> dict:
+        return {"num_bins": self.s.num_bins}
+
+    def _finetune_train(self) -> dict:
+        steps = self.s.finetune_steps
+        return {"steps": steps, "val_every": max(1, steps // 4), "save_every": max(1, steps // 2), "seed": self.s.seed}
+
     def finetune(self) -> None:
         from lapa_training.vla.train_vla import finetune
 
         s, labelled = self.s, self.out / "data" / "labelled"
         for name, init in self._methods().items():
             print(f"-- finetuning {name} on the labelled set")
-            finetune([labelled], self.out / "finetune" / name, {"num_bins": s.num_bins},
-                     {"steps": s.finetune_steps, "val_every": max(1, s.finetune_steps // 4),
-                      "save_every": max(1, s.finetune_steps // 2), "seed": s.seed}, {}, init=init, overwrite=True)
+            finetune([labelled], self.out / "finetune" / name, self._finetune_model(), self._finetune_train(), {},
+                     init=init, overwrite=True)
             self.cmd(f"lapa train finetune {'--init ' + str(init) + ' ' if init else ''}--data {labelled} "
                      f"--out {self.out / 'finetune' / name} --steps {s.finetune_steps} --set model.num_bins={s.num_bins}")
 
-    def _eval_cell(self, policy_dir: Path, category: str, out: Path) -> dict:
-        from lapa_policy_node.policy_api import load_policy
-        from lapa_training.eval_policy import evaluate_policy
+    def _eval_cells(self, cells: dict[str, tuple[Path, str, Path]]) -> dict[str, dict]:
+        """Closed-loop cells {key: (policy dir, category, out dir)}, run side by side in WORKERS
+        processes (each episode depends on its seed alone, so the results do not depend on how many)."""
+        import multiprocessing
+
+        from tqdm import tqdm
 
         s = self.s
-        instructions, combinations = CATEGORIES[category]
-        report = evaluate_policy(load_policy(policy_dir), list(TASKS), s.eval_episodes, image_size=s.image_size,
-                                 instruction_set=instructions, combinations=combinations, out_dir=out,
-                                 first_seed=900_000 + s.seed * 1000)
-        self.cmd(f"lapa eval policy --policy {policy_dir} --episodes {s.eval_episodes} --image-size {s.image_size} "
-                 f"--seed {900_000 + s.seed * 1000} --instructions {instructions} --combinations {combinations} "
-                 f"--out {out}")
-        return {"success_rate": report.success_rate(), "by_task": report.by_task(), "episodes": len(report.episodes)}
+        jobs = [(key, str(policy_dir), category, str(out), s.eval_episodes, s.image_size, 900_000 + s.seed * 1000)
+                for key, (policy_dir, category, out) in cells.items()]
+        for _, policy_dir, category, out, episodes, size, first in jobs:
+            instructions, combinations = CATEGORIES[category]
+            self.cmd(f"lapa eval policy --policy {policy_dir} --episodes {episodes} --image-size {size} "
+                     f"--seed {first} --instructions {instructions} --combinations {combinations} --out {out}")
+        results: dict[str, dict] = {}
+        bar = tqdm(total=len(jobs), desc=f"closed-loop cells ({len(TASKS) * s.eval_episodes} episodes each)",
+                   unit="cell", dynamic_ncols=True)
+        if WORKERS == 1 or len(jobs) < 2:
+            done = map(_closed_loop_cell, jobs)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(min(WORKERS, len(jobs)))
+            done = pool.imap_unordered(_closed_loop_cell, jobs)
+        try:
+            for key, result in done:
+                results[key] = result
+                bar.update()
+                bar.write(f"   {key}: {100 * result['success_rate']:.0f} % of {result['episodes']}")
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.close()
+                pool.join()
+        return {key: results[key] for key in cells}
 
     def _test_demonstrations(self) -> Path:
         """Expert demonstrations, with actions, of the seen category's evaluation layouts (twice as many
@@ -342,12 +369,14 @@ class Demo:
         results: dict[str, dict] = {"episodes_per_cell": self.s.eval_episodes * len(TASKS),
                                     "categories": list(CATEGORIES), "methods": {}}
         test = self._test_demonstrations()
+        cells = {(name, category): (self.out / "finetune" / name / "model", category, out / name / category)
+                 for name in self._methods() for category in (("seen",) if name in ONLY_SEEN else CATEGORIES)}
+        print(f"-- closed loop: {len(cells)} cells of {len(TASKS) * self.s.eval_episodes} episodes, "
+              f"{WORKERS} at a time")
+        closed = self._eval_cells({f"{name}/{category}": cell for (name, category), cell in cells.items()})
         for name in self._methods():
             policy_dir = self.out / "finetune" / name / "model"
-            row = {}
-            for category in ("seen",) if name in ONLY_SEEN else CATEGORIES:
-                print(f"-- {name}, {CATEGORY_TITLES[category]}")
-                row[category] = self._eval_cell(policy_dir, category, out / name / category)
+            row = {category: closed[f"{name}/{category}"] for (method, category) in cells if method == name}
             row["offline"] = self._offline_cell(policy_dir, test, out / name / "offline")
             val = [r for r in read_metrics(self.out / "finetune" / name / METRICS_FILE) if "val_token_accuracy" in r]
             row["val_token_accuracy"] = val[-1]["val_token_accuracy"] if val else None
@@ -367,26 +396,29 @@ class Demo:
         video = len(Dataset(self.out / "data" / "video").episodes)
         main = json.loads((self.out / "eval" / "results.json").read_text())
         sweep: dict = {"video_episodes": video, "episodes_per_point": main["episodes_per_cell"], "points": []}
-        for count in sorted({c for c in s.sweep_labelled_episodes if c < full}) + [full]:
+        counts = sorted({c for c in s.sweep_labelled_episodes if c < full})
+        runs = {(name, count): out / f"{name}_{count}eps" for count in counts for name in SWEEP_METHODS}
+        for (name, count), run in runs.items():
+            init = self._methods()[name]
+            print(f"-- finetuning {name} on {count} labelled episodes")
+            finetune([labelled], run, self._finetune_model(), self._finetune_train(), {"episodes": count},
+                     init=init, overwrite=True)
+            self.cmd(f"lapa train finetune {'--init ' + str(init) + ' ' if init else ''}--data {labelled} "
+                     f"--out {run} --steps {s.finetune_steps} --set model.num_bins={s.num_bins} "
+                     f"--set data.episodes={count}")
+        closed = self._eval_cells({f"{name}_{count}eps": (run / "model", "seen", run / "eval")
+                                   for (name, count), run in runs.items()})
+        for count in counts + [full]:
             point = {"labelled_episodes": count, "percent_of_video": 100 * count / video, "methods": {}}
             for name in SWEEP_METHODS:
                 if count == full:
                     point["methods"][name] = {**main["methods"][name]["seen"],
                                               "offline": main["methods"][name].get("offline")}
                     continue
-                run = out / f"{name}_{count}eps"
-                init = self._methods()[name]
-                print(f"-- finetuning {name} on {count} labelled episodes")
-                finetune([labelled], run, {"num_bins": s.num_bins},
-                         {"steps": s.finetune_steps, "val_every": max(1, s.finetune_steps // 4),
-                          "save_every": max(1, s.finetune_steps // 2), "seed": s.seed}, {"episodes": count},
-                         init=init, overwrite=True)
-                self.cmd(f"lapa train finetune {'--init ' + str(init) + ' ' if init else ''}--data {labelled} "
-                         f"--out {run} --steps {s.finetune_steps} --set model.num_bins={s.num_bins} "
-                         f"--set data.episodes={count}")
-                point["methods"][name] = self._eval_cell(run / "model", "seen", run / "eval")
-                point["methods"][name]["offline"] = self._offline_cell(run / "model", self.out / "data" / "test",
-                                                                       run / "offline")
+                run = runs[(name, count)]
+                point["methods"][name] = {**closed[f"{name}_{count}eps"],
+                                          "offline": self._offline_cell(run / "model", self.out / "data" / "test",
+                                                                        run / "offline")}
             sweep["points"].append(point)
         (out / "results.json").write_text(json.dumps(sweep, indent=2) + "\n")
         sweep_plot(sweep, out / "sweep.png")
@@ -424,6 +456,26 @@ class Demo:
             lines += self.state.get("commands", {}).get(stage, [])
         lines += ["```", ""]
         (self.out / "COMMANDS.md").write_text("\n".join(lines))
+
+
+def _closed_loop_cell(job: tuple) -> tuple[str, dict]:
+    """One closed-loop cell (a worker process's job): load the policy, run the episodes, write the report."""
+    import multiprocessing
+
+    import torch
+
+    from lapa_policy_node.policy_api import load_policy
+    from lapa_training.eval_policy import evaluate_policy
+
+    key, policy_dir, category, out, episodes, image_size, first_seed = job
+    if multiprocessing.current_process().name != "MainProcess":
+        torch.set_num_threads(1)  # the cells share the cores: one thread each
+    instructions, combinations = CATEGORIES[category]
+    report = evaluate_policy(load_policy(policy_dir), list(TASKS), episodes, image_size=image_size,
+                             instruction_set=instructions, combinations=combinations, out_dir=out,
+                             first_seed=first_seed, progress=False)
+    return key, {"success_rate": report.success_rate(), "by_task": report.by_task(),
+                 "episodes": len(report.episodes)}
 
 
 def standard_error(p: float, n: int) -> float:
