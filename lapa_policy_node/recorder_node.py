@@ -83,6 +83,7 @@ class RecorderNode(Node):
 
         self.writer: EpisodeBagWriter | None = None
         self._started = 0.0
+        self._instruction = ""
         for topic, (cls, _, qos) in self.streams.items():
             profile = qos_profile_sensor_data if qos == "sensor" else 10
             self.create_subscription(cls, topic, lambda data, t=topic: self._on_message(t, data), profile, raw=True)
@@ -104,6 +105,11 @@ class RecorderNode(Node):
         response.success = False
         instruction = request.instruction.strip()
         if self.writer is not None:
+            if request.name == self.writer.name and instruction == self._instruction:
+                # the same start again: a client re-sending a request whose answer it never got
+                response.success, response.bag_path = True, str(self.writer.final_path)
+                response.message = f"already recording '{self.writer.name}' (the same episode: start repeated)"
+                return response
             response.message = f"already recording '{self.writer.name}'; stop or discard it first"
             return response
         if not instruction:
@@ -125,7 +131,7 @@ class RecorderNode(Node):
         except (EpisodeWriterError, OSError) as e:
             response.message = str(e)
             return response
-        self.writer, self._started = writer, time.monotonic()
+        self.writer, self._started, self._instruction = writer, time.monotonic(), instruction
         response.success, response.bag_path = True, str(writer.final_path)
         response.message = f"recording '{name}': {instruction}"
         self.get_logger().info(response.message)

@@ -86,10 +86,18 @@ class ScriptedTeleop(Node):
                 raise TeleopError("no /ee_pose or object poses from the simulated arm")
             time.sleep(0.02)
 
-    def _call(self, client, request, timeout: float = 10.0):
+    def _call(self, client, request, timeout: float = 10.0, resend: bool = False):
+        """Call a service and wait for its answer. resend=True (services that accept the same request
+        twice): a request unanswered for timeout/2 is sent once more, for the rare DDS request or
+        reply lost right after the service was discovered."""
         future = client.call_async(request)
         deadline = time.monotonic() + timeout
+        resend_at = time.monotonic() + timeout / 2 if resend else float("inf")
         while not future.done():
+            if time.monotonic() > resend_at:
+                resend_at = float("inf")
+                first, future = future, client.call_async(request)
+                client.remove_pending_request(first)
             if time.monotonic() > deadline:
                 raise TeleopError(f"{client.srv_name} did not answer within {timeout:.0f} s")
             time.sleep(0.005)
@@ -157,7 +165,8 @@ class ScriptedTeleop(Node):
         time.sleep(settle_s)  # the first camera frames of the new layout reach the recorder
 
         start = self._call(self.start_client, StartEpisode.Request(
-            instruction=reset.instruction, name=name or f"{task}_{seed:06d}", task=task, seed=seed))
+            instruction=reset.instruction, name=name or f"{task}_{seed:06d}", task=task, seed=seed),
+            timeout=20.0, resend=True)
         if not start.success:
             raise TeleopError(f"recorder refused to start: {start.message}")
         expert = ScriptedExpert(tasks.sample_episode(task, seed), noise=noise, seed=seed)

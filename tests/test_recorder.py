@@ -98,6 +98,9 @@ def test_episode_control_services_refuse_mistakes_and_discard_leaves_nothing(tmp
 
         ok = call(teleop.start_client, StartEpisode.Request(instruction="wave", name="keep_me"))
         assert ok.success, ok.message
+        # the very same start again (a client re-sending a request whose answer was lost) is acknowledged
+        again = call(teleop.start_client, StartEpisode.Request(instruction="wave", name="keep_me"))
+        assert again.success and again.bag_path == ok.bag_path and "start repeated" in again.message
         twice = call(teleop.start_client, StartEpisode.Request(instruction="wave again"))
         assert not twice.success and "already recording 'keep_me'" in twice.message
         assert call(teleop.stop_client, StopEpisode.Request(task_success=False)).success
