@@ -22,8 +22,8 @@ clock) and gives the end-to-end view: camera frame delivered -> twist delivered.
   server overhead      publish - start - act                  (conversion, safety limiter, publish)
   latency - act        what is not the policy: frame wait + server overhead ("ROS overhead")
 The control loop steps when a new frame arrives (at least half a control period after the last
-step, at most one step per period on average), so frame wait is the control thread's wake-up, unless the policy was still busy with the
-previous frame (act slower than the camera) or a late frame made the loop repeat the newest one.
+step, at most one step per period on average), so frame wait is the control thread's wake-up,
+unless the policy was still busy with the previous frame (act slower than the camera) or a late frame made the loop repeat the newest one.
 """
 
 from __future__ import annotations

@@ -266,16 +266,22 @@ class Demo:
         steps = self.s.finetune_steps
         return {"steps": steps, "val_every": max(1, steps // 4), "save_every": max(1, steps // 2), "seed": self.s.seed}
 
+    def _finetune_command(self, init: Path | None, run: Path, episodes: int | None = None) -> None:
+        s = self.s
+        init_arg = f"--init {init} " if init else ""
+        subset = f" --set data.episodes={episodes}" if episodes is not None else ""
+        self.cmd(f"lapa train finetune {init_arg}--data {self.out / 'data' / 'labelled'} --out {run} "
+                 f"--steps {s.finetune_steps} --set model.num_bins={s.num_bins}{subset}")
+
     def finetune(self) -> None:
         from lapa_training.vla.train_vla import finetune
 
-        s, labelled = self.s, self.out / "data" / "labelled"
+        labelled = self.out / "data" / "labelled"
         for name, init in self._methods().items():
             print(f"-- finetuning {name} on the labelled set")
             finetune([labelled], self.out / "finetune" / name, self._finetune_model(), self._finetune_train(), {},
                      init=init, overwrite=True)
-            self.cmd(f"lapa train finetune {'--init ' + str(init) + ' ' if init else ''}--data {labelled} "
-                     f"--out {self.out / 'finetune' / name} --steps {s.finetune_steps} --set model.num_bins={s.num_bins}")
+            self._finetune_command(init, self.out / "finetune" / name)
 
     def _eval_cells(self, cells: dict[str, tuple[Path, str, Path]]) -> dict[str, dict]:
         """Closed-loop cells {key: (policy dir, category, out dir)}, run side by side in WORKERS
@@ -409,9 +415,7 @@ class Demo:
             print(f"-- finetuning {name} on {count} labelled episodes")
             finetune([labelled], run, self._finetune_model(), self._finetune_train(), {"episodes": count},
                      init=init, overwrite=True)
-            self.cmd(f"lapa train finetune {'--init ' + str(init) + ' ' if init else ''}--data {labelled} "
-                     f"--out {run} --steps {s.finetune_steps} --set model.num_bins={s.num_bins} "
-                     f"--set data.episodes={count}")
+            self._finetune_command(init, run, count)
         closed = self._eval_cells({f"{name}_{count}eps": (run / "model", "seen", run / "eval")
                                    for (name, count), run in runs.items()})
         for count in counts + [full]:
