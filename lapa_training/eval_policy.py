@@ -35,6 +35,10 @@ class EpisodeOutcome:
     steps: int
     seconds: float
     failure: str | None = None  # why the episode ended early (policy error / unsafe output)
+    # 1 - (closest horizontal gripper-to-target-block distance) / (that distance at the start): how much
+    # of the way to the instruction's block the gripper got (every task starts by going there). 0 for
+    # a policy that does not move or moves away, 1 for reaching it; continuous where success is rare
+    approach: float | None = None
 
 
 @dataclass
@@ -48,13 +52,22 @@ class PolicyReport:
         eps = [e for e in self.episodes if task is None or e.task == task]
         return float(np.mean([e.success for e in eps])) if eps else float("nan")
 
+    def approach(self, task: str | None = None) -> tuple[float, float]:
+        """Mean target approach and its standard error over the episodes that measured it."""
+        values = [e.approach for e in self.episodes if e.approach is not None and (task is None or e.task == task)]
+        if not values:
+            return float("nan"), float("nan")
+        se = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+        return float(np.mean(values)), se
+
     def by_task(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for task in dict.fromkeys(e.task for e in self.episodes):
             eps = [e for e in self.episodes if e.task == task]
             out[task] = {"episodes": len(eps), "successes": int(sum(e.success for e in eps)),
                          "success_rate": self.success_rate(task),
-                         "failures": int(sum(e.failure is not None for e in eps))}
+                         "failures": int(sum(e.failure is not None for e in eps)),
+                         "approach": self.approach(task)[0]}
         return out
 
     def finish(self, act_seconds: list[float], started: float) -> None:
@@ -65,7 +78,9 @@ class PolicyReport:
         self.wall_seconds = time.perf_counter() - started
 
     def to_dict(self) -> dict[str, Any]:
-        return {"success_rate": self.success_rate(), "by_task": self.by_task(), "act_ms_p50": self.act_ms_p50,
+        approach, approach_se = self.approach()
+        return {"success_rate": self.success_rate(), "approach": approach, "approach_se": approach_se,
+                "by_task": self.by_task(), "act_ms_p50": self.act_ms_p50,
                 "act_ms_p99": self.act_ms_p99, "wall_seconds": self.wall_seconds,
                 "episodes": [asdict(e) for e in self.episodes]}
 
@@ -102,6 +117,7 @@ def evaluate_policy(policy: Policy, task_names: list[str] | tuple[str, ...], epi
             policy.reset(instruction)
             limiter = CommandLimiter(limits, period)
             frames, failure, success, steps = [], None, False, 0
+            start = closest = _target_distance(env.episode, obs)
             record = (n % episodes) < keep_frames
             for steps in range(1, int(round(tasks.MAX_SECONDS[task] / period)) + 1):
                 image = env.render()
@@ -120,13 +136,15 @@ def evaluate_policy(policy: Policy, task_names: list[str] | tuple[str, ...], epi
                 if failure:
                     break
                 obs = env.step(twist, 1.0 - closure, period)
+                closest = min(closest, _target_distance(env.episode, obs))
                 if obs.success:
                     success = True
                     break
             if record:
                 frames.append(env.render())
                 sheet.append((f"{task} seed {seed}: {'success' if success else 'fail'} - {instruction}", frames))
-            report.episodes.append(EpisodeOutcome(task, seed, instruction, success, steps, steps * period, failure))
+            report.episodes.append(EpisodeOutcome(task, seed, instruction, success, steps, steps * period, failure,
+                                                  approach=1.0 - closest / start if start > 0 else None))
             bar.set_postfix(success=f"{report.success_rate():.0%}")
     finally:
         env.close()
@@ -138,6 +156,11 @@ def evaluate_policy(policy: Policy, task_names: list[str] | tuple[str, ...], epi
         if sheet:
             contact_sheet(sheet, out / "rollouts.png")
     return report
+
+
+def _target_distance(episode, obs) -> float:
+    """Horizontal distance (m) from the gripper to the block the instruction names."""
+    return float(np.linalg.norm(obs.tcp_pos[:2] - obs.block_pos[episode.target_block][:2]))
 
 
 def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], path: Path) -> None:
@@ -161,10 +184,14 @@ def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], path: Path) -> None:
 
 
 def format_report(report: PolicyReport) -> str:
-    lines = [f"  {'task':<12}{'success':>14}"]
+    lines = [f"  {'task':<12}{'success':>20}{'target approach':>17}"]
     for task, row in report.by_task().items():
         extra = f"  ({row['failures']} ended by policy errors)" if row["failures"] else ""
-        lines.append(f"  {task:<12}{row['successes']:>6}/{row['episodes']:<4}{100 * row['success_rate']:6.1f} %{extra}")
+        approach = "-" if np.isnan(row["approach"]) else f"{row['approach']:.2f}"
+        lines.append(f"  {task:<12}{row['successes']:>6}/{row['episodes']:<4}{100 * row['success_rate']:6.1f} %"
+                     f"{approach:>17}{extra}")
+    lines.append("  (target approach: how much of its starting distance to the named block the gripper closed, "
+                 "0 to 1)")
     lines.append(f"  policy.act p50 {report.act_ms_p50:.1f} ms, p99 {report.act_ms_p99:.1f} ms; "
                  f"{report.wall_seconds:.0f} s in all")
     return "\n".join(lines)

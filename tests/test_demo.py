@@ -36,6 +36,7 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
             cell = row[category]
             assert cell["episodes"] == results["episodes_per_cell"] > 0
             assert 0.0 <= cell["success_rate"] <= 1.0
+            assert 0.0 <= cell["approach"] <= 1.0
             assert set(cell["by_task"]) == {"reach", "push", "pick_place"}
         assert 0.0 <= row["val_token_accuracy"] <= 1.0
         # offline: every method against the same expert demonstrations of held-out layouts
@@ -55,6 +56,7 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
     for needle in ("lapa data collect", "lapa train laq", "lapa label", "lapa train pretrain --objective latent",
                    "lapa train finetune --init", "lapa eval policy", "lapa eval actions"):
         assert needle in commands, commands
+    assert "target approach in the same episodes" in stdout
     assert "unseen combo" in stdout and "paraphrased" in stdout and "labelled-episode sweep" in stdout
     ros = results["ros"]["lapa"]  # the same policy through the action server and the sim arm over DDS
     assert ros["episodes"] == 3 and 0.0 <= ros["success_rate"] <= 1.0 and ros["act_ms_p50"] > 0

@@ -50,6 +50,8 @@ def test_an_expert_behind_the_policy_interface_succeeds(monkeypatch, tmp_path):
     report = evaluate_policy(ExpertAsPolicy(holder), ["reach", "push"], 2, image_size=64, out_dir=tmp_path,
                              progress=False)
     assert report.success_rate() == 1.0, report.to_dict()
+    # the expert goes to the named block first in every task: most of the distance is closed
+    assert all(e.approach > 0.7 for e in report.episodes), [e.approach for e in report.episodes]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["by_task"]["push"]["successes"] == 2
     assert (tmp_path / "rollouts.png").read_bytes()[:4] == b"\x89PNG"
@@ -70,7 +72,9 @@ def test_lapa_eval_policy_cli(tmp_path, capsys):
                  "--image-size", "64", "--out", str(tmp_path / "eval")]) == 0
     out = capsys.readouterr().out
     assert "reach" in out and "0/1" in out
-    assert json.loads((tmp_path / "eval/report.json").read_text())["success_rate"] == 0.0
+    saved = json.loads((tmp_path / "eval/report.json").read_text())
+    assert saved["success_rate"] == 0.0
+    assert saved["approach"] == 0.0  # a still arm closes none of the distance to the block
     for argv, needle in ((["--policy", str(tmp_path / "none")], "not found"),
                          (["--policy", str(tmp_path / "still"), "--tasks", "fly"], "unknown task"),
                          (["--policy", str(tmp_path / "still"), "--episodes", "0"], "at least 1")):
