@@ -50,11 +50,12 @@ WORKERS = max(1, min(4, os.cpu_count() or 1))  # simulator processes for bulk ge
 class DemoSettings:
     image_size: int = 64
     # per task, actions hidden. 30 was too few: the VLA did not learn where to go from them, and LAPA
-    # did not separate from SCRATCH; 300 did. 250 and LAQ's 1000 steps keep the demo within 45 min
-    video_episodes: int = 250
+    # did not separate from SCRATCH; 300 did, and so did 250. 225, LAQ's 900 steps and 6 episodes per
+    # closed-loop cell keep the demo within 45 min on 2 cores (47 min with 250, 100, 1000 and 8)
+    video_episodes: int = 225
     labelled_episodes: int = 3  # per task, recorded through ROS (about 1 % of the video)
-    other_embodiment_episodes: int = 100  # per task, action-free
-    laq_steps: int = 1000
+    other_embodiment_episodes: int = 75  # per task, action-free
+    laq_steps: int = 900
     # 1500, not fewer: LAPA pretrained for 1000 steps (same lr) no longer separated from SCRATCH
     # offline (held-out cos(xy) 0.09 +- 0.07, against 0.27 +- 0.05 after 1500)
     pretrain_steps: int = 1500
@@ -63,7 +64,7 @@ class DemoSettings:
     # cos(xy) 0.24 after 150 steps, 0.13 after 500; SCRATCH -0.04 and -0.03)
     finetune_steps: int = 150
     num_bins: int = 32  # the labelled set is small: 256 bins would leave one or two samples per bin
-    eval_episodes: int = 8  # per task and category
+    eval_episodes: int = 6  # per task and category
     sweep_labelled_episodes: tuple[int, ...] = (2, 4)  # train-split labelled episodes (the full set is the last point)
     ros_methods: tuple[str, ...] = ("scratch", "lapa")  # also evaluated through the ROS action server, in real time
     ros_eval_episodes: int = 1  # per task, seen category, in real time (the table's cells run in-process)
@@ -573,7 +574,7 @@ def format_sweep(sweep: dict) -> str:
              f"{sweep['video_episodes']} action-free video episodes; success, target approach, offline cos(xy))",
              f"  {'labelled episodes':<24}" + "".join(f"{n:>16}{'':>28}" for n in names)]
     for point in sweep["points"]:
-        label = f"{point['labelled_episodes']} ({point['percent_of_video']:.0f} % of video)"
+        label = f"{point['labelled_episodes']} ({point['percent_of_video']:.1f} % of video)"
         lines.append(f"  {label:<24}" + "".join(f"{_cell(point['methods'][n]):>16}"
                                                 f"{_approach(point['methods'][n]):>14}"
                                                 f"{_offline(point['methods'][n].get('offline')):>14}" for n in names))

@@ -4,6 +4,7 @@ imports its heavy dependencies only when it runs, so `lapa --help` stays instant
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lapa_cli import UserError, data, demo, evaluate, label, record, run, sim, train
@@ -14,6 +15,10 @@ SUBCOMMANDS = {"sim": sim, "record": record, "data": data, "train": train, "labe
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not sys.stderr.isatty():
+        # progress bars into a log file: one update every 10 s instead of ten a second (tqdm reads
+        # TQDM_* at import, which the subcommands do lazily; worker processes inherit it)
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
     # Everything after --ros-args belongs to ROS, not to us.
     ros_args: list[str] = []
     if "--ros-args" in argv:
