@@ -114,6 +114,7 @@ class Demo:
         self.state_file = out / "stages.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
         self.commands: list[str] = []
+        self.steps: dict[str, float] = {}  # the running stage's timed steps
         self.times: dict[str, float] = {}
 
     # ---- stage bookkeeping ---------------------------------------------------------------
@@ -127,11 +128,12 @@ class Demo:
             return
         print(f"\n[{name}]")
         t0 = time.perf_counter()
-        self.commands = []
+        self.commands, self.steps = [], {}
         fn()
         self.times[name] = time.perf_counter() - t0
         self.state[name] = key
         self.state.setdefault("commands", {})[name] = self.commands
+        self.state.setdefault("step_seconds", {})[name] = self.steps  # replaces an earlier run's, like commands
         self.state.setdefault("seconds", {})[name] = round(self.times[name], 1)
         self.state_file.write_text(json.dumps(self.state, indent=2) + "\n")
 
@@ -140,12 +142,12 @@ class Demo:
 
     @contextlib.contextmanager
     def timed(self, what: str):
-        """Time one step of a stage: printed, and kept in stages.json for RESULTS.md."""
+        """Time one step of the running stage: printed, and kept in stages.json for RESULTS.md."""
         t0 = time.perf_counter()
         yield
         seconds = round(time.perf_counter() - t0, 1)
         print(f"   ({what}: {seconds:.0f} s)")
-        self.state.setdefault("step_seconds", {})[what] = seconds
+        self.steps[what] = seconds
 
     # ---- the job -------------------------------------------------------------------------
     def run(self) -> int:
@@ -482,7 +484,8 @@ class Demo:
                  "## Stage wall times", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {stage} | {seconds.get(stage, float('nan')):.0f} |" for stage in STAGES]
         lines += [f"| total | {sum(seconds.get(stage, 0.0) for stage in STAGES):.0f} |", ""]
-        steps = self.state.get("step_seconds", {})
+        step_seconds = self.state.get("step_seconds", {})
+        steps = {what: sec for stage in STAGES for what, sec in step_seconds.get(stage, {}).items()}
         if steps:
             lines += ["Within the stages: " + "; ".join(f"{what} {sec:.0f} s" for what, sec in steps.items()) + ".", ""]
         lines += ["Rollout frames: `eval/<method>/<category>/rollouts.png`; training curves: "

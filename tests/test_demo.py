@@ -108,3 +108,6 @@ def test_a_second_demo_reuses_every_finished_stage(quick_demo):
     assert (out / "COMMANDS.md").read_text() == before
     stages = json.loads((out / "stages.json").read_text())
     assert set(STAGES) <= set(stages)
+    # each stage's timed steps are kept under that stage (a rerun of a stage replaces its own only)
+    assert set(stages["step_seconds"]) == set(STAGES) and "ingest" in stages["step_seconds"]["data"]
+    assert "Within the stages: " in (out / "RESULTS.md").read_text()
