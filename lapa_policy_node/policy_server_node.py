@@ -414,7 +414,9 @@ class PolicyServerNode(Node):
             with self._lock:
                 if run.stop_reason is not None:  # cancelled/preempted/stale while the policy thought
                     continue
-                safe = run.limiter(twist, pose if self.p["enforce_workspace"] else None)
+                # the freshest pose: the arm moved on while the policy ran
+                pose, pose_age = self._pose, time.monotonic() - self._pose_time
+                safe = run.limiter(twist, pose if self.p["enforce_workspace"] else None, pose_age)
                 self._publish_twist(safe)
                 self._publish_gripper(closure)
             steps += 1

@@ -5,8 +5,11 @@ Pure numpy, no ROS, so every rule is unit-tested on its own and reused by any no
 - NaN/inf anywhere -> refused (the caller stops the arm and aborts the goal);
 - linear and angular speed clamps (the direction is kept, the magnitude capped);
 - acceleration clamps (the change from the previous command is capped per second);
-- a workspace box: the velocity component that would carry the TCP out of the box is removed, and
-  a TCP already outside may only move back towards it.
+- a workspace box: the TCP's position is estimated from the last EE pose plus the motion commanded
+  since it was measured, and each velocity component towards a wall is capped so that the TCP would
+  cover at most the room left before that wall within WORKSPACE_LOOKAHEAD_PERIODS control periods
+  (it slows down as it nears the wall instead of relying on the next command arriving on time); a
+  TCP already outside may only move back towards the box.
 """
 
 from __future__ import annotations
@@ -61,6 +64,11 @@ def _cap(v: np.ndarray, limit: float) -> np.ndarray:
     return v * (limit / n) if n > limit else v
 
 
+# How far ahead, in control periods, the workspace box looks. One period is when the next command
+# is due; the second covers a late command, a late pose and the arm's own lag.
+WORKSPACE_LOOKAHEAD_PERIODS = 2.0
+
+
 class CommandLimiter:
     """Applies MotionLimits to a stream of twists sent every `period` seconds."""
 
@@ -72,30 +80,34 @@ class CommandLimiter:
         """The arm is known to be still (a zero twist was just sent)."""
         self.previous = np.zeros(6)
 
-    def __call__(self, twist: np.ndarray, tcp_pos: np.ndarray | None) -> np.ndarray:
+    def __call__(self, twist: np.ndarray, tcp_pos: np.ndarray | None, pose_age: float = 0.0) -> np.ndarray:
+        """The limited twist to send now. tcp_pos: the last measured TCP position (None: no
+        workspace box); pose_age: seconds since it was measured (the TCP has moved on since, at the
+        previously sent velocity, and that is accounted for)."""
         lim = self.limits
         twist = np.asarray(twist, dtype=float).copy()
         if not np.all(np.isfinite(twist)):
             raise UnsafeCommand("twist is not finite")
         lin, ang = _cap(twist[:3], lim.max_linear_speed), _cap(twist[3:], lim.max_angular_speed)
-        if tcp_pos is not None:
-            lin = self._keep_inside(lin, np.asarray(tcp_pos, float))
         prev = self.previous
+        pos = None
+        if tcp_pos is not None:
+            pos = np.asarray(tcp_pos, float) + prev[:3] * max(float(pose_age), 0.0)
+            lin = self._keep_inside(lin, pos)
         lin = prev[:3] + _cap(lin - prev[:3], lim.max_linear_accel * self.period)
         ang = prev[3:] + _cap(ang - prev[3:], lim.max_angular_accel * self.period)
-        if tcp_pos is not None:  # the acceleration limit must not carry the TCP out either
-            lin = self._keep_inside(lin, np.asarray(tcp_pos, float))
+        if pos is not None:  # the acceleration limit must not carry the TCP out either
+            lin = self._keep_inside(lin, pos)
         self.previous = np.concatenate([lin, ang])
         return self.previous.copy()
 
     def _keep_inside(self, lin: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Remove the velocity components that would leave the box within one period."""
-        nxt = pos + lin * self.period
-        out = lin.copy()
-        low, high = self.limits.workspace_min, self.limits.workspace_max
-        outward = ((nxt < low) & (lin < 0)) | ((nxt > high) & (lin > 0))
-        out[outward] = 0.0
-        return out
+        """Cap each velocity component towards a wall to the room left before it over the lookahead;
+        a component that points out of the box while the TCP is already past that wall becomes 0."""
+        horizon = WORKSPACE_LOOKAHEAD_PERIODS * self.period
+        below = np.maximum(pos - self.limits.workspace_min, 0.0) / horizon  # fastest allowed speed downwards
+        above = np.maximum(self.limits.workspace_max - pos, 0.0) / horizon  # ... and upwards
+        return np.clip(lin, -below, above)
 
     def inside(self, pos: np.ndarray) -> bool:
         return bool(np.all(pos >= self.limits.workspace_min) and np.all(pos <= self.limits.workspace_max))
