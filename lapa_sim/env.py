@@ -87,11 +87,17 @@ class TabletopEnv:
         """Start a new seeded episode of task (or replay a given Episode)."""
         ep = episode or tasks.sample_episode(task, seed, instruction_set)
         mujoco.mj_resetData(self.model, self.data)
+        start = np.asarray(scene.HOME_TCP_POS) + ep.start_offset  # each episode's own start point
         if self.embodiment == "panda":
             self.data.qpos[self._arm_qpos] = scene.HOME_Q
-            self.data.ctrl[:7] = scene.HOME_Q
+            if np.any(ep.start_offset):
+                error = self.servo.place_tcp(start)
+                if error > 0.002:  # pragma: no cover - every offset in tasks.START_OFFSET_* is reachable
+                    raise RuntimeError(f"cannot place the TCP at the start point {start.round(3).tolist()} "
+                                       f"(off by {error * 1000:.1f} mm)")
+            self.data.ctrl[:7] = self.data.qpos[self._arm_qpos]
         else:
-            home = [*scene.HOME_TCP_POS, *scene.HOME_TCP_QUAT]
+            home = [*start, *scene.HOME_TCP_QUAT]
             self.data.qpos[self._hand_qpos:self._hand_qpos + 7] = home
             self.data.mocap_pos[self._hand_mocap], self.data.mocap_quat[self._hand_mocap] = home[:3], home[3:]
         self.data.qpos[self._finger_qpos] = scene.FINGER_MAX

@@ -137,6 +137,30 @@ class TwistServo(_TwistInput):
         self.halted_reason = ""
         return self.q_cmd
 
+    def place_tcp(self, pos: np.ndarray, iterations: int = 60) -> float:
+        """Set the arm's joints (kinematically, no physics) so the TCP is at pos with the
+        orientation it has now: damped least squares from the current joints. Returns the
+        remaining position error (m)."""
+        m, d = self.model, self.data
+        target_rot = d.site_xmat[self.site_id].reshape(3, 3).copy()
+        lam2 = self.limits.damping ** 2
+        for _ in range(iterations):
+            mujoco.mj_kinematics(m, d)
+            mujoco.mj_comPos(m, d)
+            err_p = pos - d.site_xpos[self.site_id]
+            r = target_rot @ d.site_xmat[self.site_id].reshape(3, 3).T  # rotation still to go
+            err_r = 0.5 * np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+            if np.linalg.norm(err_p) < 1e-4 and np.linalg.norm(err_r) < 1e-3:
+                break
+            mujoco.mj_jacSite(m, d, self._jacp, self._jacr, self.site_id)
+            jac = np.vstack([self._jacp[:, self.dof_idx], self._jacr[:, self.dof_idx]])
+            dq = jac.T @ np.linalg.solve(jac @ jac.T + lam2 * np.eye(6), np.concatenate([err_p, err_r]))
+            q = d.qpos[self.qpos_idx] + dq
+            d.qpos[self.qpos_idx] = np.clip(q, self.q_low + self.limits.joint_limit_margin,
+                                            self.q_high - self.limits.joint_limit_margin)
+        mujoco.mj_kinematics(m, d)
+        return float(np.linalg.norm(pos - d.site_xpos[self.site_id]))
+
     def _hold(self, q: np.ndarray) -> np.ndarray:
         """Hold still: keep the commanded targets, but never further than the windup bound."""
         err = self.limits.max_tracking_error

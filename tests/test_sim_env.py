@@ -155,3 +155,22 @@ def test_rendered_frames_have_the_configured_shape_and_show_the_scene(env):
     assert img.std() > 10  # not a blank frame
     env.step(np.array([0, 0.2, 0, 0, 0, 0]), 1.0, 0.5)
     assert np.abs(env.render().astype(int) - img).mean() > 0.5  # the arm moved in view
+
+
+@pytest.mark.parametrize("embodiment", ["panda", "floating_gripper"])
+def test_each_episode_starts_the_tcp_at_its_own_seeded_point_pointing_down(embodiment):
+    env = TabletopEnv(image_size=(32, 32), embodiment=embodiment)
+    try:
+        starts = []
+        for seed in range(12):
+            obs = env.reset(tasks.TASKS[seed % 3], seed)
+            offset = env.episode.start_offset
+            assert np.all(offset >= tasks.START_OFFSET_LOW) and np.all(offset <= tasks.START_OFFSET_HIGH)
+            assert np.linalg.norm(obs.tcp_pos - (np.asarray(scene.HOME_TCP_POS) + offset)) < 0.002
+            assert abs(abs(obs.tcp_quat[1]) - 1.0) < 0.01  # still pointing straight down
+            np.testing.assert_array_equal(offset, tasks.sample_episode(tasks.TASKS[seed % 3], seed).start_offset)
+            starts.append(obs.tcp_pos)
+        spread = np.ptp(np.asarray(starts), axis=0)
+        assert np.all(spread > [0.05, 0.1, 0.04]), spread  # a fixed start lets policies cheat (tasks.py)
+    finally:
+        env.close()
