@@ -118,7 +118,8 @@ def test_frames_differ_clearly_from_the_pandas_but_show_the_same_layout(hand, pa
         obs, _ = _expert_run(env, task, seed, 25)  # the hand is down at the block by now
         mid[name] = (obs, env.render())
     # the two actors follow the same expert to the same place...
-    assert np.linalg.norm(mid["panda"][0].tcp_pos - mid["hand"][0].tcp_pos) < 0.01
+    # (the arm's servo lags the hand's by a few mm at most)
+    assert np.linalg.norm(mid["panda"][0].tcp_pos - mid["hand"][0].tcp_pos) < 0.02
     for frames in (start, mid):
         a, b = frames["panda"][1].astype(int), frames["hand"][1].astype(int)
         # ...but the pictures differ a lot: actor, colours and the table tint

