@@ -373,7 +373,8 @@ class Demo:
         report = evaluate_actions(load_policy(policy_dir), Dataset(test))
         write_action_report(report, out)
         self.cmd(f"lapa eval actions --policy {policy_dir} --data {test} --out {out}")
-        return {k: report[k] for k in ("cosine_xy", "cosine_xy_se", "cosine_xyz", "cosine_xyz_se", "episodes")}
+        return {k: report[k] for k in ("cosine_xy", "cosine_xy_se", "cosine_xy_first", "cosine_xy_first_se",
+                                       "cosine_xyz", "cosine_xyz_se", "episodes")}
 
     def _eval_over_ros(self, out: Path) -> dict:
         """The seen category's first layouts through the action server; with the in-process result on the
@@ -534,11 +535,12 @@ def _cell(result: dict) -> str:
 def format_table(results: dict) -> str:
     categories = results.get("categories", list(CATEGORIES))
     lines = [f"  {'method':<24}" + "".join(f"{CATEGORY_TITLES.get(c, c):>16}" for c in categories)
-             + f"{'offline cos(xy)':>17}{'val token acc':>15}"]
+             + f"{'offline cos(xy)':>17}{'first steps':>14}{'val token acc':>15}"]
     for name, row in results["methods"].items():
         acc = row.get("val_token_accuracy")
         lines.append(f"  {name:<24}" + "".join(f"{_cell(row[c]) if c in row else '-':>16}" for c in categories)
-                     + f"{_offline(row.get('offline')):>17}{'' if acc is None else f'{acc:.3f}':>15}")
+                     + f"{_offline(row.get('offline')):>17}{_offline(row.get('offline'), '_first'):>14}"
+                     + f"{'' if acc is None else f'{acc:.3f}':>15}")
     lines.append(f"  ({results['episodes_per_cell']} episodes per cell over {len(TASKS)} tasks; ± is one standard "
                  f"error; held-out layouts)")
     if any(row[c].get("approach") is not None for row in results["methods"].values() for c in categories if c in row):
@@ -550,7 +552,8 @@ def format_table(results: dict) -> str:
     offline = next((r["offline"] for r in results["methods"].values() if r.get("offline")), None)
     if offline:
         lines.append(f"  (offline cos(xy): predicted vs expert horizontal motion on {offline['episodes']} held-out "
-                     f"demonstrations, every frame; chance 0, ± over episodes)")
+                     f"demonstrations, every frame; first steps: each episode's first frames only, before the "
+                     f"arm's position gives the way away; chance 0, ± over episodes)")
     if results.get("ros"):
         lines.append("\n  through the ROS action server (sim arm + policy server over DDS, real time; seen category):")
         lines.append(f"  {'method':<24}{'over ROS':>16}{'same layouts in-process':>26}{'act p50/p99 ms':>17}")
@@ -567,8 +570,9 @@ def _approach(cell: dict | None) -> str:
     return f"{cell['approach']:.2f} ± {cell['approach_se']:.2f}"
 
 
-def _offline(cell: dict | None) -> str:
-    return "-" if not cell else f"{cell['cosine_xy']:.2f} ± {cell['cosine_xy_se']:.2f}"
+def _offline(cell: dict | None, which: str = "") -> str:
+    key = f"cosine_xy{which}"
+    return "-" if not cell or key not in cell else f"{cell[key]:.2f} ± {cell[key + '_se']:.2f}"
 
 
 def format_sweep(sweep: dict) -> str:

@@ -41,6 +41,7 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
         assert 0.0 <= row["val_token_accuracy"] <= 1.0
         # offline: every method against the same expert demonstrations of held-out layouts
         assert -1.0 <= row["offline"]["cosine_xy"] <= 1.0 and row["offline"]["episodes"] == 2 * results["episodes_per_cell"]
+        assert -1.0 <= row["offline"]["cosine_xy_first"] <= 1.0  # the first steps, scored on their own
     for name in methods:
         assert (out / "finetune" / name / "model/config.json").is_file()
         assert (out / "finetune" / name / "training_curves.png").is_file()

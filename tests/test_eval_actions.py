@@ -69,6 +69,31 @@ def test_a_policy_that_moves_as_the_demonstrator_did_scores_one_and_its_mirror_m
     assert mirror["cosine_xy"] == pytest.approx(-1.0) and mirror["sign_agreement"]["dz"] == 0.0
 
 
+def test_first_steps_are_scored_on_their_own(demos):
+    """A policy that is right once the arm is on its way but wrong at the start (as one that reads
+    the way off the arm's position would be) looks good overall and is caught by cosine_xy_first."""
+    from lapa_training.eval_actions import FIRST_STEPS
+
+    ds = Dataset(demos / "ds")
+    lookup = LookupPolicy(ds)
+    step_of = {np.asarray(ds.frames[i]).tobytes(): i - e["start"] for e in ds.episodes
+               for i in range(e["start"], e["start"] + e["length"])}
+
+    class LateStarter(LookupPolicy):
+        def act(self, image, instruction):
+            step = lookup.act(image, instruction)
+            if step_of[np.asarray(image).tobytes()] < FIRST_STEPS:
+                step.delta[:6] *= -1.0
+            return step
+
+    report = evaluate_actions(LateStarter(ds), ds, progress=False)
+    assert report["cosine_xy_first"] == pytest.approx(-1.0)
+    assert report["cosine_xy"] > 0.5 and report["moving_frames_xy_first"] >= 3
+    assert report["by_task"]["reach"]["cosine_xy_first"] == pytest.approx(-1.0)
+    assert "first steps" in format_action_report(report)
+    assert evaluate_actions(lookup, ds, progress=False)["cosine_xy_first"] == pytest.approx(1.0)
+
+
 def test_a_constant_policy_scores_what_its_one_direction_explains(demos):
     ds = Dataset(demos / "ds")
     down = evaluate_actions(ConstantPolicy([0, 0, -0.01, 0, 0, 0, 0]), ds, progress=False)

@@ -20,7 +20,8 @@ from lapa_policy_node.policy_api import ConstantPolicy
 from lapa_policy_node.ros_eval import RosEvalError, evaluate_over_ros
 
 # a loaded 2-core machine can delay a rendered frame past the default 0.25 s camera watchdog
-SLACK = ["-p", "lapa_policy_server:camera_timeout:=2.0"]
+# a loaded CI machine can hold a node's callbacks back for over the default half second
+SLACK = ["-p", "lapa_policy_server:camera_timeout:=2.0", "-p", "lapa_policy_server:pose_timeout:=2.0"]
 
 
 def _node_children() -> list[int]:
@@ -75,7 +76,10 @@ def test_two_reach_episodes_through_ros(tmp_path, test_node):
         assert e.success or e.steps == 80  # MAX_SECONDS["reach"] (8 s) at the policy's 10 Hz
         assert 0 < e.steps <= 80 and 0 < e.seconds < 8 * 1.5 + 5, e
     assert report.act_ms_p50 > 0 and report.act_ms_p99 >= report.act_ms_p50
-    assert np.ptp(xs) > 0.05, "the arm did not move"  # far more than a reset's jitter
+    # the policy drove the arm along +x: add up the small forward steps between pose messages (a
+    # reset moves the TCP to the next episode's start in one jump of several cm, left out here)
+    steps = np.diff(xs)
+    assert steps[(steps > 0) & (steps < 0.01)].sum() > 0.05, "the arm did not move"
     data = json.loads((out / "report.json").read_text())
     assert data["path"] == "ros" and len(data["episodes"]) == 2 and data["control_rate"] == 10.0
     assert {"success_rate", "by_task", "act_ms_p50", "wall_seconds"} <= set(data)
