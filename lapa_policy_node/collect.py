@@ -83,7 +83,7 @@ def collect(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *
                                                       instruction_set=instruction_set))
                 except TeleopError as e:
                     raise CollectError(f"episode {task}/{seed}: {e} (logs in {log_dir})") from None
-                bar.set_postfix(success=f"{sum(r.success for r in results) / len(results):.0%}")
+                bar.set_postfix(success=f"{sum(r.success for r in results) / len(results):.0%}", refresh=False)
             teleop.stop_arm()
     finally:
         if own_context:

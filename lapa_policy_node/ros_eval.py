@@ -107,7 +107,7 @@ def evaluate_over_ros(policy_dir, jobs: list[tuple[str, int]], *, image_size: in
                 report.episodes.append(EpisodeOutcome(
                     task=task, seed=seed, instruction=instruction, success=bool(result.success),
                     steps=int(result.steps), seconds=time.perf_counter() - t0, failure=failure))
-                bar.set_postfix(success=f"{report.success_rate():.0%}")
+                bar.set_postfix(success=f"{report.success_rate():.0%}", refresh=False)
     finally:
         _stop([proc for proc, _ in reversed(nodes.values())])
         if own_context:

@@ -145,7 +145,7 @@ def evaluate_policy(policy: Policy, task_names: list[str] | tuple[str, ...], epi
                 sheet.append((f"{task} seed {seed}: {'success' if success else 'fail'} - {instruction}", frames))
             report.episodes.append(EpisodeOutcome(task, seed, instruction, success, steps, steps * period, failure,
                                                   approach=1.0 - closest / start if start > 0 else None))
-            bar.set_postfix(success=f"{report.success_rate():.0%}")
+            bar.set_postfix(success=f"{report.success_rate():.0%}", refresh=False)
     finally:
         env.close()
     report.finish(act_seconds, t_start)

@@ -331,7 +331,7 @@ class Trainer:
                     line = {"step": self.step, **_mean(window),
                             "samples_per_s": len(window) * cfg.batch_size / max(elapsed, 1e-9)}
                     self._log(line)
-                    bar.set_postfix(loss=f"{line['loss']:.4g}", lr=f"{line['lr']:.2g}")
+                    bar.set_postfix(loss=f"{line['loss']:.4g}", lr=f"{line['lr']:.2g}", refresh=False)
                     window, t_window = [], time.perf_counter()
                 if self.step % cfg.val_every == 0 or self.step == cfg.steps:
                     self._validate(bar)

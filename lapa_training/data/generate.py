@@ -194,7 +194,7 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
         for episode in results:
             done.append(episode)
             bar.update(1)
-            bar.set_postfix(success=f"{np.mean([e.success for e in done]):.0%}")
+            bar.set_postfix(success=f"{np.mean([e.success for e in done]):.0%}", refresh=False)
     finally:
         bar.close()
         if pool is not None:

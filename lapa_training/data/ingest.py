@@ -196,7 +196,7 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, options: IngestOptions
             report.episodes_added += len(records)
             report.frames_added += sum(r["length"] for r in records)
             report.episodes_with_actions += sum(bool(r["has_actions"]) for r in records)
-            bar.set_postfix(episodes=report.episodes_added, frames=report.frames_added)
+            bar.set_postfix(episodes=report.episodes_added, frames=report.frames_added, refresh=False)
         if report.episodes_added == 0:
             raise IngestError(f"nothing ingested from {', '.join(map(str, inputs))}: "
                               f"{len(report.skipped)} bad, {len(report.incomplete)} incomplete")
