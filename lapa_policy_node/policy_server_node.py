@@ -17,8 +17,14 @@ Topics
 The arm is stopped (a zero twist is published at once) when a goal is cancelled or preempted, when
 the camera stalls (watchdog, independent of the policy thread), when the policy raises or outputs
 NaN/inf, when the EE pose is needed and stale, when a goal ends for any reason, and on shutdown.
-Policy inference runs in its own callback group, so the watchdog and the action server keep serving
-while the policy thinks.
+
+Threads: every ROS callback (sensors, watchdog, goal/cancel requests) runs on one single-threaded
+executor and only swaps state under a lock; each goal's control loop (policy inference included)
+runs on a thread of its own, so callbacks keep being served while the policy thinks. rclpy's
+MultiThreadedExecutor, with the control loop as one of its callbacks, was measured to starve them:
+up to 100 % CPU, the EE pose undelivered for up to 6 s while the sim's other subscribers saw no
+gap (goals aborted with a stale pose), twists up to 1.2 s apart; camera frame to twist 181 ms at
+p50 and 1177 ms at p99 against 13 ms and 17 ms now (benchmarks/server_latency.py, tiny VLA, 2 cores).
 
 Timing: a step starts when a frame the policy has not seen arrives, so a command follows its frame
 by the policy's own time, not by a timer's phase against the camera. The control rate is a ceiling
@@ -30,18 +36,15 @@ on the newest frame again. A goal's first step waits up to one period for a fram
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
@@ -58,19 +61,16 @@ class _Run:
     """One goal being executed."""
 
     instruction: str
+    goal_id: bytes
     max_steps: int
     deadline: float
     limiter: CommandLimiter
     stop_reason: str | None = None  # set by cancel/preempt/watchdog: the loop ends with it
     cancelled: bool = False
     commanding: bool = False  # past the start-up grace: the watchdog guards the camera from here on
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 class PolicyServerNode(Node):
-    # policy loop, action server, sensors and watchdog each need a thread of their own
-    executor_class = functools.partial(MultiThreadedExecutor, num_threads=6)
-
     def __init__(self, **kwargs):
         super().__init__("lapa_policy_server", **kwargs)
         p = self._declare_parameters()
@@ -94,15 +94,18 @@ class PolicyServerNode(Node):
         self._success: bool | None = None
         self._success_time = -np.inf
         self._last_reason = ""
+        self._cancel_requests: set[bytes] = set()  # goals asked to cancel, even before their loop began
+        # goals run one after another: each waits for the goal accepted before it to end
+        self._goal_order: dict[bytes, tuple[threading.Event | None, threading.Event]] = {}
+        self._last_goal_done: threading.Event | None = None
+        self._newest_goal = b""
 
-        sensors = MutuallyExclusiveCallbackGroup()
         image_cls = CompressedImage if p["image_transport"] == "compressed" else Image
-        self.create_subscription(image_cls, p["image_topic"], self._on_image, qos_profile_sensor_data,
-                                 callback_group=sensors)
-        self.create_subscription(PoseStamped, p["ee_pose_topic"], self._on_pose, 10, callback_group=sensors)
+        self.create_subscription(image_cls, p["image_topic"], self._on_image, qos_profile_sensor_data)
+        self.create_subscription(PoseStamped, p["ee_pose_topic"], self._on_pose, 10)
         if p["success_topic"]:
-            self.create_subscription(Bool, p["success_topic"], self._on_success, 10, callback_group=sensors)
-        self.create_subscription(String, "~/instruction", self._on_instruction_topic, 10, callback_group=sensors)
+            self.create_subscription(Bool, p["success_topic"], self._on_success, 10)
+        self.create_subscription(String, "~/instruction", self._on_instruction_topic, 10)
         self.twist_pub = self.create_publisher(TwistStamped, p["twist_topic"], 10)
         self.gripper_pub = self._make_gripper_publisher()
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -114,8 +117,8 @@ class PolicyServerNode(Node):
         self._action_server = ActionServer(
             self, FollowInstruction, "~/follow_instruction", execute_callback=self._execute,
             goal_callback=self._on_goal, cancel_callback=self._on_cancel,
-            handle_accepted_callback=self._on_accepted, callback_group=ReentrantCallbackGroup())
-        self.create_timer(self.period / 2, self._watchdog, callback_group=MutuallyExclusiveCallbackGroup())
+            handle_accepted_callback=self._on_accepted)
+        self.create_timer(self.period / 2, self._watchdog)
         # the plain-topic interface sends goals to our own action server; made here, not in the
         # callback: an ActionClient built while the executor spins can be seen half-made
         from rclpy.action import ActionClient
@@ -175,6 +178,10 @@ class PolicyServerNode(Node):
                                       between=(0.01, 10.0)),
             "pose_timeout": declare(self, "pose_timeout", 0.5, "stop when no EE pose for this long (s)",
                                     between=(0.01, 10.0)),
+            "servo_command_timeout": declare(
+                self, "servo_command_timeout", 0.25,
+                "how long the servo executes the last twist when none follows (MoveIt Servo's "
+                "incoming_command_timeout, s); the workspace box is kept for that long", between=(0.01, 5.0)),
             "default_max_steps": declare(self, "default_max_steps", 300, "steps per goal unless the goal says",
                                          between=(1, 1_000_000)),
             "default_timeout_s": declare(self, "default_timeout_s", 120.0, "seconds per goal unless it says",
@@ -197,7 +204,7 @@ class PolicyServerNode(Node):
         try:
             self.limits = MotionLimits(p["max_linear_speed"], p["max_angular_speed"], p["max_linear_accel"],
                                        p["max_angular_accel"], np.array(p["workspace_min"], float),
-                                       np.array(p["workspace_max"], float))
+                                       np.array(p["workspace_max"], float), p["servo_command_timeout"])
         except ValueError as e:
             raise ConfigError(f"parameters 'workspace_min'/'workspace_max': {e}") from None
         return p
@@ -216,8 +223,9 @@ class PolicyServerNode(Node):
         with self._lock:
             self._image, self._image_time = msg, time.monotonic()
             self._image_count += 1
+            first = self._image_count == 1
             self._wake.notify_all()
-        if self._image_count == 1:
+        if first:
             size = f"{msg.width}x{msg.height} {msg.encoding}" if isinstance(msg, Image) else msg.format
             self.get_logger().info(f"first camera frame on {self.p['image_topic']} ({size})")
 
@@ -296,35 +304,71 @@ class PolicyServerNode(Node):
         return GoalResponse.ACCEPT
 
     def _on_accepted(self, goal_handle) -> None:
+        goal_id = bytes(goal_handle.goal_id.uuid)
         with self._lock:
             previous = self._run
-        if previous is not None:
+            done = threading.Event()
+            self._goal_order[goal_id] = (self._last_goal_done, done)
+            self._last_goal_done, self._newest_goal = done, goal_id
+        if previous is not None:  # stopped now; its loop ends at its next check, on its own thread
             self._stop(previous, "preempted by a new goal")
-            previous.done.wait(timeout=5.0)
         goal_handle.execute()
 
-    def _on_cancel(self, _goal_handle) -> CancelResponse:
+    def _on_cancel(self, goal_handle) -> CancelResponse:
+        goal_id = bytes(goal_handle.goal_id.uuid)
         with self._lock:
-            run = self._run
+            self._cancel_requests.add(goal_id)
+            run = self._run if self._run is not None and self._run.goal_id == goal_id else None
         if run is not None:
             run.cancelled = True
             self._stop(run, "canceled")
         return CancelResponse.ACCEPT
 
-    def _execute(self, goal_handle):
+    async def _execute(self, goal_handle):
+        """The action server's execute callback, a task on the executor: the goal runs on a thread of
+        its own (_run_goal); this task only waits for it, a few ms at a time, so that the executor
+        goes on serving every other callback meanwhile."""
+        with self._lock:
+            before, done = self._goal_order.pop(bytes(goal_handle.goal_id.uuid))
+        outcome = {}
+
+        def run() -> None:
+            try:
+                if before is not None:  # the goal before this one was stopped: let its loop end first
+                    before.wait(timeout=5.0)
+                outcome["result"] = self._run_goal(goal_handle)
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=run, name="lapa-goal", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=0.005)
+            await _NextSpin()
+        return outcome.get("result") or self.Action.Result(success=False, message="internal error: no result")
+
+    def _run_goal(self, goal_handle):
         goal = goal_handle.request
+        with self._lock:
+            superseded = self._newest_goal != bytes(goal_handle.goal_id.uuid)
+        if superseded:  # a newer goal came while this one waited for its turn: it never moves the arm
+            goal_handle.abort()
+            self.get_logger().info(f"goal '{goal.instruction.strip()}' preempted before it started")
+            return self.Action.Result(success=False, steps=0, message="preempted by a new goal")
         limits = replace(self.limits)
         if goal.max_linear_speed > 0:
             limits.max_linear_speed = min(limits.max_linear_speed, goal.max_linear_speed)
         if goal.max_angular_speed > 0:
             limits.max_angular_speed = min(limits.max_angular_speed, goal.max_angular_speed)
-        run = _Run(instruction=goal.instruction.strip(),
+        run = _Run(instruction=goal.instruction.strip(), goal_id=bytes(goal_handle.goal_id.uuid),
                    max_steps=int(goal.max_steps) or self.p["default_max_steps"],
                    deadline=time.monotonic() + (goal.timeout_s or self.p["default_timeout_s"]),
                    limiter=CommandLimiter(limits, self.period))
         with self._lock:
             self._run = run
             self._success = None if self.p["success_topic"] else self._success
+            if run.goal_id in self._cancel_requests:  # cancelled before its loop began
+                run.cancelled, run.stop_reason = True, "canceled"
         self.get_logger().info(f"goal: '{run.instruction}' (max {run.max_steps} steps)")
         self._publish_status("running", run)
         if self._servo is not None:
@@ -338,6 +382,7 @@ class PolicyServerNode(Node):
             with self._lock:
                 if self._run is run:
                     self._run = None
+                self._cancel_requests.discard(run.goal_id)
         if run.cancelled:  # the goal turns CANCELING only after _on_cancel returned: wait for it
             deadline = time.monotonic() + 1.0
             while not goal_handle.is_cancel_requested and time.monotonic() < deadline:
@@ -353,7 +398,6 @@ class PolicyServerNode(Node):
         self._last_reason = reason
         self.get_logger().info(f"goal '{run.instruction}' ended after {steps} steps: {reason}")
         self._publish_status("idle")
-        run.done.set()
         return result
 
     def _control_loop(self, goal_handle, run: _Run) -> tuple[bool, int, str]:
@@ -464,6 +508,13 @@ class PolicyServerNode(Node):
             self._publish_twist(np.zeros(6))
             time.sleep(0.01)
         self.get_logger().info("sent a final zero twist")
+
+
+class _NextSpin:
+    """Awaited in an executor task: hand control back to the executor until its next spin."""
+
+    def __await__(self):
+        yield
 
 
 class _StepPacer:

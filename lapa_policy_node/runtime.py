@@ -81,7 +81,7 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) ->
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        executor = getattr(node, "executor_class", SingleThreadedExecutor)()
+        executor = SingleThreadedExecutor()
         executor.add_node(node)
         while stop["signal"] is None and rclpy.ok():
             executor.spin_once(timeout_sec=0.05)

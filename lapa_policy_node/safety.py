@@ -7,9 +7,12 @@ Pure numpy, no ROS, so every rule is unit-tested on its own and reused by any no
 - acceleration clamps (the change from the previous command is capped per second);
 - a workspace box: the TCP's position is estimated from the last EE pose plus the motion commanded
   since it was measured, and each velocity component towards a wall is capped so that the TCP would
-  cover at most the room left before that wall within WORKSPACE_LOOKAHEAD_PERIODS control periods
-  (it slows down as it nears the wall instead of relying on the next command arriving on time); a
-  TCP already outside may only move back towards the box.
+  cover at most the room left before that wall while this command may still be in force. That is
+  the longer of WORKSPACE_LOOKAHEAD_PERIODS control periods and the servo's command timeout (MoveIt
+  Servo keeps executing the last twist until its ``incoming_command_timeout``) plus ARM_STOP_LAG,
+  so the box holds even when the next command never comes: the arm slows down as it nears a wall
+  instead of relying on the next command arriving on time. A TCP already outside may only move
+  back towards the box.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ class MotionLimits:
     max_angular_accel: float = 4.0  # rad/s^2
     workspace_min: np.ndarray = field(default_factory=lambda: np.array([0.25, -0.35, 0.02]))  # m, base frame
     workspace_max: np.ndarray = field(default_factory=lambda: np.array([0.75, 0.35, 0.55]))
+    # s the servo keeps executing the last twist when no new one comes (MoveIt Servo's
+    # incoming_command_timeout; lapa_sim_arm's command_timeout)
+    servo_command_timeout: float = 0.25
 
     def __post_init__(self):
         self.workspace_min = np.asarray(self.workspace_min, float)
@@ -40,7 +46,8 @@ class MotionLimits:
         if np.any(self.workspace_min >= self.workspace_max):
             raise ValueError(f"workspace_min {self.workspace_min.tolist()} must be below workspace_max "
                              f"{self.workspace_max.tolist()} on every axis")
-        for name in ("max_linear_speed", "max_angular_speed", "max_linear_accel", "max_angular_accel"):
+        for name in ("max_linear_speed", "max_angular_speed", "max_linear_accel", "max_angular_accel",
+                     "servo_command_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
 
@@ -64,9 +71,11 @@ def _cap(v: np.ndarray, limit: float) -> np.ndarray:
     return v * (limit / n) if n > limit else v
 
 
-# How far ahead, in control periods, the workspace box looks. One period is when the next command
-# is due; the second covers a late command, a late pose and the arm's own lag.
+# How far ahead, in control periods, the workspace box looks at least. One period is when the next
+# command is due; the second covers a late command, a late pose and the arm's own lag.
 WORKSPACE_LOOKAHEAD_PERIODS = 2.0
+# s the arm goes on moving once its servo stops (the simulated Panda at 0.1 m/s: about 5 mm)
+ARM_STOP_LAG = 0.05
 
 
 class CommandLimiter:
@@ -75,6 +84,8 @@ class CommandLimiter:
     def __init__(self, limits: MotionLimits, period: float):
         self.limits, self.period = limits, period
         self.previous = np.zeros(6)
+        # how long a command sent now may stay in force (see the module doc)
+        self.horizon = max(WORKSPACE_LOOKAHEAD_PERIODS * period, limits.servo_command_timeout + ARM_STOP_LAG)
 
     def reset(self) -> None:
         """The arm is known to be still (a zero twist was just sent)."""
@@ -102,11 +113,10 @@ class CommandLimiter:
         return self.previous.copy()
 
     def _keep_inside(self, lin: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Cap each velocity component towards a wall to the room left before it over the lookahead;
+        """Cap each velocity component towards a wall to the room left before it over the horizon;
         a component that points out of the box while the TCP is already past that wall becomes 0."""
-        horizon = WORKSPACE_LOOKAHEAD_PERIODS * self.period
-        below = np.maximum(pos - self.limits.workspace_min, 0.0) / horizon  # fastest allowed speed downwards
-        above = np.maximum(self.limits.workspace_max - pos, 0.0) / horizon  # ... and upwards
+        below = np.maximum(pos - self.limits.workspace_min, 0.0) / self.horizon  # fastest allowed speed downwards
+        above = np.maximum(self.limits.workspace_max - pos, 0.0) / self.horizon  # ... and upwards
         return np.clip(lin, -below, above)
 
     def inside(self, pos: np.ndarray) -> bool:

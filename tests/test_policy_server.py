@@ -250,6 +250,20 @@ def test_cancel_stops_the_arm_at_once_and_a_new_goal_preempts(tmp_path, test_nod
         new = _wait(second.get_result_async())
         assert new.result.steps == 5
 
+        # goals back to back: each preempts the one before, whether or not that one has begun; only
+        # the last one moves on, and the server's log shows one goal running at a time
+        sent = [client.send_goal_async(action.Goal(instruction=f"burst {i}", max_steps=3)) for i in range(3)]
+        burst = [_wait(f) for f in sent]
+        assert all(h.accepted for h in burst)
+        results = [_wait(h.get_result_async()) for h in burst]
+        assert results[-1].result.steps == 3, results[-1].result.message
+        for r in results[:-1]:
+            assert r.status == GoalStatus.STATUS_ABORTED and "preempted" in r.result.message
+        log = [line for line in server.output().splitlines() if "burst" in line]
+        starts = [i for i, line in enumerate(log) if "goal: 'burst" in line]
+        ends = [i for i, line in enumerate(log) if "ended after" in line or "preempted before" in line]
+        assert all(e < s for s, e in zip(starts[1:], ends)), log  # each ends before the next one starts
+
         rejected = _wait(client.send_goal_async(action.Goal(instruction="   ")))
         assert not rejected.accepted
         wait_for(lambda: "rejected a goal with an empty instruction" in server.output(), 5, what="the reason")
