@@ -568,3 +568,41 @@ def test_tiny_vision_tower_is_a_position_aware_cnn_and_siglip_tiny_checkpoints_s
     px, ids, mask = batch(old)
     with torch.no_grad():
         assert torch.equal(old(px, ids, mask).logits, loaded(px, ids, mask).logits)
+
+
+def test_text_first_and_keypoints_make_the_image_states_depend_on_the_instruction_and_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="keypoints must be an integer >= 0"):
+        VLAConfig.tiny(keypoints=-1)
+    torch.manual_seed(0)
+    model = tiny(objective="action", stage="finetune", num_bins=16, text_first=True, keypoints=8,
+                 spatial_readout=0).eval()
+    assert model.parameter_counts()["keypoint_logits"] > 0 and model.token_grid.shape == (64, 2)
+    px, ids, mask = batch(model)
+    assert not bool(mask.all())  # the batch's instructions differ in length: padding in the middle
+    with torch.inference_mode():
+        out = model.final_hidden(px, ids, mask)
+        one = model.final_hidden(px[:1], ids[:1, :int(mask[0].sum())], mask[:1, :int(mask[0].sum())])
+    assert out.shape == (len(ids), model.language.config.hidden_size)
+    assert torch.allclose(out[:1], one, atol=1e-4)  # pads in the middle change nothing
+
+    def image_states(m, instructions):
+        """The image tokens' final states (what the keypoints read) for one image and each instruction."""
+        seen = []
+        hook = m.keypoint_logits.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0]))
+        i, k = m.tokenize(instructions)
+        with torch.inference_mode():
+            m.final_hidden(px[:1].expand(len(instructions), -1, -1, -1), i, k)
+        hook.remove()
+        return seen[0]
+
+    asked = ["reach the red block", "reach the blue block"]
+    first = image_states(model, asked)
+    assert not torch.allclose(first[0], first[1], atol=1e-4)  # text first: they depend on the instruction
+    image_first = tiny(objective="action", stage="finetune", num_bins=16, keypoints=8, spatial_readout=0).eval()
+    second = image_states(image_first, asked)
+    assert torch.allclose(second[0], second[1], atol=1e-5)  # image first: causal attention cannot see it
+    path = model.save_pretrained(tmp_path / "kp")
+    loaded = VLAModel.from_pretrained(path).eval()
+    assert loaded.config.text_first and loaded.config.keypoints == 8
+    with torch.inference_mode():
+        assert torch.allclose(loaded.final_hidden(px, ids, mask), out, atol=1e-5)

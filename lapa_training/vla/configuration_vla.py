@@ -71,6 +71,14 @@ class VLAConfig:
     # tiny preset uses 16: from-scratch tiny backbones do not learn where things are without it
     # (docs/RESULTS.md: held-out direction cosine 0.08 -> 0.39)
     spatial_readout: int = 0
+    # True: the instruction comes before the image tokens, so the image tokens' LM states can depend
+    # on it (which block is asked for); False: image first, as in the paper (image states are then
+    # the same whatever the instruction, and only the last token's state is language-conditioned)
+    text_first: bool = False
+    # > 0: a spatial softmax over the image tokens' final LM states: this many keypoints, each the
+    # expected grid position under its own softmax over the tokens; the head also reads their
+    # coordinates. Unlike spatial_readout, it is the same function at every position
+    keypoints: int = 0
     objective: str = "latent"  # what the backbone is pretrained on: latent | action | idm
     stage: str = "pretrain"  # pretrain | finetune
     latent_tokens: int = 4  # L, latent-action tokens per step (LAQ's action grid, 2x2)
@@ -126,7 +134,7 @@ class VLAConfig:
                 json.dumps(value)
             except TypeError as e:
                 raise ValueError(f"VLAConfig.{name} must be JSON-serialisable: {e}") from None
-        for name in ("freeze_vision", "freeze_language"):
+        for name in ("freeze_vision", "freeze_language", "text_first"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"VLAConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.objective not in OBJECTIVES:
@@ -142,6 +150,8 @@ class VLAConfig:
         if not _is_int(self.spatial_readout) or self.spatial_readout < 0:
             raise ValueError(f"VLAConfig.spatial_readout must be an integer >= 0 (0 = off), got "
                              f"{self.spatial_readout!r}")
+        if not _is_int(self.keypoints) or self.keypoints < 0:
+            raise ValueError(f"VLAConfig.keypoints must be an integer >= 0 (0 = off), got {self.keypoints!r}")
         if not _is_int(self.codebook_size) or self.codebook_size < 2:
             raise ValueError(f"VLAConfig.codebook_size must be an integer >= 2 (LAQ's |C|), got "
                              f"{self.codebook_size!r}")

@@ -309,13 +309,25 @@ class VLAModel(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.spatial_readout: nn.Module | None = None
+        self.keypoint_logits: nn.Module | None = None
+        self.keypoint_readout: nn.Module | None = None
         self.image_tokens = 0
-        if config.spatial_readout:
+        if config.spatial_readout or config.keypoints:
             with torch.no_grad():  # how many tokens this vision tower makes (class token or not)
                 probe = torch.zeros(1, 3, *self.image_size, dtype=next(self.vision.parameters()).dtype)
                 self.image_tokens = int(self.vision(pixel_values=probe).last_hidden_state.shape[1])
+        if config.spatial_readout:
             self.spatial_readout = nn.Sequential(nn.Linear(lm_dim, config.spatial_readout), nn.Flatten(1),
                                                  nn.Linear(config.spatial_readout * self.image_tokens, lm_dim))
+        if config.keypoints:
+            side = int(round(self.image_tokens ** 0.5))
+            if side * side != self.image_tokens:
+                raise VLABuildError(f"keypoints need a square grid of image tokens; this vision tower makes "
+                                    f"{self.image_tokens} (a class token?)")
+            ys, xs = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
+            self.register_buffer("token_grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
+            self.keypoint_logits = nn.Linear(lm_dim, config.keypoints)
+            self.keypoint_readout = nn.Linear(2 * config.keypoints, lm_dim)
         self.register_buffer("pixel_scale", 1.0 / (255.0 * torch.tensor(config.image_std)).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("pixel_shift", (torch.tensor(config.image_mean) / torch.tensor(config.image_std))
@@ -374,7 +386,8 @@ class VLAModel(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         parts = {"vision": self.vision, "projector": self.projector, "language": self.language,
-                 "spatial_readout": self.spatial_readout, "latent_head": self.latent_head,
+                 "spatial_readout": self.spatial_readout, "keypoint_logits": self.keypoint_logits,
+                 "keypoint_readout": self.keypoint_readout, "latent_head": self.latent_head,
                  "action_head": self.action_head}
         return {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items() if m is not None}
 
@@ -464,19 +477,31 @@ class VLAModel(nn.Module):
                              f"{tuple(input_ids.shape)}")
         image_tokens = self.encode_images(pixel_values)
         text = self.language.get_input_embeddings()(input_ids)
-        x = torch.cat([image_tokens.to(text.dtype), text], dim=1)
-        b, n = image_tokens.shape[:2]
-        if attention_mask is None or bool(attention_mask.all()):
-            full_mask = None
+        b, n, t = image_tokens.shape[0], image_tokens.shape[1], text.shape[1]
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if self.config.text_first:  # [text; image]: the last position is always the last image token
+            x = torch.cat([text, image_tokens.to(text.dtype)], dim=1)
+            image = slice(t, t + n)
+            full_mask = torch.cat([attention_mask, attention_mask.new_ones(b, n)], dim=1) if padded else None
             last = torch.full((b,), x.shape[1] - 1, device=x.device, dtype=torch.long)
-        else:
-            full_mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
-            positions = torch.arange(full_mask.shape[1], device=x.device)
-            last = (full_mask * positions).argmax(dim=1)
-        hidden = self.language(inputs_embeds=x, attention_mask=full_mask, use_cache=False).last_hidden_state
+        else:  # [image; text], as in the paper: the last position is the last non-pad text token
+            x = torch.cat([image_tokens.to(text.dtype), text], dim=1)
+            image = slice(0, n)
+            full_mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1) if padded else None
+            positions = torch.arange(x.shape[1], device=x.device)
+            last = (full_mask * positions).argmax(dim=1) if padded else torch.full(
+                (b,), x.shape[1] - 1, device=x.device, dtype=torch.long)
+        # positions count real tokens only, so pads in the middle (text first) do not shift the image
+        position_ids = (full_mask.cumsum(1) - 1).clamp(min=0) if padded else None
+        hidden = self.language(inputs_embeds=x, attention_mask=full_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
         out = hidden[torch.arange(b, device=x.device), last]
         if self.spatial_readout is not None:  # + the image tokens' states, laid out by position
-            out = out + self.spatial_readout(hidden[:, :n])
+            out = out + self.spatial_readout(hidden[:, image])
+        if self.keypoint_logits is not None:  # + where each keypoint's softmax over the tokens puts it
+            weights = self.keypoint_logits(hidden[:, image]).softmax(dim=1)  # (B, N, K)
+            where = torch.einsum("bnk,nc->bkc", weights, self.token_grid.to(weights.dtype))  # (B, K, 2)
+            out = out + self.keypoint_readout(where.flatten(1))
         return out
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
@@ -615,6 +640,8 @@ class VLAModel(nn.Module):
         saved = dict(saved)
         saved.pop("policy_type", None)
         saved.setdefault("spatial_readout", 0)  # checkpoints from before the option had none
+        saved.setdefault("text_first", False)
+        saved.setdefault("keypoints", 0)
         backbones = saved.pop("backbones", None)
         if not isinstance(backbones, dict) or not {"vision", "language"} <= set(backbones):
             raise CheckpointError(f"{path}/config.json has no backbone configs: not a VLA checkpoint written by "
