@@ -338,6 +338,8 @@ class PolicyServerNode(Node):
                     before.wait(timeout=5.0)
                 outcome["result"] = self._run_goal(goal_handle)
             finally:
+                with self._lock:  # also for a goal superseded or failed before its loop began
+                    self._cancel_requests.discard(bytes(goal_handle.goal_id.uuid))
                 done.set()
 
         thread = threading.Thread(target=run, name="lapa-goal", daemon=True)
@@ -382,7 +384,6 @@ class PolicyServerNode(Node):
             with self._lock:
                 if self._run is run:
                     self._run = None
-                self._cancel_requests.discard(run.goal_id)
         if run.cancelled:  # the goal turns CANCELING only after _on_cancel returned: wait for it
             deadline = time.monotonic() + 1.0
             while not goal_handle.is_cancel_requested and time.monotonic() < deadline:
