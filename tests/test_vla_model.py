@@ -606,3 +606,69 @@ def test_text_first_and_keypoints_make_the_image_states_depend_on_the_instructio
     assert loaded.config.text_first and loaded.config.keypoints == 8
     with torch.inference_mode():
         assert torch.allclose(loaded.final_hidden(px, ids, mask), out, atol=1e-5)
+
+
+def test_expected_action_decoding_and_loss_and_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="action_decoding must be one of argmax, expectation"):
+        VLAConfig.tiny(action_decoding="mean")
+    with pytest.raises(ValueError, match="expectation_loss must be a number >= 0"):
+        VLAConfig.tiny(expectation_loss=-1.0)
+    bins = fitted_bins(16, seed=3)
+    model = tiny(objective="action", stage="finetune", num_bins=16, expectation_loss=2.0)
+    with pytest.raises(RuntimeError, match="no action bins"):
+        model.expected_actions(torch.zeros(1, 1, 7, 16))
+    model.set_action_bins(bins)
+    px, ids, mask = batch(model)
+    out = model(px, ids, mask)
+    probs = out.logits.float().softmax(-1)
+    table = torch.from_numpy(bins.value_table(16)).float()
+    manual = (probs * table).sum(-1)
+    assert torch.allclose(model.expected_actions(out.logits), manual, atol=1e-6)
+    assert np.array_equal(model.decode_actions(out), bins.decode(out.predictions.numpy()))  # argmax: the default
+    model.config.action_decoding = "expectation"
+    decoded = model.decode_actions(out)
+    np.testing.assert_allclose(decoded[..., :6], manual[..., :6].detach().numpy(), atol=1e-6)
+    assert set(decoded[..., 6].ravel().tolist()) <= {0.0, 1.0}  # the binary gripper stays argmax
+
+    # the loss: cross-entropy + weight x squared error of the expected action in units of each spread
+    actions = np.random.default_rng(5).normal(0, 0.01, (3, 7))
+    actions[:, 6] = [0, 1, 1]
+    actions[1, :] = np.nan  # an unknown action: left out of both terms
+    labels = model.encode_actions(actions)
+    out = model(px, ids, mask, labels=labels, actions=actions)
+    ce = torch.nn.functional.cross_entropy(out.logits[[0, 2]].reshape(-1, 16), labels[[0, 2]].reshape(-1))
+    spread = torch.from_numpy(bins.spreads()).float()
+    err = ((model.expected_actions(out.logits)[[0, 2], 0, :6] - torch.from_numpy(actions[[0, 2], :6]).float())
+           / spread[:6]).square().mean()
+    assert torch.allclose(out.loss, ce + 2.0 * err, atol=1e-5)
+    assert torch.allclose(model(px, ids, mask, labels=labels).loss, ce, atol=1e-6)  # no actions given: CE only
+
+    # trained on the expected action, the decoded actions come close to the targets
+    targets = np.random.default_rng(6).normal(0, 0.01, (3, 7))
+    targets[:, 6] = [0, 1, 0]
+    labels = model.encode_actions(targets)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    before = np.abs(model.decode_actions(model(px, ids, mask))[:, 0] - targets)[:, :3].mean()
+    for _ in range(60):
+        loss = model(px, ids, mask, labels=labels, actions=targets).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = np.abs(model.decode_actions(model(px, ids, mask))[:, 0] - targets)[:, :3].mean()
+    assert after < 0.5 * before, (before, after)
+
+    # saved and loaded with the decoding; the policy reads actions the same way; decoding can be switched
+    path = model.save_pretrained(tmp_path / "ev")
+    loaded = VLAModel.from_pretrained(path).eval()
+    assert loaded.config.action_decoding == "expectation" and loaded.config.expectation_loss == 2.0
+    policy = load_policy(path)
+    policy.reset(INSTRUCTIONS[0])
+    step = policy.act(random_images(1, 64, seed=0)[0], INSTRUCTIONS[0])
+    with torch.no_grad():
+        want = loaded.decode_actions(loaded(px[:1], *loaded.tokenize(INSTRUCTIONS[:1])))[0, 0]
+    np.testing.assert_allclose(step.delta, want, atol=1e-5)
+    argmax = VLAModel.from_pretrained(path, config=loaded.config.finetune(action_decoding="argmax"))
+    assert argmax.config.action_decoding == "argmax"

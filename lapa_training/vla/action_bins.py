@@ -179,6 +179,32 @@ class ActionBins:
             out[..., d][ignored] = np.nan
         return out
 
+    def value_table(self, width: int | None = None) -> np.ndarray:
+        """(D, width) float64: each bin's decode value, 0 past a dimension's bin count. With a
+        head's softmax p (..., D, width), (p * table).sum(-1) is the expected action."""
+        width = width or self.max_bins
+        self.valid_mask(width)  # raises when a dimension has more bins than `width`
+        table = np.zeros((self.num_dims, width))
+        for d, values in enumerate(self._values):
+            table[d, :len(values)] = values
+        return table
+
+    def spreads(self) -> np.ndarray:
+        """(D,) standard deviation of the training actions per dimension, from the bins' values and
+        counts (> 0: a dimension without spread gets 1)."""
+        out = np.ones(self.num_dims)
+        for d, dim in enumerate(self.dims):
+            w = dim.counts / max(dim.counts.sum(), 1)
+            mean = float((w * dim.values).sum())
+            std = float(np.sqrt((w * (dim.values - mean) ** 2).sum()))
+            out[d] = std if std > 0 else 1.0
+        return out
+
+    @property
+    def continuous_dims(self) -> np.ndarray:
+        """(D,) bool: the quantile-binned (motion) dimensions; binary ones (the gripper) are False."""
+        return np.array([d.kind == "quantile" for d in self.dims])
+
     def bin_widths(self, ids: np.ndarray) -> np.ndarray:
         """(..., D) widths of the given bins (outer bins bounded by the training range)."""
         ids = np.asarray(ids)

@@ -37,6 +37,7 @@ TINY = "tiny"
 BYTE_TOKENIZER = "byte"
 OBJECTIVES = ("latent", "action", "idm")
 STAGES = ("pretrain", "finetune")
+ACTION_DECODINGS = ("argmax", "expectation")
 
 # The built-in tiny backbones (CPU demo and tests); overrides are applied on top.
 # The tiny vision tower is a small CNN with coordinate channels (lapa_training/vla/tiny_vision.py).
@@ -46,7 +47,7 @@ TINY_LANGUAGE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num
                                      tie_word_embeddings=False)
 
 # Keys that change how a model trains or runs but not its weights.
-TRAINING_ONLY_KEYS = ("freeze_vision", "freeze_language", "control_rate")
+TRAINING_ONLY_KEYS = ("freeze_vision", "freeze_language", "control_rate", "action_decoding", "expectation_loss")
 # Keys that only shape the heads: a checkpoint loaded with its heads replaced may differ in these.
 HEAD_KEYS = ("objective", "stage", "latent_tokens", "codebook_size", "num_bins", "chunk_size", "head_hidden")
 # Keys whose None means "whatever the backbones say", resolved when the model is built.
@@ -85,6 +86,17 @@ class VLAConfig:
     codebook_size: int = 8  # |C|, LAQ's codebook size
     num_bins: int = 256  # action-head outputs per action dimension
     chunk_size: int = 1  # future steps the action head predicts at once (action chunking)
+    # how an action is read from the head's bins: "argmax" (as in the paper: the most likely bin's
+    # value) or "expectation" (the probability-weighted mean of the bins' values; motion dimensions
+    # only, a binary gripper stays argmax). docs/RESULTS.md (ninth session): expectation scores
+    # better offline but closes less of the way to the target in closed loop: it averages modes
+    action_decoding: str = "argmax"
+    # > 0: the action head is also trained on the squared error between its expected action and the
+    # true one (motion dimensions, in units of the training actions' standard deviation), with this
+    # weight next to the cross-entropy on the bin ids; 0: cross-entropy only, as in the paper.
+    # docs/RESULTS.md (ninth session): at small scale cross-entropy alone over 256 equal-frequency
+    # bins underfits; weight 5 lifted held-out offline agreement, not yet closed-loop success
+    expectation_loss: float = 0.0
     image_mean: tuple[float, float, float] | None = None  # None: the vision backbone's (0.5 for tiny)
     image_std: tuple[float, float, float] | None = None
     prompt_template: str = "{instruction}"
@@ -161,6 +173,13 @@ class VLAConfig:
         if not _is_int(self.chunk_size) or self.chunk_size < 1:
             raise ValueError(f"VLAConfig.chunk_size must be an integer >= 1 (1 = no action chunking), got "
                              f"{self.chunk_size!r}")
+        if self.action_decoding not in ACTION_DECODINGS:
+            raise ValueError(f"VLAConfig.action_decoding must be one of {', '.join(ACTION_DECODINGS)}, got "
+                             f"{self.action_decoding!r}")
+        if isinstance(self.expectation_loss, bool) or not isinstance(self.expectation_loss, (int, float)) \
+                or not self.expectation_loss >= 0 or self.expectation_loss == float("inf"):
+            raise ValueError(f"VLAConfig.expectation_loss must be a number >= 0 (0 = cross-entropy only), got "
+                             f"{self.expectation_loss!r}")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
             if value is None:

@@ -219,7 +219,8 @@ class VLAOutput:
     logits: torch.Tensor  # latent (B, L, |C|); action (B, k, 7, num_bins), invalid bins at dtype min
     predictions: torch.Tensor  # argmax ids: latent (B, L); action (B, k, 7)
     hidden: torch.Tensor  # (B, D) the LM's final hidden state the head read
-    loss: torch.Tensor | None = None  # mean cross-entropy over labelled positions (labels given)
+    loss: torch.Tensor | None = None  # mean cross-entropy over labelled positions (labels given), plus
+    # config.expectation_loss x the expected-action squared error (actions given)
     accuracy: torch.Tensor | None = None  # fraction of labelled positions predicted exactly (labels given)
 
 
@@ -362,6 +363,11 @@ class VLAModel(nn.Module):
         else:
             self.action_head = MLPHead(dim, cfg.head_hidden, cfg.chunk_size * ACTION_DIM * cfg.num_bins)
         self.register_buffer("bin_mask", torch.ones(ACTION_DIM, cfg.num_bins, dtype=torch.bool), persistent=False)
+        # each bin's value, each dimension's spread and which dimensions are continuous: from the
+        # action bins (set_action_bins), for the expected action
+        self.register_buffer("bin_values", torch.zeros(ACTION_DIM, cfg.num_bins), persistent=False)
+        self.register_buffer("bin_spread", torch.ones(ACTION_DIM), persistent=False)
+        self.register_buffer("bin_continuous", torch.zeros(ACTION_DIM, dtype=torch.bool), persistent=False)
         if self.action_bins is not None:
             self.set_action_bins(self.action_bins)
 
@@ -400,7 +406,11 @@ class VLAModel(nn.Module):
             raise ValueError(f"action bins have {bins.num_dims} dimensions, the action head predicts {ACTION_DIM}")
         mask = torch.from_numpy(bins.valid_mask(self.config.num_bins))  # raises when a dim has too many bins
         self.action_bins = bins
-        self.bin_mask = mask.to(self.bin_mask.device)
+        device = self.bin_mask.device
+        self.bin_mask = mask.to(device)
+        self.bin_values = torch.from_numpy(bins.value_table(self.config.num_bins)).float().to(device)
+        self.bin_spread = torch.from_numpy(bins.spreads()).float().to(device)
+        self.bin_continuous = torch.from_numpy(bins.continuous_dims).to(device)
 
     # ---- inputs --------------------------------------------------------------------------
     def preprocess_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -505,10 +515,13 @@ class VLAModel(nn.Module):
         return out
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLAOutput:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                actions: torch.Tensor | np.ndarray | None = None) -> VLAOutput:
         """pixel_values (B, 3, h, w) from preprocess_images; input_ids / attention_mask (B, T) from
         tokenize; labels (optional): latent head (B, L) token ids in [0, |C|); action head (B, k, 7)
-        (or (B, 7) when k = 1) bin ids; IGNORE_INDEX (-100) positions are skipped."""
+        (or (B, 7) when k = 1) bin ids; IGNORE_INDEX (-100) positions are skipped. actions (optional,
+        with labels, action head): the true actions the labels were encoded from, same shape, NaN
+        where unknown; with config.expectation_loss > 0 the loss also holds the expected-action error."""
         h = self.final_hidden(pixel_values, input_ids, attention_mask)
         h = h.to((self.latent_head or self.action_head).net[1].weight.dtype)
         b, cfg = h.shape[0], self.config
@@ -531,7 +544,36 @@ class VLAModel(nn.Module):
                 out.loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                            ignore_index=IGNORE_INDEX)
                 out.accuracy = ((predictions == labels) & valid).sum().float() / n
+            if actions is not None and self.action_head is not None and cfg.expectation_loss > 0:
+                out.loss = out.loss + cfg.expectation_loss * self._expectation_error(logits, actions, labels.shape)
         return out
+
+    def expected_actions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Action-head logits (B, k, 7, num_bins) -> (B, k, 7) float32 expected actions: each
+        dimension's bin values weighted by their softmax probabilities (needs the action bins)."""
+        if self.action_bins is None:
+            raise RuntimeError("this model has no action bins (set_action_bins): cannot turn bins into actions")
+        return (logits.float().softmax(dim=-1) * self.bin_values).sum(dim=-1)
+
+    def _expectation_error(self, logits: torch.Tensor, actions, shape: torch.Size) -> torch.Tensor:
+        """Mean squared error of the expected action on the continuous dimensions with a finite true
+        value, in units of each dimension's spread."""
+        target = torch.as_tensor(actions, device=logits.device, dtype=torch.float32).reshape(shape)
+        known = torch.isfinite(target) & self.bin_continuous
+        if not bool(known.any()):
+            return (logits * 0.0).sum()
+        err = (self.expected_actions(logits) - target.nan_to_num()) / self.bin_spread
+        return err[known].square().mean()
+
+    def decode_actions(self, out: VLAOutput) -> np.ndarray:
+        """An action-head output -> (B, k, 7) float32 actions, read as config.action_decoding says."""
+        if self.action_bins is None:
+            raise RuntimeError("this model has no action bins (set_action_bins): cannot turn bins into actions")
+        actions = self.action_bins.decode(out.predictions.detach().cpu().numpy())
+        if self.config.action_decoding == "expectation":
+            continuous = self.action_bins.continuous_dims
+            actions[..., continuous] = self.expected_actions(out.logits.detach()).cpu().numpy()[..., continuous]
+        return actions
 
     def _check_labels(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         labels = torch.as_tensor(labels, device=logits.device).long()
@@ -557,13 +599,13 @@ class VLAModel(nn.Module):
     @torch.inference_mode()
     def predict_actions(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """-> (bin ids (B, k, 7) int64, actions (B, k, 7) float32 decoded by the action bins)."""
+        """-> (bin ids (B, k, 7) int64 (argmax), actions (B, k, 7) float32 read as config.action_decoding says)."""
         if self.action_head is None:
             raise RuntimeError("this model has a latent-action head, not an action head: finetune it first")
         if self.action_bins is None:
             raise RuntimeError("this model has no action bins (set_action_bins): cannot turn bins into actions")
-        ids = self.forward(pixel_values, input_ids, attention_mask).predictions.cpu().numpy()
-        return ids, self.action_bins.decode(ids)
+        out = self.forward(pixel_values, input_ids, attention_mask)
+        return out.predictions.cpu().numpy(), self.decode_actions(out)
 
     @torch.inference_mode()
     def predict_latent(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
@@ -595,7 +637,8 @@ class VLAModel(nn.Module):
         for head in (self.latent_head, self.action_head):
             if head is not None:
                 head.to(device=device, dtype=dtype)
-        self.bin_mask = self.bin_mask.to(device)
+        for name in ("bin_mask", "bin_values", "bin_spread", "bin_continuous"):
+            setattr(self, name, getattr(self, name).to(device))
         self._apply_freezing()
         after = {k for k in self.state_dict() if k.startswith(("latent_head.", "action_head."))}
         return LoadReport(source="replace_heads", new=sorted(after), dropped=sorted(before))
@@ -642,6 +685,8 @@ class VLAModel(nn.Module):
         saved.setdefault("spatial_readout", 0)  # checkpoints from before the option had none
         saved.setdefault("text_first", False)
         saved.setdefault("keypoints", 0)
+        saved.setdefault("action_decoding", "argmax")
+        saved.setdefault("expectation_loss", 0.0)
         backbones = saved.pop("backbones", None)
         if not isinstance(backbones, dict) or not {"vision", "language"} <= set(backbones):
             raise CheckpointError(f"{path}/config.json has no backbone configs: not a VLA checkpoint written by "

@@ -187,9 +187,9 @@ class VLATrainJob:
         targets = batch["targets"]
         if inner.head == "latent":
             labels = torch.as_tensor(targets, device=pixels.device)
-        else:
-            labels = inner.encode_actions(targets)
-        return model(pixels, ids, mask, labels=labels), labels
+            return model(pixels, ids, mask, labels=labels), labels
+        labels = inner.encode_actions(targets)
+        return model(pixels, ids, mask, labels=labels, actions=torch.from_numpy(targets)), labels
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         out, _ = self._forward(model, batch, self.augment)
@@ -207,7 +207,7 @@ class VLATrainJob:
             within += float((((out.predictions - labels).abs() <= 1) & valid).sum())
             count += int(valid.sum())
             if model.head == "action":
-                decoded = model.action_bins.decode(out.predictions.cpu().numpy())
+                decoded = model.decode_actions(out)
                 errors.append(np.abs(decoded - batch["targets"]))
         metrics = {"val_loss": sum(losses) / max(count, 1), "val_token_accuracy": hits / max(count, 1)}
         if model.head == "action":
