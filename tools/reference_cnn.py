@@ -8,6 +8,14 @@ to measure (minutes on 2 cores). docs/RESULTS.md reports its numbers.
     .venv/bin/python tools/reference_cnn.py generate /tmp/ref/test.npz --layouts 40 --first-seed 900000
     # train on the first N layouts of each task, score held-out layouts
     .venv/bin/python tools/reference_cnn.py train /tmp/ref/train.npz /tmp/ref/test.npz --arch film_ssm --steps 8000
+    # the same with the VLA's kind of head: 256 equal-frequency bins, + the expected-move loss
+    .venv/bin/python tools/reference_cnn.py train /tmp/ref/train.npz /tmp/ref/test.npz --head bins --expectation-loss 1
+
+Heads (``--head``): ``mse`` regresses the move, normalised per axis; ``bins`` classifies each axis
+into ``--bins`` equal-frequency bins with cross-entropy, as the VLA's action head does, optionally
+with Gaussian soft labels (``--label-sigma``, in bins), two-hot labels (``--two-hot``) or the VLA's
+``expectation_loss`` (``--expectation-loss W``: + W x squared error of the expected move). A bins
+head is scored with argmax and with expectation decoding.
 
 Architectures: ``pool`` (convs with coordinate planes, global average pool, the one-hot condition
 joined at the MLP), ``film`` (the condition scales and shifts every conv layer), ``ssm`` (spatial
@@ -95,7 +103,7 @@ class _Episodes:
         return slice(self.starts[e], self.starts[e] + self.lengths[e])
 
 
-def _net(n_cond: int, arch: str, channels=(32, 64, 64, 64)):
+def _net(n_cond: int, arch: str, outputs: int, channels=(32, 64, 64, 64)):
     import torch
     from torch import nn
     import torch.nn.functional as F
@@ -113,7 +121,7 @@ def _net(n_cond: int, arch: str, channels=(32, 64, 64, 64)):
             self.film = nn.ModuleList([nn.Linear(n_cond, 2 * c[i + 1]) for i in range(4)]) if "film" in arch else None
             feat = 2 * channels[-1] if "ssm" in arch else channels[-1]
             self.head = nn.Sequential(nn.Linear(feat + n_cond, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
-                                      nn.Linear(256, 4))
+                                      nn.Linear(256, outputs))
 
         def forward(self, img, cond):
             b, _, h, w = img.shape
@@ -136,8 +144,54 @@ def _net(n_cond: int, arch: str, channels=(32, 64, 64, 64)):
     return Net()
 
 
+class _Bins:
+    """Equal-frequency bins per axis of the moves (N, 3), each decoded to its median."""
+
+    def __init__(self, moves: np.ndarray, n: int):
+        import torch
+
+        self.n = n
+        self.edges = [np.quantile(moves[:, k], np.arange(1, n) / n) for k in range(3)]
+        ids = self.encode_np(moves)
+        values = np.zeros((3, n))
+        for k in range(3):
+            for j in np.unique(ids[:, k]):
+                values[k, j] = np.median(moves[ids[:, k] == j, k])
+        self.values = torch.from_numpy(values).float()  # (3, n)
+
+    def encode_np(self, moves: np.ndarray) -> np.ndarray:
+        return np.stack([np.searchsorted(self.edges[k], moves[:, k], side="right") for k in range(3)], 1)
+
+    def targets(self, moves, sigma: float, two_hot: bool):
+        """(B, 3) moves -> (B, 3, n) target distributions (one-hot, Gaussian or two-hot)."""
+        import torch
+
+        ids = torch.from_numpy(self.encode_np(moves.numpy()))
+        if two_hot:  # the two bin values around the move, weighted so their mean is the move
+            hi = torch.stack([torch.searchsorted(self.values[k].contiguous(), moves[:, k].contiguous())
+                              for k in range(3)], 1).clamp(1, self.n - 1)
+            v = self.values.expand(len(moves), 3, self.n)
+            lo_v, hi_v = v.gather(2, (hi - 1)[..., None])[..., 0], v.gather(2, hi[..., None])[..., 0]
+            w = ((moves - lo_v) / (hi_v - lo_v).clamp(min=1e-9)).clamp(0, 1)
+            q = torch.zeros(len(moves), 3, self.n)
+            q.scatter_(2, (hi - 1)[..., None], (1 - w)[..., None])
+            return q.scatter_add_(2, hi[..., None], w[..., None])
+        j = torch.arange(self.n).float()
+        if sigma:
+            q = torch.exp(-0.5 * ((j - ids[..., None].float()) / sigma) ** 2)
+            return q / q.sum(-1, keepdim=True)
+        return torch.nn.functional.one_hot(ids, self.n).float()
+
+    def decode(self, logits, mode: str):
+        """(B, 3, n) logits -> (B, 3) moves: the argmax bin's value, or the expected value."""
+        if mode == "expectation":
+            return (logits.softmax(-1) * self.values).sum(-1)
+        return self.values.expand(len(logits), 3, self.n).gather(2, logits.argmax(-1, keepdim=True))[..., 0]
+
+
 def train(train_path: str, test_path: str, arch: str, steps: int, layouts: int | None, shift: int,
-          seed: int, threads: int) -> None:
+          seed: int, threads: int, head: str = "mse", num_bins: int = 256, label_sigma: float = 0.0,
+          two_hot: bool = False, expectation_loss: float = 0.0) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -151,7 +205,8 @@ def train(train_path: str, test_path: str, arch: str, steps: int, layouts: int |
     moves = torch.from_numpy(tr.d["moves"][rows])
     conds = torch.from_numpy(np.stack([tr.condition(e, colors) for e in owner]))
     scale = moves[:, :3].std(0)
-    net = _net(conds.shape[1], arch)
+    bins = _Bins(moves[:, :3].numpy(), num_bins) if head == "bins" else None
+    net = _net(conds.shape[1], arch, 4 + (3 * num_bins if bins else 0))
     opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps, pct_start=0.1)
     t0 = time.time()
@@ -163,8 +218,16 @@ def train(train_path: str, test_path: str, arch: str, steps: int, layouts: int |
             off = np.random.randint(0, 2 * shift + 1, (len(img), 2))
             img = torch.stack([padded[i, :, y:y + img.shape[2], x:x + img.shape[3]] for i, (x, y) in enumerate(off)])
         out = net(img, conds[idx])
-        loss = F.mse_loss(out[:, :3], moves[idx, :3] / scale) + \
-            F.binary_cross_entropy_with_logits(out[:, 3], moves[idx, 3])
+        loss = F.binary_cross_entropy_with_logits(out[:, 3], moves[idx, 3])
+        if bins is None:
+            loss = loss + F.mse_loss(out[:, :3], moves[idx, :3] / scale)
+        else:
+            logits = out[:, 4:].reshape(-1, 3, num_bins)
+            q = bins.targets(moves[idx, :3], label_sigma, two_hot)
+            loss = loss - (q * logits.log_softmax(-1)).sum(-1).mean()
+            if expectation_loss:
+                loss = loss + expectation_loss * F.mse_loss(bins.decode(logits, "expectation") / scale,
+                                                            moves[idx, :3] / scale)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -173,14 +236,20 @@ def train(train_path: str, test_path: str, arch: str, steps: int, layouts: int |
             print(f"step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
     net.eval()
 
-    def score(eps: _Episodes, which) -> tuple[float, float, float, float]:
+    def predict(img, cond, mode: str) -> np.ndarray:
+        out = net(img, cond)
+        if bins is None:
+            return (out[:, :2] * scale[:2]).numpy()
+        return bins.decode(out[:, 4:].reshape(-1, 3, num_bins), mode)[:, :2].numpy()
+
+    def score(eps: _Episodes, which, mode: str = "argmax") -> tuple[float, float, float, float]:
         every, first = [], []
         with torch.no_grad():
             for e in which:
                 sl = eps.frame_slice(e)
                 img = torch.from_numpy(eps.d["frames"][sl]).permute(0, 3, 1, 2).float() / 255
                 cond = torch.from_numpy(np.tile(eps.condition(e, colors), (eps.lengths[e], 1)))
-                pred = net(img, cond)[:, :2].numpy() * scale[:2].numpy()
+                pred = predict(img, cond, mode)
                 true = eps.d["moves"][sl][:, :2]
                 moved = np.linalg.norm(true, axis=1) >= MIN_MOTION
                 cos = (pred * true).sum(1) / (np.linalg.norm(pred, axis=1) * np.linalg.norm(true, axis=1) + 1e-9)
@@ -191,11 +260,16 @@ def train(train_path: str, test_path: str, arch: str, steps: int, layouts: int |
         se = lambda v: np.std(v) / np.sqrt(len(v))  # noqa: E731
         return np.mean(every), se(every), np.mean(first), se(first)
 
-    a = score(tr, tr.keep[:60])
-    b = score(te, te.keep)
-    print(f"arch {arch}, shift {shift}, {len(np.unique(tr.d['seed'][tr.keep]))} layouts, {steps} steps: "
-          f"training layouts cos(xy) {a[0]:.2f} first steps {a[2]:.2f} | held-out layouts cos(xy) "
-          f"{b[0]:.2f} ± {b[1]:.2f} first steps {b[2]:.2f} ± {b[3]:.2f} ({time.time() - t0:.0f} s)")
+    what = head if bins is None else (f"{num_bins} bins" + (f", label sigma {label_sigma}" if label_sigma else "")
+                                      + (", two-hot" if two_hot else "")
+                                      + (f", expectation loss {expectation_loss}" if expectation_loss else ""))
+    for mode in (("argmax", "expectation") if bins else ("mse",)):
+        a = score(tr, tr.keep[:60], mode)
+        b = score(te, te.keep, mode)
+        print(f"arch {arch}, head {what}, decoding {mode}, shift {shift}, "
+              f"{len(np.unique(tr.d['seed'][tr.keep]))} layouts, {steps} steps: "
+              f"training layouts cos(xy) {a[0]:.2f} first steps {a[2]:.2f} | held-out layouts cos(xy) "
+              f"{b[0]:.2f} ± {b[1]:.2f} first steps {b[2]:.2f} ± {b[3]:.2f} ({time.time() - t0:.0f} s)")
 
 
 def main() -> None:
@@ -216,11 +290,20 @@ def main() -> None:
     t.add_argument("--shift", type=int, default=0, help="random-shift augmentation in px (0: none)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--head", choices=("mse", "bins"), default="mse", help="regression, or bins as the VLA's head")
+    t.add_argument("--bins", type=int, default=256, help="equal-frequency bins per axis (--head bins)")
+    t.add_argument("--label-sigma", type=float, default=0.0, help="Gaussian soft labels, in bins (0: one-hot)")
+    t.add_argument("--two-hot", action="store_true", help="two-hot labels around the move")
+    t.add_argument("--expectation-loss", type=float, default=0.0,
+                   help="weight of the expected move's squared error next to the cross-entropy")
     a = p.parse_args()
     if a.job == "generate":
         generate(a.out, a.layouts, a.first_seed, a.image_size, a.workers)
     else:
-        train(a.train, a.test, a.arch, a.steps, a.layouts or None, a.shift, a.seed, a.threads)
+        if a.head == "bins" and a.bins < 2:
+            p.error("--bins must be >= 2")
+        train(a.train, a.test, a.arch, a.steps, a.layouts or None, a.shift, a.seed, a.threads, a.head, a.bins,
+              a.label_sigma, a.two_hot, a.expectation_loss)
 
 
 if __name__ == "__main__":
