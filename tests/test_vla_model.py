@@ -672,3 +672,82 @@ def test_expected_action_decoding_and_loss_and_round_trip(tmp_path):
     np.testing.assert_allclose(step.delta, want, atol=1e-5)
     argmax = VLAModel.from_pretrained(path, config=loaded.config.finetune(action_decoding="argmax"))
     assert argmax.config.action_decoding == "argmax"
+
+
+def test_regression_action_head_learns_round_trips_and_replaces_a_latent_head(tmp_path):
+    with pytest.raises(ValueError, match="action_head_type must be one of bins, regression"):
+        VLAConfig.tiny(action_head_type="mse")
+    with pytest.raises(ValueError, match="expectation_loss and action_decoding apply to the bins head only"):
+        VLAConfig.tiny(action_head_type="regression", expectation_loss=1.0)
+    bins = fitted_bins(16, seed=3)
+    model = tiny(objective="action", stage="finetune", num_bins=16, chunk_size=2, action_head_type="regression")
+    model.set_action_bins(bins)
+    assert model.action_head.net[-1].out_features == 2 * 7  # one value per dimension and step
+    with pytest.raises(RuntimeError, match="regresses actions"):
+        model.expected_actions(torch.zeros(1, 2, 7))
+    px, ids, mask = batch(model)
+    out = model(px, ids, mask)
+    assert out.logits.shape == (3, 2, 7) and out.predictions.shape == (3, 2, 7)
+    values = torch.from_numpy(bins.means()).float() + out.logits * torch.from_numpy(bins.spreads()).float()
+    decoded = model.decode_actions(out)
+    np.testing.assert_allclose(decoded[..., :6], values[..., :6].detach().numpy(), rtol=1e-5, atol=1e-7)
+    assert set(decoded[..., 6].ravel().tolist()) <= {0.0, 1.0}  # the binary gripper: the nearer of its values
+    # predictions are the nearest bins: the bins' own values map to their own ids
+    table = torch.from_numpy(bins.value_table(16)).float()
+    assert torch.equal(model._nearest_bins(table[:, 5].expand(1, 1, 7))[0, 0, :6], torch.full((6,), 5))
+    assert torch.equal(model._nearest_bins(torch.tensor([[[0.0] * 6 + [0.8]]]))[0, 0, 6], torch.tensor(1))
+
+    # the loss: squared error in spreads over the known targets; from the labels' bin values without actions
+    actions = np.random.default_rng(5).normal(0, 0.01, (3, 2, 7))
+    actions[..., 6] = 1.0
+    actions[1, 1] = np.nan  # past an episode's end
+    labels = model.encode_actions(actions)
+    out = model(px, ids, mask, labels=labels, actions=actions)
+    known = torch.ones(3, 2, dtype=torch.bool)
+    known[1, 1] = False
+    target = (torch.from_numpy(np.nan_to_num(actions)).float() - torch.from_numpy(bins.means()).float()) \
+        / torch.from_numpy(bins.spreads()).float()
+    assert torch.allclose(out.loss, (out.logits - target)[known].square().mean(), atol=1e-6)
+    from_bins = (torch.from_numpy(np.nan_to_num(bins.decode(labels.numpy()))).float()
+                 - torch.from_numpy(bins.means()).float()) / torch.from_numpy(bins.spreads()).float()
+    assert torch.allclose(model(px, ids, mask, labels=labels).loss, (out.logits - from_bins)[known].square().mean(),
+                          atol=1e-6)
+
+    # it fits a handful of samples to a small fraction of their spread (the bins head gets to within a bin)
+    model = tiny(objective="action", stage="finetune", num_bins=16, action_head_type="regression")
+    model.set_action_bins(bins)
+    targets = np.random.default_rng(6).normal(0, 0.01, (3, 1, 7))
+    targets[..., 6] = [[0], [1], [0]]
+    labels = model.encode_actions(targets)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.0)
+    before = np.abs(model.eval().decode_actions(model(px, ids, mask)) - targets)[..., :6].mean()
+    model.train()
+    for _ in range(150):
+        loss = model(px, ids, mask, labels=labels, actions=targets).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(px, ids, mask, labels=labels)
+    after = np.abs(model.decode_actions(out) - targets)[..., :6] / bins.spreads()[:6]
+    assert after.max() < 0.1 and after.mean() < 0.02, (before, after)  # measured: 0.0006 / 0.0003 of a spread
+    assert np.array_equal(model.decode_actions(out)[..., 6], targets[..., 6])
+    assert float(out.accuracy) > 0.9
+
+    # saved and loaded as such; the policy acts with the regressed actions
+    path = model.save_pretrained(tmp_path / "reg")
+    loaded = VLAModel.from_pretrained(path).eval()
+    assert loaded.config.action_head_type == "regression"
+    policy = load_policy(path)
+    policy.reset(INSTRUCTIONS[0])
+    step = policy.act(random_images(1, 64, seed=0)[0], INSTRUCTIONS[0])
+    with torch.no_grad():
+        want = loaded.decode_actions(loaded(px[:1], *loaded.tokenize(INSTRUCTIONS[:1])))[0, 0]
+    np.testing.assert_allclose(step.delta, want, atol=1e-6)
+
+    # a latent-pretrained model (LAPA) finetunes with a regression head in place of its latent head
+    latent = tiny().save_pretrained(tmp_path / "latent")
+    ft = VLAModel.for_finetuning(latent, action_head_type="regression", num_bins=16)
+    assert ft.config.action_head_type == "regression" and ft.latent_head is None
+    assert ft.action_head.net[-1].out_features == 7 and "action_head.net.3.weight" in ft.load_report.new

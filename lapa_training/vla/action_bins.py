@@ -192,13 +192,20 @@ class ActionBins:
     def spreads(self) -> np.ndarray:
         """(D,) standard deviation of the training actions per dimension, from the bins' values and
         counts (> 0: a dimension without spread gets 1)."""
-        out = np.ones(self.num_dims)
+        std = self._moments()[1]
+        return np.where(std > 0, std, 1.0)
+
+    def means(self) -> np.ndarray:
+        """(D,) mean of the training actions per dimension, from the bins' values and counts."""
+        return self._moments()[0]
+
+    def _moments(self) -> tuple[np.ndarray, np.ndarray]:
+        mean, std = np.zeros(self.num_dims), np.zeros(self.num_dims)
         for d, dim in enumerate(self.dims):
             w = dim.counts / max(dim.counts.sum(), 1)
-            mean = float((w * dim.values).sum())
-            std = float(np.sqrt((w * (dim.values - mean) ** 2).sum()))
-            out[d] = std if std > 0 else 1.0
-        return out
+            mean[d] = float((w * dim.values).sum())
+            std[d] = float(np.sqrt((w * (dim.values - mean[d]) ** 2).sum()))
+        return mean, std
 
     @property
     def continuous_dims(self) -> np.ndarray:

@@ -6,6 +6,7 @@
     [image tokens ; text tokens] ─ causal LM ─ final hidden state at the last non-pad position (B, D)
         ─ latent head: (B, L, |C|) logits, one categorical per latent-action token   (latent pretraining)
         ─ action head: (B, k, 7, num_bins) logits, k = chunk_size future steps       (everything else)
+          or, with action_head_type "regression", (B, k, 7) values in units of each dimension's spread
 
 Exactly one head exists, chosen by the config (``VLAConfig.head``). Finetuning a pretrained model
 keeps vision encoder, projector and LM and replaces the head:
@@ -15,7 +16,8 @@ drops the saved head, builds a fresh one and reports which keys were loaded, new
 
 Action targets are bin ids from ``ActionBins`` (fitted on the finetuning data, attached with
 ``set_action_bins`` and saved with the model); head outputs beyond a dimension's effective bin
-count are masked out. Labels equal to IGNORE_INDEX (-100; NaN actions, steps past an episode's end
+count are masked out. A regression head (``action_head_type: regression``) is trained on the true
+actions instead, normalised by the bins' mean and spread; its predictions are the nearest bins' ids. Labels equal to IGNORE_INDEX (-100; NaN actions, steps past an episode's end
 in a chunk) are skipped by the loss and the accuracy.
 
 A checkpoint (``save_pretrained``) is self-contained: model.safetensors (frozen vision included),
@@ -216,11 +218,13 @@ def _default_normalisation(vision: nn.Module, name: str) -> tuple[tuple[float, .
 @dataclass
 class VLAOutput:
     head: str  # "latent" or "action"
-    logits: torch.Tensor  # latent (B, L, |C|); action (B, k, 7, num_bins), invalid bins at dtype min
-    predictions: torch.Tensor  # argmax ids: latent (B, L); action (B, k, 7)
+    logits: torch.Tensor  # latent (B, L, |C|); action (B, k, 7, num_bins), invalid bins at dtype min;
+    # regression action head (B, k, 7): each value's offset from the training mean in spreads
+    predictions: torch.Tensor  # argmax ids: latent (B, L); action (B, k, 7) (regression: the nearest bin)
     hidden: torch.Tensor  # (B, D) the LM's final hidden state the head read
     loss: torch.Tensor | None = None  # mean cross-entropy over labelled positions (labels given), plus
-    # config.expectation_loss x the expected-action squared error (actions given)
+    # config.expectation_loss x the expected-action squared error (actions given); regression head:
+    # the mean squared error in spreads
     accuracy: torch.Tensor | None = None  # fraction of labelled positions predicted exactly (labels given)
 
 
@@ -361,12 +365,14 @@ class VLAModel(nn.Module):
         if cfg.head == "latent":
             self.latent_head = MLPHead(dim, cfg.head_hidden, cfg.latent_tokens * cfg.codebook_size)
         else:
-            self.action_head = MLPHead(dim, cfg.head_hidden, cfg.chunk_size * ACTION_DIM * cfg.num_bins)
+            per_dim = 1 if cfg.action_head_type == "regression" else cfg.num_bins
+            self.action_head = MLPHead(dim, cfg.head_hidden, cfg.chunk_size * ACTION_DIM * per_dim)
         self.register_buffer("bin_mask", torch.ones(ACTION_DIM, cfg.num_bins, dtype=torch.bool), persistent=False)
         # each bin's value, each dimension's spread and which dimensions are continuous: from the
         # action bins (set_action_bins), for the expected action
         self.register_buffer("bin_values", torch.zeros(ACTION_DIM, cfg.num_bins), persistent=False)
         self.register_buffer("bin_spread", torch.ones(ACTION_DIM), persistent=False)
+        self.register_buffer("bin_center", torch.zeros(ACTION_DIM), persistent=False)
         self.register_buffer("bin_continuous", torch.zeros(ACTION_DIM, dtype=torch.bool), persistent=False)
         if self.action_bins is not None:
             self.set_action_bins(self.action_bins)
@@ -410,6 +416,7 @@ class VLAModel(nn.Module):
         self.bin_mask = mask.to(device)
         self.bin_values = torch.from_numpy(bins.value_table(self.config.num_bins)).float().to(device)
         self.bin_spread = torch.from_numpy(bins.spreads()).float().to(device)
+        self.bin_center = torch.from_numpy(bins.means()).float().to(device)
         self.bin_continuous = torch.from_numpy(bins.continuous_dims).to(device)
 
     # ---- inputs --------------------------------------------------------------------------
@@ -525,34 +532,63 @@ class VLAModel(nn.Module):
         h = self.final_hidden(pixel_values, input_ids, attention_mask)
         h = h.to((self.latent_head or self.action_head).net[1].weight.dtype)
         b, cfg = h.shape[0], self.config
+        regression = self.action_head is not None and cfg.action_head_type == "regression"
         if self.latent_head is not None:
             logits = self.latent_head(h).view(b, cfg.latent_tokens, cfg.codebook_size)
+        elif regression:
+            logits = self.action_head(h).view(b, cfg.chunk_size, ACTION_DIM)
         else:
             logits = self.action_head(h).view(b, cfg.chunk_size, ACTION_DIM, cfg.num_bins)
             if not bool(self.bin_mask.all()):
                 logits = logits.masked_fill(~self.bin_mask, torch.finfo(logits.dtype).min)
-        predictions = logits.argmax(dim=-1)
+        predictions = self._nearest_bins(self.regressed_actions(logits)) if regression else logits.argmax(dim=-1)
         out = VLAOutput(head=self.head, logits=logits, predictions=predictions, hidden=h)
         if labels is not None:
-            labels = self._check_labels(labels, logits)
+            labels = self._check_labels(labels, predictions)
             valid = labels != IGNORE_INDEX
             n = valid.sum()
             if int(n) == 0:
                 out.loss = (logits * 0.0).sum()  # keeps the graph; no labelled position
                 out.accuracy = torch.zeros((), device=logits.device)
             else:
-                out.loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                           ignore_index=IGNORE_INDEX)
+                out.loss = self._regression_error(logits, actions, labels) if regression else F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
                 out.accuracy = ((predictions == labels) & valid).sum().float() / n
             if actions is not None and self.action_head is not None and cfg.expectation_loss > 0:
                 out.loss = out.loss + cfg.expectation_loss * self._expectation_error(logits, actions, labels.shape)
         return out
+
+    def regressed_actions(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Regression-head outputs (B, k, 7), in spreads about the training mean -> (B, k, 7) float32 actions."""
+        return self.bin_center + outputs.float() * self.bin_spread
+
+    def _nearest_bins(self, actions: torch.Tensor) -> torch.Tensor:
+        """(B, k, 7) actions -> (B, k, 7) ids of the bins whose values are nearest (valid bins only)."""
+        distance = (actions[..., None] - self.bin_values).abs().masked_fill(~self.bin_mask, float("inf"))
+        return distance.argmin(dim=-1)
+
+    def _regression_error(self, outputs: torch.Tensor, actions, labels: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the regression head in units of each dimension's spread, over the
+        labelled positions; the targets are the true actions where given, else the labels' bin values."""
+        valid = labels != IGNORE_INDEX
+        if actions is None:
+            target = torch.gather(self.bin_values.expand(*labels.shape, -1), -1,
+                                  labels.clamp(min=0)[..., None])[..., 0]
+        else:
+            target = torch.as_tensor(actions, device=outputs.device, dtype=torch.float32).reshape(labels.shape)
+            valid = valid & torch.isfinite(target)
+        if not bool(valid.any()):
+            return (outputs * 0.0).sum()
+        err = outputs.float() - (target.nan_to_num() - self.bin_center) / self.bin_spread
+        return err[valid].square().mean()
 
     def expected_actions(self, logits: torch.Tensor) -> torch.Tensor:
         """Action-head logits (B, k, 7, num_bins) -> (B, k, 7) float32 expected actions: each
         dimension's bin values weighted by their softmax probabilities (needs the action bins)."""
         if self.action_bins is None:
             raise RuntimeError("this model has no action bins (set_action_bins): cannot turn bins into actions")
+        if self.config.action_head_type == "regression":
+            raise RuntimeError("this model's action head regresses actions (regressed_actions), it has no bins")
         return (logits.float().softmax(dim=-1) * self.bin_values).sum(dim=-1)
 
     def _expectation_error(self, logits: torch.Tensor, actions, shape: torch.Size) -> torch.Tensor:
@@ -570,14 +606,17 @@ class VLAModel(nn.Module):
         if self.action_bins is None:
             raise RuntimeError("this model has no action bins (set_action_bins): cannot turn bins into actions")
         actions = self.action_bins.decode(out.predictions.detach().cpu().numpy())
-        if self.config.action_decoding == "expectation":
+        if self.config.action_head_type == "regression":  # continuous dimensions as regressed, the rest snapped
+            continuous = self.action_bins.continuous_dims
+            actions[..., continuous] = self.regressed_actions(out.logits.detach()).cpu().numpy()[..., continuous]
+        elif self.config.action_decoding == "expectation":
             continuous = self.action_bins.continuous_dims
             actions[..., continuous] = self.expected_actions(out.logits.detach()).cpu().numpy()[..., continuous]
         return actions
 
-    def _check_labels(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        labels = torch.as_tensor(labels, device=logits.device).long()
-        want = tuple(logits.shape[:-1])
+    def _check_labels(self, labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+        labels = torch.as_tensor(labels, device=predictions.device).long()
+        want = tuple(predictions.shape)
         if self.head == "action" and labels.ndim == 2 and self.config.chunk_size == 1:
             labels = labels[:, None]
         if tuple(labels.shape) != want:
@@ -687,6 +726,7 @@ class VLAModel(nn.Module):
         saved.setdefault("keypoints", 0)
         saved.setdefault("action_decoding", "argmax")
         saved.setdefault("expectation_loss", 0.0)
+        saved.setdefault("action_head_type", "bins")
         backbones = saved.pop("backbones", None)
         if not isinstance(backbones, dict) or not {"vision", "language"} <= set(backbones):
             raise CheckpointError(f"{path}/config.json has no backbone configs: not a VLA checkpoint written by "
