@@ -751,3 +751,54 @@ def test_regression_action_head_learns_round_trips_and_replaces_a_latent_head(tm
     ft = VLAModel.for_finetuning(latent, action_head_type="regression", num_bins=16)
     assert ft.config.action_head_type == "regression" and ft.latent_head is None
     assert ft.action_head.net[-1].out_features == 7 and "action_head.net.3.weight" in ft.load_report.new
+
+
+def test_vision_film_conditions_the_tiny_tower_on_the_instruction_and_round_trips(tmp_path):
+    import transformers
+
+    from lapa_training.vla.modeling_vla import VLABuildError
+
+    with pytest.raises(ValueError, match="vision_film must be true or false"):
+        VLAConfig.tiny(vision_film="yes")
+    model = tiny(objective="action", stage="finetune", num_bins=16, vision_film=True, spatial_readout=0).eval()
+    plain = tiny(objective="action", stage="finetune", num_bins=16, spatial_readout=0).eval()
+    px, ids, mask = batch(model)
+    # the FiLM layer starts at zero: the same network as without it
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("instruction_film.")})
+    with torch.inference_mode():
+        assert torch.allclose(model.final_hidden(px, ids, mask), plain.final_hidden(px, ids, mask), atol=1e-6)
+    # the instruction state ignores padding: the same as the instruction on its own
+    with torch.inference_mode():
+        n = int(mask[0].sum())
+        assert not bool(mask.all())
+        assert torch.allclose(model.instruction_state(ids, mask)[:1], model.instruction_state(ids[:1, :n]), atol=1e-5)
+
+    def image_tokens(m, instructions):
+        i, k = m.tokenize(instructions)
+        with torch.inference_mode():
+            film = m.instruction_film(m.instruction_state(i, k))
+            return m.encode_images(px[:1].expand(len(instructions), -1, -1, -1), film)
+
+    asked = ["reach the red block", "reach the blue block"]
+    with torch.no_grad():
+        torch.nn.init.normal_(model.instruction_film.weight, std=0.02)
+    tokens = image_tokens(model, asked)
+    # now the vision tower's own features depend on which block is asked for, even with the image first
+    assert not torch.allclose(tokens[0], tokens[1], atol=1e-4)
+    # and the FiLM layer learns: gradients reach it through the tower
+    model.train()
+    model.set_action_bins(fitted_bins(16))
+    labels = model.encode_actions(np.random.default_rng(0).normal(0, 0.01, (3, 7)))
+    model(px, ids, mask, labels=labels).loss.backward()
+    assert model.instruction_film.weight.grad is not None and model.instruction_film.weight.grad.abs().sum() > 0
+    model.eval()
+    loaded = VLAModel.from_pretrained(model.save_pretrained(tmp_path / "film")).eval()
+    assert loaded.config.vision_film and loaded.parameter_counts()["instruction_film"] > 0
+    with torch.inference_mode():
+        assert torch.allclose(loaded.final_hidden(px, ids, mask), model.final_hidden(px, ids, mask), atol=1e-6)
+    # a Hugging Face vision tower has no FiLM layers: a clear error
+    vit = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        image_size=64, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, vision_use_head=False))
+    with pytest.raises(VLABuildError, match="vision_film needs the built-in tiny vision tower"):
+        VLAModel(VLAConfig.tiny(vision_film=True), vision=vit, language=plain.language, tokenizer=plain.tokenizer)

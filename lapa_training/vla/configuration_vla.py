@@ -82,6 +82,12 @@ class VLAConfig:
     # expected grid position under its own softmax over the tokens; the head also reads their
     # coordinates. Unlike spatial_readout, it is the same function at every position
     keypoints: int = 0
+    # True: the instruction scales and shifts every conv layer of the tiny vision tower (FiLM, as in
+    # RT-1), from the LM's final state over the instruction alone, so the tower can look for what the
+    # instruction names; needs vision_backbone "tiny". False: the image is encoded without the
+    # instruction, as in the paper. docs/RESULTS.md (tenth session): the reference CNN that succeeds
+    # in closed loop is FiLM-conditioned
+    vision_film: bool = False
     objective: str = "latent"  # what the backbone is pretrained on: latent | action | idm
     stage: str = "pretrain"  # pretrain | finetune
     latent_tokens: int = 4  # L, latent-action tokens per step (LAQ's action grid, 2x2)
@@ -156,7 +162,7 @@ class VLAConfig:
                 json.dumps(value)
             except TypeError as e:
                 raise ValueError(f"VLAConfig.{name} must be JSON-serialisable: {e}") from None
-        for name in ("freeze_vision", "freeze_language", "text_first"):
+        for name in ("freeze_vision", "freeze_language", "text_first", "vision_film"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"VLAConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.objective not in OBJECTIVES:

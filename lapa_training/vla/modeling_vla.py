@@ -3,6 +3,8 @@
     image (B, H, W, 3) uint8 ─ preprocess_images (center-crop to square, resize, normalise; torch)
         ─ vision encoder (frozen by default) ─ patch features (B, N, Dv) ─ projector MLP ─ (B, N, D)
     instruction ─ prompt_template ─ tokenizer ─ LM input embeddings (B, T, D)
+        (vision_film: the LM's final state over the instruction alone scales and shifts every conv
+        layer of the tiny vision tower)
     [image tokens ; text tokens] ─ causal LM ─ final hidden state at the last non-pad position (B, D)
         ─ latent head: (B, L, |C|) logits, one categorical per latent-action token   (latent pretraining)
         ─ action head: (B, k, 7, num_bins) logits, k = chunk_size future steps       (everything else)
@@ -313,6 +315,15 @@ class VLAModel(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        self.instruction_film: nn.Linear | None = None
+        if config.vision_film:
+            channels = getattr(self.vision, "film_channels", None)
+            if channels is None:
+                raise VLABuildError(f"vision_film needs the built-in tiny vision tower (vision_backbone 'tiny'); "
+                                    f"{config.vision_backbone!r} has no FiLM-conditioned layers")
+            self.instruction_film = nn.Linear(lm_dim, 2 * sum(channels))
+            nn.init.zeros_(self.instruction_film.weight)  # starts as the unconditioned tower
+            nn.init.zeros_(self.instruction_film.bias)
         self.spatial_readout: nn.Module | None = None
         self.keypoint_logits: nn.Module | None = None
         self.keypoint_readout: nn.Module | None = None
@@ -398,7 +409,8 @@ class VLAModel(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         parts = {"vision": self.vision, "projector": self.projector, "language": self.language,
-                 "spatial_readout": self.spatial_readout, "keypoint_logits": self.keypoint_logits,
+                 "instruction_film": self.instruction_film, "spatial_readout": self.spatial_readout,
+                 "keypoint_logits": self.keypoint_logits,
                  "keypoint_readout": self.keypoint_readout, "latent_head": self.latent_head,
                  "action_head": self.action_head}
         return {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items() if m is not None}
@@ -473,14 +485,26 @@ class VLAModel(nn.Module):
         return torch.from_numpy(self.action_bins.encode(actions)).to(self.device)
 
     # ---- forward -------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) preprocessed images -> projected patch tokens (B, N, D)."""
-        if self.config.freeze_vision:
+    def encode_images(self, pixel_values: torch.Tensor, film: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, h, w) preprocessed images -> projected patch tokens (B, N, D); film: the tiny tower's
+        per-sample FiLM vector (vision_film)."""
+        extra = {} if film is None else {"film": film}
+        if self.config.freeze_vision and film is None:
             with torch.no_grad():
                 feats = self.vision(pixel_values=pixel_values).last_hidden_state
-        else:
-            feats = self.vision(pixel_values=pixel_values).last_hidden_state
+        else:  # frozen weights still pass gradients to the FiLM vector
+            feats = self.vision(pixel_values=pixel_values, **extra).last_hidden_state
         return self.projector(feats.to(self.projector[0].weight.dtype))
+
+    def instruction_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM's final hidden state at the last non-pad token of the instruction alone (B, D)."""
+        text = self.language.get_input_embeddings()(input_ids)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        hidden = self.language(inputs_embeds=text, attention_mask=attention_mask if padded else None,
+                               use_cache=False).last_hidden_state
+        last = (attention_mask.sum(1) - 1).clamp(min=0) if padded else \
+            torch.full((text.shape[0],), text.shape[1] - 1, device=text.device, dtype=torch.long)
+        return hidden[torch.arange(text.shape[0], device=text.device), last]
 
     def final_hidden(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -492,7 +516,9 @@ class VLAModel(nn.Module):
         if input_ids.ndim != 2 or input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"input_ids must be (B, T) with B = {pixel_values.shape[0]} images, got "
                              f"{tuple(input_ids.shape)}")
-        image_tokens = self.encode_images(pixel_values)
+        film = None if self.instruction_film is None else \
+            self.instruction_film(self.instruction_state(input_ids, attention_mask))
+        image_tokens = self.encode_images(pixel_values, film)
         text = self.language.get_input_embeddings()(input_ids)
         b, n, t = image_tokens.shape[0], image_tokens.shape[1], text.shape[1]
         padded = attention_mask is not None and not bool(attention_mask.all())
@@ -727,6 +753,7 @@ class VLAModel(nn.Module):
         saved.setdefault("action_decoding", "argmax")
         saved.setdefault("expectation_loss", 0.0)
         saved.setdefault("action_head_type", "bins")
+        saved.setdefault("vision_film", False)
         backbones = saved.pop("backbones", None)
         if not isinstance(backbones, dict) or not {"vision", "language"} <= set(backbones):
             raise CheckpointError(f"{path}/config.json has no backbone configs: not a VLA checkpoint written by "

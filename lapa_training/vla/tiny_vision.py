@@ -3,6 +3,10 @@
     image (B, 3, S, S) + x/y coordinate planes -> conv 5x5/2 -> conv 3x3/2 -> conv 3x3/2 -> conv 3x3/1
         -> average-pooled to a grid x grid map -> (B, grid*grid, hidden_size) tokens, row-major
 
+Optionally FiLM-conditioned (``film``: per-sample scales and shifts of every conv layer's output,
+as RT-1's FiLM-EfficientNet): the VLA computes them from the instruction (VLAConfig.vision_film),
+so the tower can look for what the instruction names.
+
 It plays the part of the paper's vision encoder at a size 2 CPU cores train in minutes. It is a
 CNN, not a tiny ViT, because that is what was measured to work: with the same LM, head and
 data, LAPA pretraining on 900 latent-labelled videos then finetuning on 6 labelled episodes
@@ -62,13 +66,31 @@ class TinyConvVisionModel(PreTrainedModel):
         if isinstance(module, nn.Conv2d):
             module.reset_parameters()  # PyTorch's default (Kaiming-uniform), what was measured
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
+    @property
+    def film_channels(self) -> list[int]:
+        """Output channels of each conv layer: a FiLM vector holds a scale and a shift for each."""
+        return [*self.config.channels, self.config.hidden_size]
+
+    def forward(self, pixel_values: torch.Tensor, film: torch.Tensor | None = None, **kwargs) -> BaseModelOutput:
+        """film (optional): (B, 2 * sum(film_channels)) per layer [scale; shift], applied to each conv's
+        output as x * (1 + scale) + shift, before its activation."""
         b, _, h, w = pixel_values.shape
         ys = torch.linspace(-1.0, 1.0, h, device=pixel_values.device, dtype=pixel_values.dtype)
         xs = torch.linspace(-1.0, 1.0, w, device=pixel_values.device, dtype=pixel_values.dtype)
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
         coords = torch.stack([xx, yy]).expand(b, 2, h, w)
-        features = self.pool(self.convs(torch.cat([pixel_values, coords], dim=1)))
+        x = torch.cat([pixel_values, coords], dim=1)
+        if film is None:
+            x = self.convs(x)
+        else:
+            params = film.to(x.dtype).split([2 * c for c in self.film_channels], dim=1)
+            convs = [m for m in self.convs if isinstance(m, nn.Conv2d)]
+            for i, (conv, p) in enumerate(zip(convs, params)):
+                scale, shift = p[:, :, None, None].chunk(2, dim=1)
+                x = conv(x) * (1 + scale) + shift
+                if i < len(convs) - 1:
+                    x = nn.functional.gelu(x)
+        features = self.pool(x)
         return BaseModelOutput(last_hidden_state=features.flatten(2).transpose(1, 2))
 
 
