@@ -55,6 +55,18 @@ def batch(model: VLAModel, n: int = 3, seed: int = 0):
     return px, ids, mask
 
 
+def fit(model: VLAModel, px, ids, mask, labels, actions, steps: int, lr: float) -> VLAModel:
+    """`steps` AdamW updates on one batch; the model is left in eval mode."""
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        loss = model(px, ids, mask, labels=labels, actions=actions).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 def head_keys(state) -> set[str]:
     return {k for k in state if k.startswith(("latent_head.", "action_head."))}
 
@@ -647,15 +659,8 @@ def test_expected_action_decoding_and_loss_and_round_trip(tmp_path):
     targets = np.random.default_rng(6).normal(0, 0.01, (3, 7))
     targets[:, 6] = [0, 1, 0]
     labels = model.encode_actions(targets)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3, weight_decay=0.0)
-    model.train()
-    before = np.abs(model.decode_actions(model(px, ids, mask))[:, 0] - targets)[:, :3].mean()
-    for _ in range(150):  # 60 steps still give every input the same action (measured); 150 separate them
-        loss = model(px, ids, mask, labels=labels, actions=targets).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval()
+    before = np.abs(model.train().decode_actions(model(px, ids, mask))[:, 0] - targets)[:, :3].mean()
+    fit(model, px, ids, mask, labels, targets, steps=150, lr=3e-3)  # at 60 steps every input still gets one action
     with torch.no_grad():
         after = np.abs(model.decode_actions(model(px, ids, mask))[:, 0] - targets)[:, :3].mean()
     assert after < 0.5 * before, (before, after)
@@ -719,15 +724,8 @@ def test_regression_action_head_learns_round_trips_and_replaces_a_latent_head(tm
     targets = np.random.default_rng(6).normal(0, 0.01, (3, 1, 7))
     targets[..., 6] = [[0], [1], [0]]
     labels = model.encode_actions(targets)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.0)
     before = np.abs(model.eval().decode_actions(model(px, ids, mask)) - targets)[..., :6].mean()
-    model.train()
-    for _ in range(150):
-        loss = model(px, ids, mask, labels=labels, actions=targets).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval()
+    fit(model, px, ids, mask, labels, targets, steps=150, lr=1e-3)
     with torch.no_grad():
         out = model(px, ids, mask, labels=labels)
     after = np.abs(model.decode_actions(out) - targets)[..., :6] / bins.spreads()[:6]
