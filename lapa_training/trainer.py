@@ -11,7 +11,9 @@ validation); what the loop brings is everything else, once:
   validation;
 - checkpoints (safetensors + JSON, lapa_training.checkpoint) every ``save_every`` steps under
   ``<run>/checkpoints/step-NNNNNNN``, the newest ``keep_checkpoints`` kept, and the final weights in
-  ``<run>/model``; Ctrl-C saves before it exits.
+  ``<run>/model``; Ctrl-C saves before it exits. With ``keep_best`` (e.g. "val_loss") the weights at
+  the lowest validation value are kept in ``<run>/best`` and ``<run>/model`` is a copy of them
+  (early stopping for small labelled sets, which overfit).
 
 Exact resume. A batch is a function of (seed, step, process rank) only, and the torch RNG is
 re-seeded from (seed, step, rank) before every step, so the run after ``resume`` sees the same
@@ -36,13 +38,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from lapa_training.checkpoint import CheckpointError, check_config_compatible, load_checkpoint, \
-    load_model_state, load_trainer_state, save_checkpoint
+from lapa_training.checkpoint import META_FILE, CheckpointError, check_config_compatible, load_checkpoint, \
+    load_model_state, load_trainer_state, read_meta, save_checkpoint
 from lapa_training.dataclass_dict import dataclass_kwargs
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "model"
+BEST_DIR = "best"  # train.keep_best: the weights at the best validation so far
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
 RUN_FILE = "run.json"
@@ -67,6 +70,10 @@ class TrainConfig:
     val_every: int = 200
     save_every: int = 500
     keep_checkpoints: int = 2
+    # a validation metric, e.g. "val_loss": the weights at its lowest value are kept in best/ and
+    # become model/ at the end (early stopping, for small labelled sets that overfit); "": model/ is
+    # the last step's weights
+    keep_best: str = ""
     log_every: int = 10
     seed: int = 0
 
@@ -83,6 +90,9 @@ class TrainConfig:
             problems.append(f"train.warmup_steps must be >= 0 (got {self.warmup_steps})")
         if self.grad_clip < 0:
             problems.append(f"train.grad_clip must be >= 0, 0 = off (got {self.grad_clip})")
+        if not isinstance(self.keep_best, str) or (self.keep_best and not self.keep_best.startswith("val_")):
+            problems.append(f"train.keep_best must be a validation metric such as val_loss, or empty (got "
+                            f"{self.keep_best!r})")
         if self.precision not in PRECISIONS:
             problems.append(f"train.precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if problems:
@@ -240,6 +250,7 @@ class Trainer:
                                 f"processes ({acc.num_processes})")
         self.per_process = cfg.batch_size // acc.num_processes
         self.step = 0
+        self.best: tuple[float, int] | None = None  # train.keep_best: (value, step) of best/
         self._prepare_run_dir(resume, overwrite, run_info or {})
 
         model = job.model
@@ -274,6 +285,7 @@ class Trainer:
                                 ignore=getattr(self.job, "training_only_keys", ()))
         load_model_state(self.job.model, state, source=directory)
         self.step = load_trainer_state(directory, self.optimizer, self.scheduler, restore_rng=False)
+        self.best = self._read_best()
         if self.step >= self.cfg.steps:
             raise TrainingError(f"{directory} is at step {self.step}; train.steps is {self.cfg.steps}: "
                                 f"nothing left to do (raise --steps to train longer)")
@@ -366,7 +378,30 @@ class Trainer:
             shown = {k: f"{v:.4g}" for k, v in list(metrics.items())[:2]}
             bar.write(f"step {self.step}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
             plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
+            if self.cfg.keep_best:
+                self._keep_if_best(metrics)
         acc.wait_for_everyone()
+
+    def _keep_if_best(self, metrics: dict[str, float]) -> None:
+        """Main process: write best/ when this validation's keep_best metric is the lowest so far."""
+        name = self.cfg.keep_best
+        if name not in metrics:
+            raise TrainingError(f"train.keep_best is {name!r}, but validation reports only "
+                                f"{', '.join(metrics) or 'nothing'}")
+        value = float(metrics[name])
+        if self.best is None or value < self.best[0]:
+            self._write(self.run_dir / BEST_DIR, with_trainer_state=False,
+                        best={"metric": name, "value": value, "step": self.step})
+            self.best = (value, self.step)
+
+    def _read_best(self) -> tuple[float, int] | None:
+        """(value, step) of the run's best/ (a resumed run goes on comparing against it)."""
+        if not self.cfg.keep_best or not (self.run_dir / BEST_DIR / META_FILE).is_file():
+            return None
+        best = read_meta(self.run_dir / BEST_DIR).get("extra", {}).get("best", {})
+        if best.get("metric") != self.cfg.keep_best:
+            return None  # kept for another metric: the first validation replaces it
+        return float(best["value"]), int(best["step"])
 
     # ---- saving --------------------------------------------------------------------------
     def save_step_checkpoint(self) -> Path:
@@ -393,10 +428,26 @@ class Trainer:
                                 "(replicas diverged); the model is not saved")
 
     def save_final(self) -> Path:
+        """model/: the last step's weights, or with train.keep_best those of best/ (the same files)."""
         self.check_replicas_agree()
         directory = self.run_dir / FINAL_DIR
-        self._save(directory, with_trainer_state=False)
-        if self.accelerator.is_main_process:
+        acc = self.accelerator
+        if self.cfg.keep_best and (self.run_dir / BEST_DIR / META_FILE).is_file():
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                staging = self.run_dir / (FINAL_DIR + ".tmp")
+                shutil.rmtree(staging, ignore_errors=True)
+                shutil.copytree(self.run_dir / BEST_DIR, staging)
+                shutil.rmtree(directory, ignore_errors=True)
+                staging.rename(directory)
+                value, step = self.best if self.best is not None else (float("nan"), -1)
+                if self.progress:
+                    print(f"{FINAL_DIR}/ holds step {step} of {self.step}: the lowest {self.cfg.keep_best} "
+                          f"({value:.4g}, train.keep_best)")
+            acc.wait_for_everyone()
+        else:
+            self._save(directory, with_trainer_state=False)
+        if acc.is_main_process:
             plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
         return directory
 
@@ -404,21 +455,27 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            kwargs = dict(optimizer=self.optimizer, scheduler=self.scheduler) if with_trainer_state else {}
-            extra = {"train": self.cfg.to_dict(), **getattr(self.job, "checkpoint_extra", lambda: {})()}
-            # Ctrl-C during the write must not leave half a checkpoint: hold SIGINT until it is done.
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
-            try:
-                saver = getattr(self.job, "save", None)
-                if saver is not None:
-                    saver(directory, model, step=self.step, extra=extra, **kwargs)
-                else:
-                    save_checkpoint(directory, model, self.job.model_config(), step=self.step, extra=extra, **kwargs)
-            finally:
-                if previous is not None:
-                    signal.signal(signal.SIGINT, previous)
+            self._write(directory, with_trainer_state)
         acc.wait_for_everyone()
+
+    def _write(self, directory: Path, with_trainer_state: bool, best: dict[str, Any] | None = None) -> None:
+        """Main process: write a checkpoint of the current weights (no synchronisation)."""
+        model = self.accelerator.unwrap_model(self.model)
+        kwargs = dict(optimizer=self.optimizer, scheduler=self.scheduler) if with_trainer_state else {}
+        extra = {"train": self.cfg.to_dict(), **getattr(self.job, "checkpoint_extra", lambda: {})()}
+        if best is not None:
+            extra["best"] = best
+        # Ctrl-C during the write must not leave half a checkpoint: hold SIGINT until it is done.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            saver = getattr(self.job, "save", None)
+            if saver is not None:
+                saver(directory, model, step=self.step, extra=extra, **kwargs)
+            else:
+                save_checkpoint(directory, model, self.job.model_config(), step=self.step, extra=extra, **kwargs)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
 
 def _main_thread() -> bool:
