@@ -19,8 +19,9 @@ drops the saved head, builds a fresh one and reports which keys were loaded, new
 Action targets are bin ids from ``ActionBins`` (fitted on the finetuning data, attached with
 ``set_action_bins`` and saved with the model); head outputs beyond a dimension's effective bin
 count are masked out. A regression head (``action_head_type: regression``) is trained on the true
-actions instead, normalised by the bins' mean and spread; its predictions are the nearest bins' ids. Labels equal to IGNORE_INDEX (-100; NaN actions, steps past an episode's end
-in a chunk) are skipped by the loss and the accuracy.
+actions instead, normalised by the bins' mean and spread; its predictions are the nearest bins'
+ids. Labels equal to IGNORE_INDEX (-100; NaN actions, steps past an episode's end in a chunk) are
+skipped by the loss and the accuracy.
 
 A checkpoint (``save_pretrained``) is self-contained: model.safetensors (frozen vision included),
 config.json (the VLA config with ``policy_type: "lapa_vla"``, plus the backbone configs),
@@ -379,8 +380,8 @@ class VLAModel(nn.Module):
             per_dim = 1 if cfg.action_head_type == "regression" else cfg.num_bins
             self.action_head = MLPHead(dim, cfg.head_hidden, cfg.chunk_size * ACTION_DIM * per_dim)
         self.register_buffer("bin_mask", torch.ones(ACTION_DIM, cfg.num_bins, dtype=torch.bool), persistent=False)
-        # each bin's value, each dimension's spread and which dimensions are continuous: from the
-        # action bins (set_action_bins), for the expected action
+        # each bin's value, each dimension's spread and mean and which dimensions are continuous:
+        # from the action bins (set_action_bins), for the expected or regressed action
         self.register_buffer("bin_values", torch.zeros(ACTION_DIM, cfg.num_bins), persistent=False)
         self.register_buffer("bin_spread", torch.ones(ACTION_DIM), persistent=False)
         self.register_buffer("bin_center", torch.zeros(ACTION_DIM), persistent=False)
@@ -702,7 +703,7 @@ class VLAModel(nn.Module):
         for head in (self.latent_head, self.action_head):
             if head is not None:
                 head.to(device=device, dtype=dtype)
-        for name in ("bin_mask", "bin_values", "bin_spread", "bin_continuous"):
+        for name in ("bin_mask", "bin_values", "bin_spread", "bin_center", "bin_continuous"):
             setattr(self, name, getattr(self, name).to(device))
         self._apply_freezing()
         after = {k for k in self.state_dict() if k.startswith(("latent_head.", "action_head."))}
