@@ -67,6 +67,17 @@ def fit(model: VLAModel, px, ids, mask, labels, actions, steps: int, lr: float) 
     return model.eval()
 
 
+def assert_policy_acts_as_model(path, px, atol: float = 1e-5) -> None:
+    """The policy loaded from `path` gives, for the first image and instruction, what the model decodes."""
+    loaded = VLAModel.from_pretrained(path).eval()
+    policy = load_policy(path)
+    policy.reset(INSTRUCTIONS[0])
+    step = policy.act(random_images(1, 64, seed=0)[0], INSTRUCTIONS[0])
+    with torch.no_grad():
+        want = loaded.decode_actions(loaded(px[:1], *loaded.tokenize(INSTRUCTIONS[:1])))[0, 0]
+    np.testing.assert_allclose(step.delta, want, atol=atol)
+
+
 def head_keys(state) -> set[str]:
     return {k for k in state if k.startswith(("latent_head.", "action_head."))}
 
@@ -669,12 +680,7 @@ def test_expected_action_decoding_and_loss_and_round_trip(tmp_path):
     path = model.save_pretrained(tmp_path / "ev")
     loaded = VLAModel.from_pretrained(path).eval()
     assert loaded.config.action_decoding == "expectation" and loaded.config.expectation_loss == 2.0
-    policy = load_policy(path)
-    policy.reset(INSTRUCTIONS[0])
-    step = policy.act(random_images(1, 64, seed=0)[0], INSTRUCTIONS[0])
-    with torch.no_grad():
-        want = loaded.decode_actions(loaded(px[:1], *loaded.tokenize(INSTRUCTIONS[:1])))[0, 0]
-    np.testing.assert_allclose(step.delta, want, atol=1e-5)
+    assert_policy_acts_as_model(path, px)
     argmax = VLAModel.from_pretrained(path, config=loaded.config.finetune(action_decoding="argmax"))
     assert argmax.config.action_decoding == "argmax"
 
@@ -693,7 +699,8 @@ def test_regression_action_head_learns_round_trips_and_replaces_a_latent_head(tm
     px, ids, mask = batch(model)
     out = model(px, ids, mask)
     assert out.logits.shape == (3, 2, 7) and out.predictions.shape == (3, 2, 7)
-    values = torch.from_numpy(bins.means()).float() + out.logits * torch.from_numpy(bins.spreads()).float()
+    center, spread = torch.from_numpy(bins.means()).float(), torch.from_numpy(bins.spreads()).float()
+    values = center + out.logits * spread
     decoded = model.decode_actions(out)
     np.testing.assert_allclose(decoded[..., :6], values[..., :6].detach().numpy(), rtol=1e-5, atol=1e-7)
     assert set(decoded[..., 6].ravel().tolist()) <= {0.0, 1.0}  # the binary gripper: the nearer of its values
@@ -710,11 +717,9 @@ def test_regression_action_head_learns_round_trips_and_replaces_a_latent_head(tm
     out = model(px, ids, mask, labels=labels, actions=actions)
     known = torch.ones(3, 2, dtype=torch.bool)
     known[1, 1] = False
-    target = (torch.from_numpy(np.nan_to_num(actions)).float() - torch.from_numpy(bins.means()).float()) \
-        / torch.from_numpy(bins.spreads()).float()
+    target = (torch.from_numpy(np.nan_to_num(actions)).float() - center) / spread
     assert torch.allclose(out.loss, (out.logits - target)[known].square().mean(), atol=1e-6)
-    from_bins = (torch.from_numpy(np.nan_to_num(bins.decode(labels.numpy()))).float()
-                 - torch.from_numpy(bins.means()).float()) / torch.from_numpy(bins.spreads()).float()
+    from_bins = (torch.from_numpy(np.nan_to_num(bins.decode(labels.numpy()))).float() - center) / spread
     assert torch.allclose(model(px, ids, mask, labels=labels).loss, (out.logits - from_bins)[known].square().mean(),
                           atol=1e-6)
 
@@ -737,12 +742,7 @@ def test_regression_action_head_learns_round_trips_and_replaces_a_latent_head(tm
     path = model.save_pretrained(tmp_path / "reg")
     loaded = VLAModel.from_pretrained(path).eval()
     assert loaded.config.action_head_type == "regression"
-    policy = load_policy(path)
-    policy.reset(INSTRUCTIONS[0])
-    step = policy.act(random_images(1, 64, seed=0)[0], INSTRUCTIONS[0])
-    with torch.no_grad():
-        want = loaded.decode_actions(loaded(px[:1], *loaded.tokenize(INSTRUCTIONS[:1])))[0, 0]
-    np.testing.assert_allclose(step.delta, want, atol=1e-6)
+    assert_policy_acts_as_model(path, px, atol=1e-6)
 
     # a latent-pretrained model (LAPA) finetunes with a regression head in place of its latent head
     latent = tiny().save_pretrained(tmp_path / "latent")

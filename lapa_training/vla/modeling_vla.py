@@ -599,8 +599,8 @@ class VLAModel(nn.Module):
         labelled positions; the targets are the true actions where given, else the labels' bin values."""
         valid = labels != IGNORE_INDEX
         if actions is None:
-            target = torch.gather(self.bin_values.expand(*labels.shape, -1), -1,
-                                  labels.clamp(min=0)[..., None])[..., 0]
+            dims = torch.arange(ACTION_DIM, device=labels.device)
+            target = self.bin_values[dims, labels.clamp(min=0)]  # each label's bin value, per dimension
         else:
             target = torch.as_tensor(actions, device=outputs.device, dtype=torch.float32).reshape(labels.shape)
             valid = valid & torch.isfinite(target)
@@ -634,11 +634,13 @@ class VLAModel(nn.Module):
             raise RuntimeError("this model has no action bins (set_action_bins): cannot turn bins into actions")
         actions = self.action_bins.decode(out.predictions.detach().cpu().numpy())
         if self.config.action_head_type == "regression":  # continuous dimensions as regressed, the rest snapped
-            continuous = self.action_bins.continuous_dims
-            actions[..., continuous] = self.regressed_actions(out.logits.detach()).cpu().numpy()[..., continuous]
+            values = self.regressed_actions(out.logits.detach())
         elif self.config.action_decoding == "expectation":
-            continuous = self.action_bins.continuous_dims
-            actions[..., continuous] = self.expected_actions(out.logits.detach()).cpu().numpy()[..., continuous]
+            values = self.expected_actions(out.logits.detach())
+        else:
+            return actions
+        continuous = self.action_bins.continuous_dims
+        actions[..., continuous] = values.cpu().numpy()[..., continuous]
         return actions
 
     def _check_labels(self, labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:

@@ -80,16 +80,12 @@ class TinyConvVisionModel(PreTrainedModel):
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
         coords = torch.stack([xx, yy]).expand(b, 2, h, w)
         x = torch.cat([pixel_values, coords], dim=1)
-        if film is None:
-            x = self.convs(x)
-        else:
-            params = film.to(x.dtype).split([2 * c for c in self.film_channels], dim=1)
-            convs = [m for m in self.convs if isinstance(m, nn.Conv2d)]
-            for i, (conv, p) in enumerate(zip(convs, params)):
-                scale, shift = p[:, :, None, None].chunk(2, dim=1)
-                x = conv(x) * (1 + scale) + shift
-                if i < len(convs) - 1:
-                    x = nn.functional.gelu(x)
+        layers = iter(()) if film is None else iter(film.to(x.dtype).split([2 * c for c in self.film_channels], 1))
+        for module in self.convs:
+            x = module(x)
+            if film is not None and isinstance(module, nn.Conv2d):  # FiLM between each conv and its activation
+                scale, shift = next(layers)[:, :, None, None].chunk(2, dim=1)
+                x = x * (1 + scale) + shift
         features = self.pool(x)
         return BaseModelOutput(last_hidden_state=features.flatten(2).transpose(1, 2))
 
