@@ -503,43 +503,61 @@ class VLAModel(nn.Module):
         padded = attention_mask is not None and not bool(attention_mask.all())
         hidden = self.language(inputs_embeds=text, attention_mask=attention_mask if padded else None,
                                use_cache=False).last_hidden_state
-        last = (attention_mask.sum(1) - 1).clamp(min=0) if padded else \
-            torch.full((text.shape[0],), text.shape[1] - 1, device=text.device, dtype=torch.long)
-        return hidden[torch.arange(text.shape[0], device=text.device), last]
+        return self._last_text_state(hidden, attention_mask)
+
+    @staticmethod
+    def _last_text_state(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, D) states over the text alone (right-padded) -> (B, D) at each row's last real token."""
+        b, t = hidden.shape[:2]
+        last = (attention_mask.sum(1) - 1).clamp(min=0) if attention_mask is not None else \
+            torch.full((b,), t - 1, device=hidden.device, dtype=torch.long)
+        return hidden[torch.arange(b, device=hidden.device), last]
 
     def final_hidden(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The LM's final hidden state at the last non-pad position of [image tokens; text] (B, D),
-        plus, with config.spatial_readout, a projection of the image tokens' final states by position."""
+        """The LM's final hidden state at the last non-pad position of [image tokens; text] (or, with
+        config.text_first, [text; image tokens]) (B, D), plus, with config.spatial_readout or keypoints,
+        what the image tokens' final states say by position."""
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != self.image_size:
             raise ValueError(f"pixel_values must be (B, 3, {self.image_size[0]}, {self.image_size[1]}) (use "
                              f"preprocess_images), got {tuple(pixel_values.shape)}")
         if input_ids.ndim != 2 or input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"input_ids must be (B, T) with B = {pixel_values.shape[0]} images, got "
                              f"{tuple(input_ids.shape)}")
-        film = None if self.instruction_film is None else \
-            self.instruction_film(self.instruction_state(input_ids, attention_mask))
-        image_tokens = self.encode_images(pixel_values, film)
         text = self.language.get_input_embeddings()(input_ids)
-        b, n, t = image_tokens.shape[0], image_tokens.shape[1], text.shape[1]
+        b, t = text.shape[:2]
         padded = attention_mask is not None and not bool(attention_mask.all())
         if self.config.text_first:  # [text; image]: the last position is always the last image token
-            x = torch.cat([text, image_tokens.to(text.dtype)], dim=1)
-            image = slice(t, t + n)
+            # causal attention: the text's states do not depend on the image, so one pass over the text
+            # gives FiLM's instruction state and the keys/values the image tokens then attend to
+            prefix = self.language(inputs_embeds=text, attention_mask=attention_mask if padded else None,
+                                   use_cache=True)
+            film = None if self.instruction_film is None else \
+                self.instruction_film(self._last_text_state(prefix.last_hidden_state, attention_mask))
+            image_tokens = self.encode_images(pixel_values, film).to(text.dtype)
+            n = image_tokens.shape[1]
             full_mask = torch.cat([attention_mask, attention_mask.new_ones(b, n)], dim=1) if padded else None
-            last = torch.full((b,), x.shape[1] - 1, device=x.device, dtype=torch.long)
+            # positions count real tokens only, so pads in the middle do not shift the image
+            positions = (full_mask.cumsum(1) - 1).clamp(min=0)[:, t:] if padded else None
+            hidden = self.language(inputs_embeds=image_tokens, attention_mask=full_mask, position_ids=positions,
+                                   past_key_values=prefix.past_key_values, use_cache=True).last_hidden_state
+            image = slice(0, n)
+            out = hidden[:, -1]
         else:  # [image; text], as in the paper: the last position is the last non-pad text token
+            film = None if self.instruction_film is None else \
+                self.instruction_film(self.instruction_state(input_ids, attention_mask))
+            image_tokens = self.encode_images(pixel_values, film)
+            n = image_tokens.shape[1]
             x = torch.cat([image_tokens.to(text.dtype), text], dim=1)
             image = slice(0, n)
             full_mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1) if padded else None
             positions = torch.arange(x.shape[1], device=x.device)
             last = (full_mask * positions).argmax(dim=1) if padded else torch.full(
                 (b,), x.shape[1] - 1, device=x.device, dtype=torch.long)
-        # positions count real tokens only, so pads in the middle (text first) do not shift the image
-        position_ids = (full_mask.cumsum(1) - 1).clamp(min=0) if padded else None
-        hidden = self.language(inputs_embeds=x, attention_mask=full_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
-        out = hidden[torch.arange(b, device=x.device), last]
+            hidden = self.language(inputs_embeds=x, attention_mask=full_mask, use_cache=False,
+                                   position_ids=(full_mask.cumsum(1) - 1).clamp(min=0) if padded else None
+                                   ).last_hidden_state
+            out = hidden[torch.arange(b, device=x.device), last]
         if self.spatial_readout is not None:  # + the image tokens' states, laid out by position
             out = out + self.spatial_readout(hidden[:, image])
         if self.keypoint_logits is not None:  # + where each keypoint's softmax over the tokens puts it
