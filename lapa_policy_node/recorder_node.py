@@ -194,8 +194,9 @@ class RecorderNode(Node):
         w = self.writer
         status = {"recording": w is not None, "output_dir": str(self.output_dir)}
         if w is not None:
+            # per topic too: a camera that sends nothing shows as 0 here while the rest streams in
             status.update(episode=w.name, instruction=w.metadata["instruction"], messages=w.message_count,
-                          seconds=round(time.monotonic() - self._started, 1))
+                          topics=dict(w.counts), seconds=round(time.monotonic() - self._started, 1))
         self.status_pub.publish(String(data=json.dumps(status)))
 
     def on_shutdown(self) -> None:

@@ -151,8 +151,18 @@ def test_sigterm_while_recording_saves_the_episode_with_unknown_success(tmp_path
     wait_for(lambda: any(i.node_name == "lapa_recorder" for i in
                          teleop.get_subscriptions_info_by_topic(bag_format.IMAGE_TOPIC)), 20,
              what="the recorder's camera subscription")
+    from rclpy.qos import DurabilityPolicy, QoSProfile
+    from std_msgs.msg import String
+
+    status: list[dict] = []
+    sub = teleop.create_subscription(String, "/lapa_recorder/status", lambda m: status.append(json.loads(m.data)),
+                                     QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL))
     assert teleop._call(teleop.start_client, StartEpisode.Request(instruction="hold still", name="interrupted")).success
-    time.sleep(0.8)
+    # camera frames are best-effort: wait until the recorder reports some (its status counts them per
+    # topic), not a fixed time, which a loaded machine can let pass without one
+    wait_for(lambda: any(s.get("topics", {}).get(bag_format.IMAGE_TOPIC, 0) > 0 for s in status), 30,
+             what="the recorder's first camera frames")
+    teleop.destroy_subscription(sub)
     assert rec.stop(signal.SIGTERM) == 0, rec.output()
     meta = json.loads((tmp_path / "interrupted" / bag_format.EPISODE_JSON).read_text())
     assert meta["success"] is None and meta["stopped_by"] == "shutdown"
