@@ -100,9 +100,9 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(tasks=TASKS, video_episodes=2, video_split=(0.8, 0.1, 0.1), labelled_episodes=1, other_embodiment_episodes=1, laq_steps=20,
-                   pretrain_steps=10, finetune_steps=10, eval_episodes=1, sweep_labelled_episodes=(1,),
-                   ros_methods=("lapa",), ros_eval_episodes=1)
+        return cls(tasks=TASKS, video_episodes=2, video_split=(0.8, 0.1, 0.1), labelled_episodes=1,
+                   other_embodiment_episodes=1, laq_steps=20, pretrain_steps=10, finetune_steps=10,
+                   eval_episodes=1, sweep_labelled_episodes=(1,), ros_methods=("lapa",), ros_eval_episodes=1)
 
 
 def add_parser(sub) -> None:
@@ -223,7 +223,7 @@ class Demo:
                  f"--episodes {s.labelled_episodes} "
                  f"--image-size {s.image_size} --first-seed {s.seed * 100_000 + 50_000} --combinations seen")
         with self.timed(f"generate {len(s.tasks) * s.other_embodiment_episodes} other-embodiment episodes"):
-            other = self._other_embodiment(bags / "other")
+            self._other_embodiment(bags / "other")
         data = out / "data"
         quiet = dict(image_size=s.image_size, seed=s.seed, mode="overwrite", warn=lambda m: None)
         from lapa_training.data.bag_reader import BagOptions
@@ -233,8 +233,7 @@ class Demo:
             ingest([bags / "video"], data / "video", IngestOptions(bag=BagOptions(actions="none"), **video))
             ingest([bags / "video"], data / "video_actions", IngestOptions(**video))
             ingest([bags / "labelled"], data / "labelled", IngestOptions(split=(0.8, 0.2, 0.0), **quiet))
-            if other:
-                ingest([bags / "other"], data / "other", IngestOptions(bag=BagOptions(actions="none"), **video))
+            ingest([bags / "other"], data / "other", IngestOptions(bag=BagOptions(actions="none"), **video))
         split = ",".join(f"{f:g}" for f in s.video_split)
         self.cmd(f"lapa data ingest {bags / 'video'} --actions none --out {data / 'video'} --image-size {s.image_size} "
                  f"--split {split}")
@@ -243,19 +242,13 @@ class Demo:
                  f"--split {split}")
         self.cmd(f"lapa data ingest {bags / 'labelled'} --out {data / 'labelled'} --image-size {s.image_size} "
                  f"--split 0.8,0.2,0")
-        if other:
-            self.cmd(f"lapa data ingest {bags / 'other'} --actions none --out {data / 'other'} "
-                     f"--image-size {s.image_size} --split {split}")
+        self.cmd(f"lapa data ingest {bags / 'other'} --actions none --out {data / 'other'} "
+                 f"--image-size {s.image_size} --split {split}")
 
-    def _other_embodiment(self, folder: Path) -> bool:
-        """Action-free video of a different embodiment, when the simulator has one."""
-        import inspect
-
+    def _other_embodiment(self, folder: Path) -> None:
+        """Action-free video of a different embodiment: the simulator's floating gripper."""
         from lapa_training.data.generate import generate
 
-        if "embodiment" not in inspect.signature(generate).parameters:
-            print("the simulator has no second embodiment yet: skipping the cross-embodiment arm of the demo")
-            return False
         s = self.s
         generate(folder, list(s.tasks), s.other_embodiment_episodes, image_size=s.image_size,
                  first_seed=s.seed * 100_000 + 80_000, record_actions=False, embodiment="floating_gripper",
@@ -263,7 +256,6 @@ class Demo:
         self.cmd(f"lapa data generate --embodiment floating_gripper --action-free --tasks {','.join(s.tasks)} "
                  f"--episodes {s.other_embodiment_episodes} --image-size {s.image_size} --first-seed "
                  f"{s.seed * 100_000 + 80_000} --combinations seen --workers {WORKERS} --out {folder}")
-        return True
 
     def _corpora(self) -> list[Path]:
         data = self.out / "data"
@@ -280,7 +272,7 @@ class Demo:
         corpora, video = self._corpora(), out / "data" / "video"
         run = out / "laq"
         # on the robot's video: trained on it and the other embodiment's together for 1000 steps, its
-        # tokens carried less of the robot's motion (probe R² dx 0.19, dy 0.21 against 0.39, 0.56)
+        # tokens carried less of the robot's motion (probe R² dx 0.19, dy 0.21 against 0.33, 0.67)
         with self.timed(f"train LAQ ({s.laq_steps} steps)"):
             final = train_laq([video], run, {"preset": "tiny", "image_size": s.image_size},
                               {"steps": s.laq_steps, "val_every": max(1, s.laq_steps // 5),
@@ -329,7 +321,7 @@ class Demo:
                 return 0
 
         t0 = time.perf_counter()
-        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        with multiprocessing.get_context("spawn").Pool(len(jobs), initializer=exit_with_parent) as pool:
             pending = {name: pool.apply_async(_training_run, (kind, kwargs, threads))
                        for name, (kind, kwargs) in jobs.items()}
             try:
@@ -409,8 +401,8 @@ class Demo:
         for _, policy_dir, category, out, tasks, episodes, size, first in jobs:
             instructions, combinations = CATEGORIES[category]
             self.cmd(f"lapa eval policy --policy {policy_dir} --tasks {' '.join(tasks)} --episodes {episodes} "
-                     f"--image-size {size} "
-                     f"--seed {first} --instructions {instructions} --combinations {combinations} --out {out}")
+                     f"--image-size {size} --seed {first} --instructions {instructions} "
+                     f"--combinations {combinations} --out {out}")
         results: dict[str, dict] = {}
         bar = tqdm(total=len(jobs), desc=f"closed-loop cells ({len(s.tasks) * s.eval_episodes} episodes each)",
                    unit="cell", dynamic_ncols=True)
@@ -418,7 +410,7 @@ class Demo:
             done = map(_closed_loop_cell, jobs)
             pool = None
         else:
-            pool = multiprocessing.get_context("spawn").Pool(min(WORKERS, len(jobs)))
+            pool = multiprocessing.get_context("spawn").Pool(min(WORKERS, len(jobs)), initializer=exit_with_parent)
             done = pool.imap_unordered(_closed_loop_cell, jobs)
         try:
             for key, result in done:
@@ -590,8 +582,9 @@ class Demo:
 
 
 def exit_with_parent(poll_s: float = 2.0) -> None:
-    """End this worker process when its parent ends. Ctrl-C reaches a pool's workers too, but a demo
-    killed on its own (SIGTERM from a supervisor, or SIGKILL) would leave them training on."""
+    """End this worker process when its parent ends (the demo's pools start it in every worker). Ctrl-C
+    reaches a pool's workers too, but a demo killed on its own (SIGTERM from a supervisor, or SIGKILL)
+    would leave them training on."""
     import threading
 
     parent = os.getppid()
@@ -611,7 +604,6 @@ def _training_run(kind: str, kwargs: dict, threads: int) -> str:
 
     from lapa_training.vla.train_vla import finetune, pretrain
 
-    exit_with_parent()
     torch.set_num_threads(threads)
     return str((pretrain if kind == "pretrain" else finetune)(**kwargs, overwrite=True, progress=False))
 
@@ -627,7 +619,6 @@ def _closed_loop_cell(job: tuple) -> tuple[str, dict]:
 
     key, policy_dir, category, out, tasks, episodes, image_size, first_seed = job
     if multiprocessing.current_process().name != "MainProcess":
-        exit_with_parent()
         torch.set_num_threads(1)  # the cells share the cores: one thread each
     instructions, combinations = CATEGORIES[category]
     report = evaluate_policy(load_policy(policy_dir), list(tasks), episodes, image_size=image_size,

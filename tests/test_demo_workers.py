@@ -16,12 +16,12 @@ import multiprocessing, os, sys, time
 from lapa_cli.demo import exit_with_parent
 
 def work(path):
-    exit_with_parent(poll_s=0.2)
     open(path, "w").write(str(os.getpid()))
     time.sleep(120)
 
 if __name__ == "__main__":
-    pool = multiprocessing.get_context("spawn").Pool(1)
+    # as the demo's pools start their workers
+    pool = multiprocessing.get_context("spawn").Pool(1, initializer=exit_with_parent, initargs=(0.2,))
     pool.apply_async(work, (sys.argv[1],))
     time.sleep(120)
 """
