@@ -116,6 +116,9 @@ def add_finetune_parser(sub) -> None:
                                    "scratch; optionally end with a closed-loop evaluation in the simulator.")
     _common(p, ("tiny", "paper"))
     p.add_argument("--init", type=Path, help="pretrained VLA run or checkpoint (default: none, the SCRATCH baseline)")
+    p.add_argument("--keep-head", action="store_true",
+                   help="go on training --init's own action head and action bins (a run pretrained on actions, "
+                        "ACTIONVLA) instead of a fresh head")
     p.add_argument("--episodes", type=int, help="labelled episodes to use (a seeded, nested choice; default all)")
     p.add_argument("--eval-episodes", type=int, default=0,
                    help="after training, run this many closed-loop episodes per sim task (default 0: skip)")
@@ -131,7 +134,7 @@ def run_finetune(args) -> int:
     if args.eval_episodes < 0:
         raise UserError("--eval-episodes must be >= 0")
     final = finetune(args.data, args.out, config["model"], config["train"], config["data"], init=args.init,
-                     resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+                     keep_head=args.keep_head, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     _say(f"finetuned policy written to {final}; curves in {args.out / 'training_curves.png'}")
     from lapa_training.trainer import is_main_process
 

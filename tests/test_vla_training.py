@@ -214,3 +214,32 @@ def test_vla_training_mistakes_are_one_line_errors(labelled_data, sim_dataset, t
     user_error(capsys, ["train", "finetune", "--set", "train.keep_best=val_mse", *base], "validation reports only")
     user_error(capsys, ["train", "pretrain", "--objective", "latent", "--set", "model.codebook_size=4", *base],
            "codebook")
+
+
+def test_keep_head_goes_on_training_the_action_pretrained_head_with_its_bins(labelled_data, latent_run, tmp_path,
+                                                                             capsys):
+    pre = tmp_path / "actionvla"
+    pretrain("action", [labelled_data], pre, {"action_head_type": "regression", "num_bins": 16},
+             {**FAST, "steps": 20, "val_every": 20}, SMALL, progress=False)
+    pretrained = VLAModel.from_pretrained(pre / "model")
+    args = ["--data", str(labelled_data), "--episodes", "2", "--steps", "3", "--lr", "1e-9",
+            "--set", "data.val_samples=16", "--quiet"]
+    assert lapa(["train", "finetune", "--init", str(pre), "--keep-head", "--out", str(tmp_path / "kept"), *args]) == 0
+    assert lapa(["train", "finetune", "--init", str(pre), "--set", "model.action_head_type=regression",
+                 "--set", "model.num_bins=16", "--out", str(tmp_path / "fresh"), *args]) == 0
+    head = {k: v for k, v in pretrained.state_dict().items() if k.startswith("action_head.")}
+    kept, fresh = (VLAModel.from_pretrained(tmp_path / name / "model") for name in ("kept", "fresh"))
+    assert head and kept.config.stage == "finetune" and kept.head == "action"
+    # at a learning rate of 1e-9 the kept head is still the pretrained one; a fresh head is a new draw
+    assert all(torch.allclose(v, kept.state_dict()[k], atol=1e-6) for k, v in head.items())
+    assert not all(torch.allclose(v, fresh.state_dict()[k], atol=1e-3) for k, v in head.items())
+    # the kept head keeps the bins it was trained against; a fresh one fits them on the 2 episodes
+    assert np.array_equal(kept.action_bins.means(), pretrained.action_bins.means())
+    assert not np.allclose(fresh.action_bins.means(), pretrained.action_bins.means())
+    assert json.loads((tmp_path / "kept/run.json").read_text())["keep_head"] is True
+
+    base = ["--data", str(labelled_data), "--out", str(tmp_path / "r"), "--steps", "2", "--quiet"]
+    user_error(capsys, ["train", "finetune", "--keep-head", *base], "needs a pretrained run")
+    user_error(capsys, ["train", "finetune", "--init", str(latent_run), "--keep-head", *base], "latent-action head")
+    user_error(capsys, ["train", "finetune", "--init", str(pre), "--keep-head", "--set", "model.num_bins=8", *base],
+               "num_bins cannot change")

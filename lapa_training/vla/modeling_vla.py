@@ -816,16 +816,32 @@ class VLAModel(nn.Module):
         return model.to(map_location)
 
     @classmethod
-    def for_finetuning(cls, pretrained: str | Path, *, map_location: str | torch.device = "cpu",
-                       **overrides) -> "VLAModel":
+    def for_finetuning(cls, pretrained: str | Path, *, keep_head: bool = False,
+                       map_location: str | torch.device = "cpu", **overrides) -> "VLAModel":
         """A pretrained checkpoint (any objective) as a finetuning model: backbones and projector
-        loaded, a fresh action head for ``saved_config.finetune(**overrides)``."""
+        loaded, a fresh action head for ``saved_config.finetune(**overrides)``.
+
+        keep_head: keep the checkpoint's action head and its action bins too (a run pretrained on
+        actions of the same action space, e.g. ACTIONVLA: its head is what it learnt). `overrides`
+        may then set training-only keys, or head keys only to the values the head already has."""
         from lapa_training.checkpoint import CONFIG_FILE
 
         saved = json.loads((_resolved(pretrained) / CONFIG_FILE).read_text())
         saved = {k: v for k, v in saved.items() if k not in ("policy_type", "backbones")}
         config = VLAConfig.from_dict(saved, check_backbones=False).finetune(**overrides)
-        return cls.from_pretrained(pretrained, config=config, replace_heads=True, map_location=map_location)
+        if not keep_head:
+            return cls.from_pretrained(pretrained, config=config, replace_heads=True, map_location=map_location)
+        model = cls.from_pretrained(pretrained, map_location=map_location)
+        if model.action_head is None or model.action_bins is None:
+            raise ValueError(f"{_resolved(pretrained)} has a latent-action head, not an action head: there is no "
+                             f"action head to keep (finetune it without keeping the head)")
+        changed = [k for k in HEAD_KEYS if k != "stage" and getattr(config, k) != getattr(model.config, k)]
+        if changed:
+            raise ValueError(f"keeping the pretrained action head, its {', '.join(changed)} cannot change "
+                             f"(pretrained: {', '.join(f'{k}={getattr(model.config, k)!r}' for k in changed)})")
+        model.config = _fill_resolved(config, model.config).validate(check_backbones=False)
+        model._apply_freezing()
+        return model
 
 
 def _fill_resolved(config: VLAConfig, current: VLAConfig) -> VLAConfig:

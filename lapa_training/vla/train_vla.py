@@ -337,13 +337,16 @@ def pretrain(objective: str, data: list[str | Path], out: str | Path, model_sect
 
 
 def finetune(data: list[str | Path], out: str | Path, model_section: dict[str, Any], train_section: dict[str, Any],
-             data_section: dict[str, Any], *, init: str | Path | None = None, resume: bool = False,
-             overwrite: bool = False, progress: bool = True, callbacks=None) -> Path:
+             data_section: dict[str, Any], *, init: str | Path | None = None, keep_head: bool = False,
+             resume: bool = False, overwrite: bool = False, progress: bool = True, callbacks=None) -> Path:
     """Finetune an action head on the labelled datasets `data` (their train-split episodes with
     actions, or the first data.episodes of them), from a pretrained run `init` or, without it,
-    from scratch (the SCRATCH baseline)."""
+    from scratch (the SCRATCH baseline). keep_head: go on training `init`'s own action head, with
+    its action bins (a run pretrained on actions: ACTIONVLA), instead of a fresh one."""
     from lapa_training.checkpoint import CheckpointError
 
+    if keep_head and init is None:
+        raise TrainingError("keeping the action head needs a pretrained run to keep it from (--init)")
     train_cfg = TrainConfig.from_dict({**VLA_TRAIN_DEFAULTS, **train_section})
     opts = VLADataOptions.from_dict(data_section)
     datasets = _open(data, "labelled datasets (--data)")
@@ -354,7 +357,7 @@ def finetune(data: list[str | Path], out: str | Path, model_section: dict[str, A
         try:
             source = latest_model_dir(init)
             overrides = {k: v for k, v in section.items() if k != "preset"}
-            model = VLAModel.for_finetuning(source, control_rate=rate, **overrides)
+            model = VLAModel.for_finetuning(source, keep_head=keep_head, control_rate=rate, **overrides)
         except CheckpointError as e:
             raise TrainingError(str(e)) from None
         except (TypeError, ValueError) as e:
@@ -370,13 +373,16 @@ def finetune(data: list[str | Path], out: str | Path, model_section: dict[str, A
     val, val_source = _val(train, action_samples(datasets, "val", config.chunk_size))
     if len(train) == 0:
         raise TrainingError("the chosen labelled episodes have no frames with actions")
-    bins = ActionBins.fit(train.targets.reshape(-1, 7), config.num_bins)
+    if keep_head:
+        bins = model.action_bins  # the head was trained against these
+    else:
+        bins = ActionBins.fit(train.targets.reshape(-1, 7), config.num_bins)
     if model is None:
         model = VLAModel(config, action_bins=bins)
-    else:
+    elif not keep_head:
         model.set_action_bins(bins)
     used = sum(len(e) for e in episodes)
-    info = {"objective": "finetune", "init": str(Path(init).resolve()) if init else None,
+    info = {"objective": "finetune", "init": str(Path(init).resolve()) if init else None, "keep_head": keep_head,
             "data": [str(Path(p).resolve()) for p in data], "labelled_episodes": used,
             "val_samples": opts.val_samples, "effective_bins": list(bins.num_bins)}
     augment = True if opts.augment is None else bool(opts.augment)
@@ -385,7 +391,8 @@ def finetune(data: list[str | Path], out: str | Path, model_section: dict[str, A
                       info=info)
     if progress and is_main_process():
         print(f"finetuning on {used} labelled episode(s), {len(train)} frames; action bins per dim "
-              f"{list(bins.num_bins)} (asked {config.num_bins}); init: {init or 'none (SCRATCH)'}")
+              f"{list(bins.num_bins)} (asked {config.num_bins}); init: {init or 'none (SCRATCH)'}"
+              + (" (its action head kept)" if keep_head else ""))
     return _run(job, train_cfg, out, resume, overwrite, progress, callbacks,
                 {"job": "finetune", **info, "train_samples": len(train)})
 
