@@ -112,3 +112,25 @@ def test_a_second_demo_reuses_every_finished_stage(quick_demo):
     # each stage's timed steps are kept under that stage (a rerun of a stage replaces its own only)
     assert set(stages["step_seconds"]) == set(STAGES) and "ingest" in stages["step_seconds"]["data"]
     assert "Within the stages: " in (out / "RESULTS.md").read_text()
+
+
+def test_every_demo_setting_belongs_to_exactly_one_stage():
+    from dataclasses import fields
+
+    from lapa_cli.demo import STAGE_SETTINGS, STAGES as DEMO_STAGES, DemoSettings
+
+    assert tuple(STAGE_SETTINGS) == DEMO_STAGES == STAGES
+    owned = [name for names in STAGE_SETTINGS.values() for name in names]
+    assert sorted(owned) == sorted(f.name for f in fields(DemoSettings))
+
+
+def test_a_changed_evaluation_setting_redoes_evaluation_and_what_follows_only(quick_demo):
+    # last in this module: it changes the fixture's run
+    out, _ = quick_demo
+    done = subprocess.run([sys.executable, "-m", "lapa_cli.main", "demo", "--quick", "--out", str(out),
+                           "--eval-episodes", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reused = [line.split("]")[0].lstrip("[") for line in done.stdout.splitlines()
+              if "done earlier with these settings" in line]
+    assert reused == ["data", "laq", "pretrain", "finetune"]
+    assert json.loads((out / "eval/results.json").read_text())["episodes_per_cell"] == 2
