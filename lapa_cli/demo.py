@@ -4,10 +4,10 @@
              are then hidden (action-free "video"), a small labelled set recorded through the ROS
              recorder, and action-free video of a different embodiment (a floating gripper);
 2. laq       train LAQ on the robot's action-free video, show its diagnostics, label all video;
-3. pretrain  LAPA (latent tokens), ACTIONVLA (the same video with its true actions: an upper
-             bound), LAPA on the other embodiment only;
-4. finetune  each of them, and SCRATCH, on the same small labelled set (the trainings of a stage run
-             side by side, one process each);
+3. pretrain  LAPA (latent tokens), ACTIONVLA (the same video with its true actions: the paper's
+             upper bound), LAPA on the other embodiment only;
+4. finetune  each of them, and SCRATCH, on the same small labelled set (ACTIONVLA goes on training
+             its own action head; the trainings of a stage run side by side, one process each);
 5. eval      closed loop in the simulator on held-out layouts, in three categories: seen tasks and
              instructions, unseen task/target-colour combinations (each task's held-out colour is
              never a target in any training data), and paraphrased instructions; a table with
@@ -20,7 +20,8 @@
 6. sweep     SCRATCH and LAPA finetuned on fewer labelled episodes, evaluated on the seen category.
 
 Every stage writes into --out and is skipped when a previous `lapa demo` finished it with the
-same settings, so a second run reuses the work (delete a stage's folder to redo it). Every stage
+same settings (those it and the stages before it read: STAGE_SETTINGS), so a second run reuses the
+work and a changed setting redoes only the stages it affects. Every stage
 is also its own `lapa` command; the commands are printed at the end. `--quick` runs the same path
 at toy size in a few minutes (the test suite runs it).
 """
@@ -198,8 +199,7 @@ class Demo:
         s, out = self.s, self.out
         settings, depends = asdict(s), {"recipe": RECIPE}
         t_all = time.perf_counter()
-        for name, fn in (("data", self.data), ("laq", self.laq), ("pretrain", self.pretrain),
-                         ("finetune", self.finetune), ("eval", self.evaluate), ("sweep", self.sweep)):
+        for name, fn in zip(STAGES, (self.data, self.laq, self.pretrain, self.finetune, self.evaluate, self.sweep)):
             # a stage is redone when a setting it or an earlier stage reads has changed
             depends.update({k: settings[k] for k in STAGE_SETTINGS[name]})
             self.stage(name, depends, fn)
