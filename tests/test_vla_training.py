@@ -243,3 +243,6 @@ def test_keep_head_goes_on_training_the_action_pretrained_head_with_its_bins(lab
     user_error(capsys, ["train", "finetune", "--init", str(latent_run), "--keep-head", *base], "latent-action head")
     user_error(capsys, ["train", "finetune", "--init", str(pre), "--keep-head", "--set", "model.num_bins=8", *base],
                "num_bins cannot change")
+    # nor any other key of the model it keeps as it is
+    user_error(capsys, ["train", "finetune", "--init", str(pre), "--keep-head", "--set", "model.keypoints=4", *base],
+               "keypoints cannot change")

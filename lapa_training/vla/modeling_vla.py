@@ -835,11 +835,15 @@ class VLAModel(nn.Module):
         if model.action_head is None or model.action_bins is None:
             raise ValueError(f"{_resolved(pretrained)} has a latent-action head, not an action head: there is no "
                              f"action head to keep (finetune it without keeping the head)")
-        changed = [k for k in HEAD_KEYS if k != "stage" and getattr(config, k) != getattr(model.config, k)]
-        if changed:
-            raise ValueError(f"keeping the pretrained action head, its {', '.join(changed)} cannot change "
-                             f"(pretrained: {', '.join(f'{k}={getattr(model.config, k)!r}' for k in changed)})")
-        model.config = _fill_resolved(config, model.config).validate(check_backbones=False)
+        from lapa_training.checkpoint import config_mismatches
+
+        config = _fill_resolved(config, model.config)
+        # the model is the checkpoint's as it is: only training-only keys (and the stage) may differ
+        diffs = config_mismatches(model.config.to_dict(), config.to_dict(), ignore=TRAINING_ONLY_KEYS + ("stage",))
+        if diffs:
+            raise ValueError(f"keeping the pretrained action head, its {', '.join(k for k, _, _ in diffs)} cannot "
+                             f"change (pretrained: {', '.join(f'{k}={a!r}' for k, a, _ in diffs)})")
+        model.config = config.validate(check_backbones=False)
         model._apply_freezing()
         return model
 

@@ -373,14 +373,11 @@ def finetune(data: list[str | Path], out: str | Path, model_section: dict[str, A
     val, val_source = _val(train, action_samples(datasets, "val", config.chunk_size))
     if len(train) == 0:
         raise TrainingError("the chosen labelled episodes have no frames with actions")
-    if keep_head:
-        bins = model.action_bins  # the head was trained against these
-    else:
-        bins = ActionBins.fit(train.targets.reshape(-1, 7), config.num_bins)
     if model is None:
-        model = VLAModel(config, action_bins=bins)
-    elif not keep_head:
-        model.set_action_bins(bins)
+        model = VLAModel(config, action_bins=ActionBins.fit(train.targets.reshape(-1, 7), config.num_bins))
+    elif not keep_head:  # a kept head keeps the bins it was trained against
+        model.set_action_bins(ActionBins.fit(train.targets.reshape(-1, 7), config.num_bins))
+    bins = model.action_bins
     used = sum(len(e) for e in episodes)
     info = {"objective": "finetune", "init": str(Path(init).resolve()) if init else None, "keep_head": keep_head,
             "data": [str(Path(p).resolve()) for p in data], "labelled_episodes": used,
