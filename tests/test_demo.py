@@ -124,6 +124,25 @@ def test_every_demo_setting_belongs_to_exactly_one_stage():
     assert sorted(owned) == sorted(f.name for f in fields(DemoSettings))
 
 
+def test_a_stage_key_changes_with_what_that_stage_or_an_earlier_one_reads(monkeypatch):
+    from dataclasses import replace
+
+    import lapa_cli.demo as demo
+
+    base = demo.stage_keys(demo.DemoSettings())
+    assert base == demo.stage_keys(demo.DemoSettings()) and len(set(base.values())) == len(STAGES)
+
+    def redone(keys: dict) -> list[str]:
+        return [name for name in STAGES if keys[name] != base[name]]
+
+    assert redone(demo.stage_keys(replace(demo.DemoSettings(), laq_steps=999))) == list(STAGES[1:])
+    assert redone(demo.stage_keys(replace(demo.DemoSettings(), finetune_lr=0.5))) == list(STAGES[3:])
+    assert redone(demo.stage_keys(replace(demo.DemoSettings(), sweep_labelled_episodes=(3,)))) == ["sweep"]
+    # the VLA recipe is read from pretraining on: a change keeps the data and LAQ stages
+    monkeypatch.setitem(demo.RECIPE, "action_spread_floor", [0.0, 0.0])
+    assert redone(demo.stage_keys(demo.DemoSettings())) == list(STAGES[2:])
+
+
 def test_a_changed_evaluation_setting_redoes_evaluation_and_what_follows_only(quick_demo):
     # last in this module: it changes the fixture's run
     out, _ = quick_demo

@@ -685,6 +685,62 @@ def test_expected_action_decoding_and_loss_and_round_trip(tmp_path):
     assert argmax.config.action_decoding == "argmax"
 
 
+def test_action_spread_floor_keeps_barely_moving_dimensions_from_weighing_like_motion(tmp_path):
+    """A dimension whose spread is below the floor (here roll: 0.2 mrad, tracking noise) is measured in
+    the floor, so its error weighs (0.2 / 5)^2 of what it did; decoding uses the same unit."""
+    for bad in ((0.001,), (0.001, -1.0), ("a", 0.0)):
+        with pytest.raises(ValueError, match="action_spread_floor must be 2 numbers >= 0"):
+            VLAConfig.tiny(action_spread_floor=bad)
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.0, 0.01, (4000, 7))
+    a[:, 3] *= 0.02  # roll: spread 0.2 mrad, below the 5 mrad floor
+    a[:, 6] = (rng.random(4000) < 0.4).astype(float)
+    bins = ActionBins.fit(a, num_bins=16)
+    floored = tiny(objective="action", stage="finetune", num_bins=16, action_head_type="regression")
+    own = tiny(objective="action", stage="finetune", num_bins=16, action_head_type="regression",
+               action_spread_floor=(0.0, 0.0))
+    for model in (floored, own):
+        model.set_action_bins(bins)
+    spreads = bins.spreads()
+    np.testing.assert_allclose(own.bin_spread.numpy(), spreads, rtol=1e-6)
+    np.testing.assert_allclose(floored.bin_spread.numpy()[[0, 1, 2, 4, 5, 6]], spreads[[0, 1, 2, 4, 5, 6]], rtol=1e-6)
+    assert floored.bin_spread[3].item() == pytest.approx(0.005) and spreads[3] < 0.0003
+
+    # the same prediction, 1 mrad or 1 mm off in every dimension: roll's share of the loss shrinks by
+    # (spread / floor)^2, the others' stays
+    px, ids, mask = batch(floored)
+    actions = a[:3, None, :].copy()
+    predicted = torch.from_numpy(actions).float() + 0.001
+    per_dim = {}
+    for name, model in (("floored", floored), ("own", own)):
+        outputs = (predicted - model.bin_center) / model.bin_spread
+        loss = model._regression_error(outputs, actions, model.encode_actions(actions))
+        per_dim[name] = (0.001 / model.bin_spread).square()
+        assert loss.item() == pytest.approx(per_dim[name].mean().item(), rel=1e-3)
+    ratio = (per_dim["floored"][3] / per_dim["own"][3]).item()
+    assert ratio == pytest.approx((spreads[3] / 0.005) ** 2, rel=1e-4) and ratio < 0.01
+    assert torch.allclose(per_dim["floored"][[0, 1, 2, 4, 5]], per_dim["own"][[0, 1, 2, 4, 5]])
+
+    # decoding reads the outputs in the same unit, saved and loaded; a checkpoint from before the
+    # option (no key in config.json) keeps each dimension's own spread
+    with torch.no_grad():
+        out = floored(px, ids, mask)
+    decoded = floored.decode_actions(out)
+    assert decoded[0, 0, 3] == pytest.approx((floored.bin_center[3] + out.logits[0, 0, 3] * 0.005).item(), rel=1e-5)
+    path = floored.save_pretrained(tmp_path / "floored")
+    assert VLAModel.from_pretrained(path).config.action_spread_floor == (0.001, 0.005)
+    assert_policy_acts_as_model(path, px, atol=1e-6)
+    config = json.loads((path / "config.json").read_text())
+    del config["action_spread_floor"]
+    (path / "config.json").write_text(json.dumps(config))
+    meta = json.loads((path / "checkpoint.json").read_text())  # as that older writer recorded it
+    meta["files"]["config.json"] = (path / "config.json").stat().st_size
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    old = VLAModel.from_pretrained(path)
+    assert old.config.action_spread_floor == (0.0, 0.0)
+    np.testing.assert_allclose(old.bin_spread.numpy(), spreads, rtol=1e-6)
+
+
 def test_regression_action_head_learns_round_trips_and_replaces_a_latent_head(tmp_path):
     with pytest.raises(ValueError, match="action_head_type must be one of bins, regression"):
         VLAConfig.tiny(action_head_type="mse")

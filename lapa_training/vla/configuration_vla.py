@@ -51,7 +51,7 @@ TINY_LANGUAGE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num
 TRAINING_ONLY_KEYS = ("freeze_vision", "freeze_language", "control_rate", "action_decoding", "expectation_loss")
 # Keys that only shape the heads: a checkpoint loaded with its heads replaced may differ in these.
 HEAD_KEYS = ("objective", "stage", "latent_tokens", "codebook_size", "num_bins", "chunk_size", "head_hidden",
-             "action_head_type")
+             "action_head_type", "action_spread_floor")
 # Keys whose None means "whatever the backbones say", resolved when the model is built.
 RESOLVED_KEYS = ("tokenizer", "image_mean", "image_std", "projector_hidden", "head_hidden")
 
@@ -101,6 +101,14 @@ class VLAConfig:
     # regression). The action bins are fitted either way: they hold the normalisation and the
     # gripper's values, and give the regression head's predictions a bin id for the accuracy metrics
     action_head_type: str = "bins"
+    # (m, rad) per step, the actions' unit: the least spread a translation / rotation dimension is
+    # measured in (at 10 Hz, 1 mm is 1 cm/s and 5 mrad is 0.05 rad/s). The regression head and the
+    # expectation loss weigh each dimension's error in units of its spread; a dimension that barely
+    # varies (roll and pitch of an arm that keeps its gripper pointing down: tracking noise of a few
+    # tenths of a milliradian per step) would otherwise weigh as much as x, y and z, and the model
+    # spends itself fitting noise. docs/RESULTS.md (thirteenth session): ACTIONVLA pretrained on reach
+    # went from 2/100 to 21/100 without roll and pitch in its loss. (0, 0): each dimension's own spread
+    action_spread_floor: tuple[float, float] = (0.001, 0.005)
     chunk_size: int = 1  # future steps the action head predicts at once (action chunking)
     # how an action is read from the head's bins: "argmax" (as in the paper: the most likely bin's
     # value) or "expectation" (the probability-weighted mean of the bins' values; motion dimensions
@@ -120,7 +128,7 @@ class VLAConfig:
     control_rate: float = 10.0  # Hz of the actions (metadata for the policy)
 
     def __post_init__(self):
-        for name in ("image_mean", "image_std"):
+        for name in ("image_mean", "image_std", "action_spread_floor"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, bytes)):
                 try:
@@ -202,6 +210,11 @@ class VLAConfig:
         if self.action_head_type == "regression" and (self.expectation_loss or self.action_decoding != "argmax"):
             raise ValueError("VLAConfig.action_head_type regression predicts the action itself: expectation_loss "
                              "and action_decoding apply to the bins head only (leave them at 0 and argmax)")
+        floor = self.action_spread_floor
+        if not isinstance(floor, tuple) or len(floor) != 2 or not all(isinstance(v, float) and 0 <= v < float("inf")
+                                                                      for v in floor):
+            raise ValueError(f"VLAConfig.action_spread_floor must be 2 numbers >= 0 (translation m, rotation "
+                             f"rad, per step), got {floor!r}")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
             if value is None:
@@ -258,7 +271,7 @@ class VLAConfig:
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for name in ("image_mean", "image_std"):
+        for name in ("image_mean", "image_std", "action_spread_floor"):
             d[name] = None if d[name] is None else list(d[name])
         return {"model_type": MODEL_TYPE, **d}
 

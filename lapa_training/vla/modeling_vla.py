@@ -428,9 +428,16 @@ class VLAModel(nn.Module):
         device = self.bin_mask.device
         self.bin_mask = mask.to(device)
         self.bin_values = torch.from_numpy(bins.value_table(self.config.num_bins)).float().to(device)
-        self.bin_spread = torch.from_numpy(bins.spreads()).float().to(device)
+        self.bin_spread = torch.from_numpy(self._floored_spreads(bins)).float().to(device)
         self.bin_center = torch.from_numpy(bins.means()).float().to(device)
         self.bin_continuous = torch.from_numpy(bins.continuous_dims).to(device)
+
+    def _floored_spreads(self, bins: ActionBins) -> np.ndarray:
+        """(7,) the unit each dimension's error is measured in: its spread in the training actions, at
+        least config.action_spread_floor (translation, rotation) per step; the gripper's own."""
+        translation, rotation = self.config.action_spread_floor
+        floor = np.array([translation] * 3 + [rotation] * 3 + [0.0])
+        return np.maximum(bins.spreads(), floor)
 
     # ---- inputs --------------------------------------------------------------------------
     def preprocess_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -775,6 +782,7 @@ class VLAModel(nn.Module):
         saved.setdefault("expectation_loss", 0.0)
         saved.setdefault("action_head_type", "bins")
         saved.setdefault("vision_film", False)
+        saved.setdefault("action_spread_floor", [0.0, 0.0])  # before the option: each dimension's own spread
         backbones = saved.pop("backbones", None)
         if not isinstance(backbones, dict) or not {"vision", "language"} <= set(backbones):
             raise CheckpointError(f"{path}/config.json has no backbone configs: not a VLA checkpoint written by "
