@@ -67,6 +67,16 @@ def fit(model: VLAModel, px, ids, mask, labels, actions, steps: int, lr: float) 
     return model.eval()
 
 
+def drop_config_key(path, key: str) -> None:
+    """Make a saved checkpoint look as if written before config key `key` existed."""
+    config = json.loads((path / "config.json").read_text())
+    del config[key]
+    (path / "config.json").write_text(json.dumps(config))
+    meta = json.loads((path / "checkpoint.json").read_text())  # as that older writer recorded it
+    meta["files"]["config.json"] = (path / "config.json").stat().st_size
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+
+
 def assert_policy_acts_as_model(path, px, atol: float = 1e-5) -> None:
     """The policy loaded from `path` gives, for the first image and instruction, what the model decodes."""
     loaded = VLAModel.from_pretrained(path).eval()
@@ -551,12 +561,7 @@ def test_spatial_readout_reads_image_token_states_by_position_and_old_checkpoint
     plain = tiny(objective="action", stage="finetune", num_bins=16, spatial_readout=0)
     assert plain.spatial_readout is None and "spatial_readout" not in plain.parameter_counts()
     path = plain.save_pretrained(tmp_path / "old")
-    config = json.loads((path / "config.json").read_text())
-    del config["spatial_readout"]
-    (path / "config.json").write_text(json.dumps(config))
-    meta = json.loads((path / "checkpoint.json").read_text())  # as that older writer recorded it
-    meta["files"]["config.json"] = (path / "config.json").stat().st_size
-    (path / "checkpoint.json").write_text(json.dumps(meta))
+    drop_config_key(path, "spatial_readout")
     loaded = VLAModel.from_pretrained(path)
     assert loaded.config.spatial_readout == 0 and loaded.spatial_readout is None
 
@@ -730,12 +735,7 @@ def test_action_spread_floor_keeps_barely_moving_dimensions_from_weighing_like_m
     path = floored.save_pretrained(tmp_path / "floored")
     assert VLAModel.from_pretrained(path).config.action_spread_floor == (0.001, 0.005)
     assert_policy_acts_as_model(path, px, atol=1e-6)
-    config = json.loads((path / "config.json").read_text())
-    del config["action_spread_floor"]
-    (path / "config.json").write_text(json.dumps(config))
-    meta = json.loads((path / "checkpoint.json").read_text())  # as that older writer recorded it
-    meta["files"]["config.json"] = (path / "config.json").stat().st_size
-    (path / "checkpoint.json").write_text(json.dumps(meta))
+    drop_config_key(path, "action_spread_floor")
     old = VLAModel.from_pretrained(path)
     assert old.config.action_spread_floor == (0.0, 0.0)
     np.testing.assert_allclose(old.bin_spread.numpy(), spreads, rtol=1e-6)
