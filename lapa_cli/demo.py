@@ -20,10 +20,10 @@
 6. sweep     SCRATCH and LAPA finetuned on fewer labelled episodes, evaluated on the seen category.
 
 Every stage writes into --out and is skipped when a previous `lapa demo` finished it with the
-same settings (those it and the stages before it read: STAGE_SETTINGS), so a second run reuses the
-work and a changed setting redoes only the stages it affects. Every stage
-is also its own `lapa` command; the commands are printed at the end. `--quick` runs the same path
-at toy size in a few minutes (the test suite runs it).
+same settings (those it and the stages before it read: STAGE_SETTINGS, and RECIPE from pretraining
+on; see stage_keys), so a second run reuses the work and a changed setting redoes only the stages
+it affects. Every stage is also its own `lapa` command; the commands are printed at the end.
+`--quick` runs the same path at toy size in a few minutes (the test suite runs it).
 """
 
 from __future__ import annotations
