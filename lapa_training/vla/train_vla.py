@@ -373,10 +373,12 @@ def finetune(data: list[str | Path], out: str | Path, model_section: dict[str, A
     val, val_source = _val(train, action_samples(datasets, "val", config.chunk_size))
     if len(train) == 0:
         raise TrainingError("the chosen labelled episodes have no frames with actions")
-    if model is None:
-        model = VLAModel(config, action_bins=ActionBins.fit(train.targets.reshape(-1, 7), config.num_bins))
-    elif not keep_head:  # a kept head keeps the bins it was trained against
-        model.set_action_bins(ActionBins.fit(train.targets.reshape(-1, 7), config.num_bins))
+    if not keep_head:  # a kept head keeps the bins it was trained against
+        fitted = ActionBins.fit(train.targets.reshape(-1, 7), config.num_bins)
+        if model is None:
+            model = VLAModel(config, action_bins=fitted)
+        else:
+            model.set_action_bins(fitted)
     bins = model.action_bins
     used = sum(len(e) for e in episodes)
     info = {"objective": "finetune", "init": str(Path(init).resolve()) if init else None, "keep_head": keep_head,
