@@ -197,6 +197,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--embodiment", choices=("panda", "floating_gripper"), default="panda",
                    help="what does the tasks: the Panda arm (default), or a free-floating two-finger hand in a "
                         "restyled scene, a stand-in for videos of another embodiment (use with --action-free)")
+    p.add_argument("--scene-colors", choices=("fixed", "varied"), default="fixed",
+                   help="the table and floor: the embodiment's own (default), or recoloured per episode (muted "
+                        "colours from the seed), like videos from many rooms")
     p.add_argument("--workers", type=int, default=1,
                    help="processes, each with its own simulator (default 1); the bags do not depend on it")
 
@@ -212,7 +215,8 @@ def run_generate(args) -> int:
         done = generate(args.out, tasks, args.episodes, first_seed=args.first_seed, storage=args.storage,
                         image_size=args.image_size, noise=args.noise, instruction_set=args.instruction_set,
                         record_actions=not args.action_free, progress=sys.stderr.isatty(),
-                        embodiment=args.embodiment, combinations=args.combinations, workers=args.workers)
+                        embodiment=args.embodiment, combinations=args.combinations, workers=args.workers,
+                        scene_colors=args.scene_colors)
     except EpisodeWriterError as e:  # episode name taken
         raise UserError(str(e)) from None
     except OSError as e:  # output directory not writable

@@ -44,11 +44,15 @@ class TabletopEnv:
     embodiment="floating_gripper" swaps the arm for a free-floating two-finger hand (see
     lapa_sim.scene) behind the same interface: twists move the TCP, the gripper opens and closes,
     observations have the same fields (joint_* then hold only the two finger joints).
+    scene_colors="varied" recolours the table and floor at each reset from the episode's seed
+    (lapa_sim.scene.varied_backdrop); "fixed" keeps the embodiment's own.
     """
 
     def __init__(self, image_size: tuple[int, int] = (128, 128), cameras: tuple[str, ...] = ("front",),
-                 servo_limits: ServoLimits | None = None, embodiment: str = "panda"):
+                 servo_limits: ServoLimits | None = None, embodiment: str = "panda",
+                 scene_colors: str = "fixed"):
         self.embodiment = scene.check_embodiment(embodiment)
+        self.scene_colors = scene.check_scene_colors(scene_colors)
         self.model = scene.build_model(embodiment=embodiment)
         self.data = mujoco.MjData(self.model)
         self.image_height, self.image_width = int(image_size[0]), int(image_size[1])
@@ -74,6 +78,7 @@ class TabletopEnv:
         self._block_qpos = np.array([self.model.joint(f"block{i}_free").qposadr[0] for i in range(scene.N_BLOCKS)])
         self._block_geom = np.array([self.model.geom(f"block{i}").id for i in range(scene.N_BLOCKS)])
         self._pad_geom = self.model.geom("pad").id
+        self._backdrop_geoms = np.array([self.model.geom("table").id, self.model.geom("floor").id])
         self._pad_mocap = self.model.body("pad").mocapid[0]
         self._tcp_site = self.model.site("tcp").id
         self._renderer: mujoco.Renderer | None = None
@@ -109,6 +114,8 @@ class TabletopEnv:
             self.data.qpos[adr + 3:adr + 7] = transforms3d.euler.euler2quat(0, 0, ep.block_yaw[i], "sxyz")
             self.model.geom_rgba[self._block_geom[i]] = scene.COLORS[ep.block_colors[i]]
         self.model.geom_rgba[self._pad_geom] = scene.COLORS[ep.pad_color]
+        if self.scene_colors == "varied":
+            self.model.geom_rgba[self._backdrop_geoms] = scene.varied_backdrop(ep.seed)
         self.data.mocap_pos[self._pad_mocap] = [*ep.pad_xy, 0.0]
         mujoco.mj_forward(self.model, self.data)
         self.servo.reset()

@@ -50,6 +50,9 @@ _ARM_CONTYPE, _ARM_CONAFF = 2, 1
 _WORLD_CONTYPE, _WORLD_CONAFF = 1, 3
 
 EMBODIMENTS = ("panda", "floating_gripper")
+# "fixed": the embodiment's own table and floor; "varied": both recoloured per episode from its seed
+# (muted colours, so the saturated blocks and pad stand out), as videos of people come from many rooms
+SCENE_COLORS = ("fixed", "varied")
 
 TABLE_SIZE = (0.45, 0.6)  # half extents in x, y (m) of the table top around its centre
 TABLE_CENTER_X = 0.45
@@ -83,6 +86,23 @@ def check_embodiment(name: str) -> str:
     if name not in EMBODIMENTS:
         raise ValueError(f"unknown embodiment '{name}'; known: {', '.join(EMBODIMENTS)}")
     return name
+
+
+def check_scene_colors(name: str) -> str:
+    if name not in SCENE_COLORS:
+        raise ValueError(f"unknown scene colours '{name}'; known: {', '.join(SCENE_COLORS)}")
+    return name
+
+
+def varied_backdrop(seed: int) -> np.ndarray:
+    """RGBA of the table and the floor (2 x 4) for an episode seed, under scene_colors="varied":
+    any hue, muted (saturation <= 0.4, below every block colour's), the table lighter than the floor."""
+    import colorsys
+
+    rng = np.random.default_rng([seed, 0x5CE4E])
+    table = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.4), rng.uniform(0.45, 0.9))
+    floor = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.3), rng.uniform(0.15, 0.4))
+    return np.array([[*table, 1.0], [*floor, 1.0]])
 
 
 def _set_options(spec: mujoco.MjSpec) -> None:

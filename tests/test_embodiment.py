@@ -218,3 +218,48 @@ def test_cli_generate_takes_the_embodiment(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     (bag,) = [p for p in (tmp_path / "bags").iterdir() if p.is_dir()]
     assert json.loads((bag / "episode.json").read_text())["embodiment"] == "floating_gripper"
+
+
+# ---------------------------------------------------------------- varied scene colours
+def test_varied_scene_colours_recolour_the_table_and_floor_per_seed_and_keep_the_blocks(hand):
+    import colorsys
+
+    varied = TabletopEnv(image_size=(SIZE, SIZE), embodiment="floating_gripper", scene_colors="varied")
+    try:
+        table, floor = varied.model.geom("table").id, varied.model.geom("floor").id
+        seen = []
+        for seed in (3, 4, 5, 3):
+            varied.reset("reach", seed)
+            frame = varied.render()
+            seen.append(varied.model.geom_rgba[[table, floor]].copy())
+            hand.reset("reach", seed)
+            fixed_frame = hand.render()
+            # the blocks and the pad keep their episode colours; only the backdrop changes
+            blocks = [varied.model.geom(f"block{i}").id for i in range(scene.N_BLOCKS)] + [varied.model.geom("pad").id]
+            np.testing.assert_array_equal(varied.model.geom_rgba[blocks], hand.model.geom_rgba[blocks])
+            assert np.abs(frame.astype(int) - fixed_frame.astype(int)).mean() > 5
+            np.testing.assert_allclose(hand.model.geom_rgba[table], scene.HAND_TABLE_RGBA, atol=1e-6)
+            for rgba in seen[-1]:  # muted: less saturated than any block colour, so blocks stand out
+                assert colorsys.rgb_to_hsv(*rgba[:3])[1] <= 0.4
+            assert colorsys.rgb_to_hsv(*seen[-1][0][:3])[2] > colorsys.rgb_to_hsv(*seen[-1][1][:3])[2]
+        assert min(colorsys.rgb_to_hsv(*c[:3])[1] for c in scene.COLORS.values()) > 0.4
+        np.testing.assert_array_equal(seen[0], seen[3])  # from the seed alone
+        assert not np.allclose(seen[0], seen[1]) and not np.allclose(seen[1], seen[2])
+    finally:
+        varied.close()
+
+
+def test_unknown_scene_colours_are_a_clear_error():
+    with pytest.raises(ValueError, match="unknown scene colours 'plaid'.*fixed, varied"):
+        TabletopEnv(scene_colors="plaid")
+
+
+def test_cli_generate_takes_the_scene_colours_and_records_them(tmp_path, capsys):
+    from lapa_cli.main import main
+
+    rc = main(["data", "generate", "--out", str(tmp_path / "bags"), "--tasks", "reach", "--episodes", "1",
+               "--image-size", "32", "--embodiment", "floating_gripper", "--action-free", "--scene-colors", "varied"])
+    assert rc == 0, capsys.readouterr().err
+    (bag,) = [p for p in (tmp_path / "bags").iterdir() if p.is_dir()]
+    meta = json.loads((bag / "episode.json").read_text())
+    assert meta["embodiment"] == "floating_gripper" and meta["scene_colors"] == "varied"

@@ -107,7 +107,8 @@ def generate_episode(env, out_dir: Path, task: str, seed: int, *, name: str | No
     embodiment = getattr(env, "embodiment", "panda")
     writer = EpisodeBagWriter(out_dir, name or f"{task}_{seed:06d}", storage=storage, metadata={
         "instruction": ep.instruction, "robot": embodiment, "task": task, "seed": seed, "fps": control_rate,
-        "source": source, "instruction_set": instruction_set, "embodiment": embodiment})
+        "source": source, "instruction_set": instruction_set, "embodiment": embodiment,
+        "scene_colors": getattr(env, "scene_colors", "fixed")})
     try:
         writer.add_topic(bag_format.INSTRUCTION_TOPIC, "std_msgs/msg/String", "latched")
         writer.add_topic(bag_format.IMAGE_TOPIC, "sensor_msgs/msg/Image", "sensor")
@@ -154,21 +155,24 @@ def generate_episode(env, out_dir: Path, task: str, seed: int, *, name: str | No
 def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *, first_seed: int = 0,
              storage: str = "mcap", image_size: int = 128, control_rate: float = 10.0, noise: float = 0.03,
              instruction_set: str = "train", record_actions: bool = True, progress: bool = True,
-             embodiment: str = "panda", combinations: str = "all", workers: int = 1) -> list[GeneratedEpisode]:
+             embodiment: str = "panda", combinations: str = "all", workers: int = 1,
+             scene_colors: str = "fixed") -> list[GeneratedEpisode]:
     """Write episodes_per_task bags of each task into out_dir; seeds first_seed, first_seed + 1, ...
     (only those of `combinations`, see lapa_sim.tasks.episode_seeds).
 
     embodiment: "panda", or "floating_gripper" (a free-floating hand in a restyled scene, a stand-in
     for videos of another embodiment; usually with record_actions=False).
+    scene_colors: "fixed", or "varied" (table and floor recoloured per episode, see lapa_sim.scene).
     workers: processes, each with its own simulator (episodes depend on their seed alone, so the bags
     are the same for any number of workers).
     """
     from tqdm import tqdm
 
-    from lapa_sim.scene import check_embodiment
+    from lapa_sim.scene import check_embodiment, check_scene_colors
     from lapa_sim.tasks import episode_seeds
 
     check_embodiment(embodiment)
+    check_scene_colors(scene_colors)
     if workers < 1:
         raise ValueError("workers must be at least 1")
     jobs = [(task, seed) for task in task_list
@@ -182,14 +186,14 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
     pool = None
     try:
         if workers == 1 or len(jobs) < 2:
-            _init_worker(out_dir, image_size, embodiment, options)
+            _init_worker(out_dir, image_size, (embodiment, scene_colors), options)
             results = map(_generate_one, jobs)
         else:
             import multiprocessing
 
             # spawn, not fork: every worker builds its own MuJoCo model and renderer from scratch
             pool = multiprocessing.get_context("spawn").Pool(
-                min(workers, len(jobs)), initializer=_init_worker, initargs=(out_dir, image_size, embodiment, options))
+                min(workers, len(jobs)), initializer=_init_worker, initargs=(out_dir, image_size, (embodiment, scene_colors), options))
             results = pool.imap(_generate_one, jobs, chunksize=2)
         for episode in results:
             done.append(episode)
@@ -207,11 +211,13 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
 _worker: dict = {}  # this process's simulator and episode options (see generate)
 
 
-def _init_worker(out_dir: Path, image_size: int, embodiment: str, options: dict) -> None:
+def _init_worker(out_dir: Path, image_size: int, look: tuple[str, str], options: dict) -> None:
     from lapa_sim.env import TabletopEnv
 
     _close_worker()
-    _worker.update(env=TabletopEnv(image_size=(image_size, image_size), embodiment=embodiment), out_dir=out_dir,
+    embodiment, scene_colors = look
+    _worker.update(env=TabletopEnv(image_size=(image_size, image_size), embodiment=embodiment,
+                                   scene_colors=scene_colors), out_dir=out_dir,
                    options=options)
 
 
