@@ -98,7 +98,9 @@ def add_policy_parser(sub) -> None:
                         "target colour, kept out of training data made with --combinations seen)")
     p.add_argument("--ros", action="store_true",
                    help="through the real ROS path: lapa_sim_arm and lapa_policy_server as processes over DDS, in "
-                        "real time, one FollowInstruction goal per episode (default: in-process, lock-step)")
+                        "real time, one FollowInstruction goal per episode (default: in-process, lock-step); "
+                        "ROS arguments for both nodes go after --ros-args, e.g. --ros-args -p "
+                        "lapa_policy_server:camera_timeout:=1.0")
     p.add_argument("--out", type=Path, required=True, help="directory for the report")
 
 
@@ -108,6 +110,9 @@ def run_policy(args) -> int:
 
     if args.episodes < 1:
         raise UserError("--episodes must be at least 1")
+    ros_args = getattr(args, "ros_args", None) or []
+    if ros_args and not args.ros:
+        raise UserError("--ros-args apply to the nodes of an evaluation through ROS: add --ros")
     if args.image_size < 16:
         raise UserError("--image-size must be at least 16")
     task_names = args.tasks or list(tasks.TASKS)
@@ -127,7 +132,7 @@ def run_policy(args) -> int:
                 for seed in tasks.episode_seeds(task, first_seed, args.episodes, args.combinations)]
         try:
             report = evaluate_over_ros(path, jobs, image_size=args.image_size, instruction_set=args.instructions,
-                                       out_dir=args.out, progress=sys.stderr.isatty())
+                                       out_dir=args.out, progress=sys.stderr.isatty(), ros_args=ros_args)
         except RosEvalError as e:
             raise UserError(" ".join(str(e).split())) from None
     else:

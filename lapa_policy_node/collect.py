@@ -1,10 +1,13 @@
 """Collect demonstrations the way users do on a real arm, with the simulated arm in its place:
 ``lapa_sim_arm`` and ``lapa_recorder`` run as their own processes, a scripted teleop drives the arm
-over DDS, and the recorder writes one bag per episode. ``lapa data collect`` calls this.
+over DDS, and the recorder writes one bag per episode. ``lapa data collect`` calls this. The nodes run
+in a private ROS domain on this machine (lapa_policy_node.private_domain), not the shell's, unless
+this process already runs rclpy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -45,6 +48,7 @@ def collect(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *
     import rclpy
     from tqdm import tqdm
 
+    from lapa_policy_node.private_domain import DomainError, private_ros_domain
     from lapa_policy_node.runtime import spinning
     from lapa_policy_node.scripted_teleop import ScriptedTeleop, TeleopError
     from lapa_sim.tasks import episode_seeds
@@ -58,37 +62,43 @@ def collect(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *
         log_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CollectError(f"cannot create {e.filename}: {e.strerror}") from None
-    sim, sim_log = _spawn("lapa_policy_node.sim_arm_node", {
-        "task": task_list[0], "seed": first_seed, "image_width": image_size, "image_height": image_size,
-        "camera_rate": camera_rate}, log_dir)
-    rec, rec_log = _spawn("lapa_policy_node.recorder_node", {
-        "output_dir": str(out_dir), "storage": storage}, log_dir)
-    own_context = not rclpy.ok()
-    if own_context:
-        rclpy.init()
-    results = []
-    try:
-        with spinning(ScriptedTeleop()) as teleop:
-            try:
-                teleop.wait_ready(timeout=60.0)
-            except TeleopError as e:
-                for proc, log in ((sim, sim_log), (rec, rec_log)):
-                    if proc.poll() is not None:
-                        raise CollectError(f"{log.stem} exited ({proc.returncode}):\n{log.read_text()[-2000:]}") from None
-                raise CollectError(str(e)) from None
-            bar = tqdm(jobs, desc="recording episodes through ROS", unit="ep", disable=not progress)
-            for task, seed in bar:
-                try:
-                    results.append(teleop.run_episode(task, seed, control_rate=control_rate, noise=noise,
-                                                      instruction_set=instruction_set))
-                except TeleopError as e:
-                    raise CollectError(f"episode {task}/{seed}: {e} (logs in {log_dir})") from None
-                bar.set_postfix(success=f"{sum(r.success for r in results) / len(results):.0%}", refresh=False)
-            teleop.stop_arm()
-    finally:
+    with contextlib.ExitStack() as isolation:
+        try:  # never the user's domain: the teleop commands /servo_node/delta_twist_cmds like a real arm's
+            isolation.enter_context(private_ros_domain())
+        except DomainError as e:
+            raise CollectError(str(e)) from None
+        sim, sim_log = _spawn("lapa_policy_node.sim_arm_node", {
+            "task": task_list[0], "seed": first_seed, "image_width": image_size, "image_height": image_size,
+            "camera_rate": camera_rate}, log_dir)
+        rec, rec_log = _spawn("lapa_policy_node.recorder_node", {
+            "output_dir": str(out_dir), "storage": storage}, log_dir)
+        own_context = not rclpy.ok()
         if own_context:
-            rclpy.try_shutdown()
-        _stop(rec)
-        _stop(sim)
-    return results
+            rclpy.init()
+        results = []
+        try:
+            with spinning(ScriptedTeleop()) as teleop:
+                try:
+                    teleop.wait_ready(timeout=60.0)
+                except TeleopError as e:
+                    for proc, log in ((sim, sim_log), (rec, rec_log)):
+                        if proc.poll() is not None:
+                            raise CollectError(f"{log.stem} exited ({proc.returncode}):\n"
+                                               f"{log.read_text()[-2000:]}") from None
+                    raise CollectError(str(e)) from None
+                bar = tqdm(jobs, desc="recording episodes through ROS", unit="ep", disable=not progress)
+                for task, seed in bar:
+                    try:
+                        results.append(teleop.run_episode(task, seed, control_rate=control_rate, noise=noise,
+                                                          instruction_set=instruction_set))
+                    except TeleopError as e:
+                        raise CollectError(f"episode {task}/{seed}: {e} (logs in {log_dir})") from None
+                    bar.set_postfix(success=f"{sum(r.success for r in results) / len(results):.0%}", refresh=False)
+                teleop.stop_arm()
+        finally:
+            if own_context:
+                rclpy.try_shutdown()
+            _stop(rec)
+            _stop(sim)
+        return results
 

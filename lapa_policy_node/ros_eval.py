@@ -16,10 +16,14 @@ server's pacing, watchdogs (camera/pose staleness abort a goal) and safety limit
 on a real arm. ``EpisodeOutcome.seconds`` is wall time of the goal here (steps x period in-process),
 ``act_ms_*`` is ``policy.act`` inside the server (goal feedback), and ``failure`` is the server's
 stop reason when a goal ended other than by success or max_steps.
+
+The nodes run in a private ROS domain on this machine (lapa_policy_node.private_domain), not the
+shell's, unless this process already runs rclpy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -30,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lapa_policy_node.private_domain import DomainError, private_ros_domain
 from lapa_training.eval_policy import EpisodeOutcome, PolicyReport
 
 READY_TIMEOUT = 120.0  # s for both nodes to start (a model load on a busy machine takes a while)
@@ -76,14 +81,16 @@ def evaluate_over_ros(policy_dir, jobs: list[tuple[str, int]], *, image_size: in
         raise RosEvalError(f"cannot create {e.filename}: {e.strerror}") from None
     size = ["-p", f"image_width:={int(image_size)}", "-p", f"image_height:={int(image_size)}"]
 
-    saved_env = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
     own_context = not rclpy.ok()
-    if own_context and "ROS_DOMAIN_ID" not in os.environ:  # a discovery domain of our own, this machine only
-        os.environ["ROS_DOMAIN_ID"] = str(random.randint(101, 200))
-        os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     nodes: dict[str, tuple[subprocess.Popen, Path]] = {}
     report, t_start = PolicyReport(), time.perf_counter()
+    isolation = contextlib.ExitStack()
     try:
+        # never the user's domain: these nodes command /servo_node/delta_twist_cmds like a real arm's
+        try:
+            _announce(isolation.enter_context(private_ros_domain()), own_context, progress)
+        except DomainError as e:
+            raise RosEvalError(str(e)) from None
         for key, extra in (("sim", size), ("server", [])):
             nodes[planned[key].spec.name] = _spawn(planned[key].argv + extra, log_dir / f"{planned[key].spec.name}.log")
         if own_context:
@@ -112,11 +119,7 @@ def evaluate_over_ros(policy_dir, jobs: list[tuple[str, int]], *, image_size: in
         _stop([proc for proc, _ in reversed(nodes.values())])
         if own_context:
             rclpy.try_shutdown()
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        isolation.close()
     report.finish(latencies, t_start)
     if out_dir is not None:
         out = Path(out_dir)
@@ -124,6 +127,12 @@ def evaluate_over_ros(policy_dir, jobs: list[tuple[str, int]], *, image_size: in
         data = {**report.to_dict(), "path": "ros", "control_rate": rate, "image_size": int(image_size)}
         (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
     return report
+
+
+def _announce(domain: int, own: bool, progress: bool) -> None:
+    if own and progress:
+        print(f"nodes in a private ROS domain, this machine only (to watch: ROS_DOMAIN_ID={domain} "
+              f"ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST)", file=sys.stderr)
 
 
 def _spawn(argv: list[str], log: Path) -> tuple[subprocess.Popen, Path]:

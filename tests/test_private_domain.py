@@ -1,0 +1,133 @@
+"""Batch jobs run their simulated arm in a private ROS domain (lapa_policy_node.private_domain): the
+teleop and the policy server publish on /servo_node/delta_twist_cmds, the topic a real MoveIt Servo
+listens on, so they must never join the shell's domain, where a robot may be.
+
+The domain logic runs in fresh Python processes: this test process may already run rclpy (other
+tests' fixtures), and then private_ros_domain keeps the running context's domain, by design."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+from geometry_msgs.msg import PoseStamped, TwistStamped
+
+from tests.conftest import ROOT
+
+SLACK = ["-p", "lapa_policy_server:camera_timeout:=2.0", "-p", "lapa_policy_server:pose_timeout:=2.0"]
+
+
+def _python(code: str, env: dict, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_private_domain_replaces_the_shells_isolates_and_is_given_back(tmp_path):
+    env = {**os.environ, "ROS_DOMAIN_ID": "0", "ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET",
+           "ROS_STATIC_PEERS": "192.168.1.20", "ROS_DISCOVERY_SERVER": "192.168.1.21:11811"}
+    done = _python(f"""
+        import os, pathlib
+        from lapa_policy_node import private_domain as pd
+        pd.LOCK_DIR = pathlib.Path({str(tmp_path / "locks")!r})
+        keys = ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_STATIC_PEERS", "ROS_DISCOVERY_SERVER")
+        before = {{k: os.environ.get(k) for k in keys}}
+        with pd.private_ros_domain() as first:
+            inside = {{k: os.environ.get(k) for k in keys}}
+            with pd.private_ros_domain() as second:  # a second job on the machine gets another domain
+                pass
+        after = {{k: os.environ.get(k) for k in keys}}
+        with pd.private_ros_domain() as again:  # given back: the lock is free again
+            pass
+        pd.PRIVATE_DOMAINS = range(first, first + 1)
+        with pd.private_ros_domain():
+            try:
+                with pd.private_ros_domain():
+                    full = None
+            except pd.DomainError as e:
+                full = str(e)
+        print({{"first": first, "second": second, "inside": inside, "before": before, "after": after,
+               "full": full}})
+    """, env)
+    assert done.returncode == 0, done.stderr
+    r = eval(done.stdout.strip())
+    assert 215 <= r["first"] <= 232 and 215 <= r["second"] <= 232 and r["first"] != r["second"]
+    assert r["inside"] == {"ROS_DOMAIN_ID": str(r["first"]), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+                           "ROS_STATIC_PEERS": None, "ROS_DISCOVERY_SERVER": None}
+    assert r["after"] == r["before"] == {"ROS_DOMAIN_ID": "0", "ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET",
+                                         "ROS_STATIC_PEERS": "192.168.1.20",
+                                         "ROS_DISCOVERY_SERVER": "192.168.1.21:11811"}
+    assert r["full"] and "no free private ROS domain" in r["full"] and "1 lapa jobs already hold" in r["full"]
+
+
+def test_a_process_that_runs_rclpy_keeps_its_domain(tmp_path):
+    done = _python("""
+        import os, rclpy
+        from lapa_policy_node.private_domain import private_ros_domain
+        rclpy.init(domain_id=42)
+        os.environ["ROS_DOMAIN_ID"] = "7"
+        with private_ros_domain() as domain:
+            print(domain, os.environ["ROS_DOMAIN_ID"])
+        rclpy.shutdown()
+    """, dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["42", "7"]
+
+
+def test_an_evaluation_through_ros_never_reaches_the_shells_domain(tmp_path, test_node):
+    """The shell's domain here is this test's (conftest): a node in it must hear none of the eval's
+    poses and twists, while the eval itself runs its episode to the end in its own domain."""
+    from lapa_policy_node.policy_api import ConstantPolicy
+
+    heard = {"pose": 0, "twist": 0}
+    subs = [test_node.create_subscription(PoseStamped, "/ee_pose", lambda m: heard.__setitem__("pose", heard["pose"] + 1), 10),
+            test_node.create_subscription(TwistStamped, "/servo_node/delta_twist_cmds",
+                                          lambda m: heard.__setitem__("twist", heard["twist"] + 1), 10)]
+    policy = ConstantPolicy.save(tmp_path / "policy", (0.004, 0, 0, 0, 0, 0, 0))
+    try:
+        done = _python(f"""
+            from lapa_policy_node.ros_eval import evaluate_over_ros
+            report = evaluate_over_ros({str(policy)!r}, [("reach", 100_000)], image_size=48,
+                                       out_dir={str(tmp_path / "eval")!r}, progress=True, ros_args={SLACK!r})
+            print("steps", report.episodes[0].steps)
+        """, dict(os.environ), timeout=180.0)
+        time.sleep(0.5)  # anything still in flight
+    finally:
+        for sub in subs:
+            test_node.destroy_subscription(sub)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) > 0
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["episodes"][0]["steps"] > 0
+    assert heard == {"pose": 0, "twist": 0}, f"the eval's nodes talked in the shell's domain: {heard}"
+    announced = [line for line in done.stderr.splitlines() if "private ROS domain" in line]
+    assert announced and "ROS_DOMAIN_ID=" in announced[0], done.stderr[-2000:]
+    domain = int(announced[0].split("ROS_DOMAIN_ID=")[1].split()[0])
+    assert 215 <= domain <= 232 and str(domain) != os.environ["ROS_DOMAIN_ID"]
+
+
+def test_cli_eval_passes_ros_args_to_the_nodes_and_refuses_them_without_ros(tmp_path, monkeypatch, capsys):
+    from lapa_cli.main import main
+    from lapa_policy_node import ros_eval
+    from lapa_policy_node.policy_api import ConstantPolicy
+    from lapa_training.eval_policy import PolicyReport
+
+    policy = ConstantPolicy.save(tmp_path / "policy", (0, 0, 0, 0, 0, 0, 0))
+    args = ["eval", "policy", "--policy", str(policy), "--tasks", "reach", "--episodes", "1", "--out",
+            str(tmp_path / "out")]
+    assert main(args + ["--ros-args", "-p", "lapa_policy_server:camera_timeout:=1.0"]) == 2
+    assert "--ros-args apply to the nodes of an evaluation through ROS: add --ros" in capsys.readouterr().err
+
+    seen = {}
+
+    def fake(policy_dir, jobs, **kwargs):
+        seen.update(kwargs)
+        report = PolicyReport()
+        report.finish([], time.perf_counter())
+        return report
+
+    monkeypatch.setattr(ros_eval, "evaluate_over_ros", fake)
+    assert main(args + ["--ros", "--ros-args", "-p", "lapa_policy_server:camera_timeout:=1.0"]) == 0
+    assert seen["ros_args"] == ["--ros-args", "-p", "lapa_policy_server:camera_timeout:=1.0"]
