@@ -48,7 +48,7 @@ def collect(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *
     import rclpy
     from tqdm import tqdm
 
-    from lapa_policy_node.private_domain import DomainError, private_ros_domain
+    from lapa_policy_node.private_domain import DomainError, private_ros_domain, watch_hint
     from lapa_policy_node.runtime import spinning
     from lapa_policy_node.scripted_teleop import ScriptedTeleop, TeleopError
     from lapa_sim.tasks import episode_seeds
@@ -64,9 +64,11 @@ def collect(out_dir: str | Path, task_list: list[str], episodes_per_task: int, *
         raise CollectError(f"cannot create {e.filename}: {e.strerror}") from None
     with contextlib.ExitStack() as isolation:
         try:  # never the user's domain: the teleop commands /servo_node/delta_twist_cmds like a real arm's
-            isolation.enter_context(private_ros_domain())
+            domain = isolation.enter_context(private_ros_domain())
         except DomainError as e:
             raise CollectError(str(e)) from None
+        if progress and not rclpy.ok():
+            print(watch_hint(domain), file=sys.stderr)
         sim, sim_log = _spawn("lapa_policy_node.sim_arm_node", {
             "task": task_list[0], "seed": first_seed, "image_width": image_size, "image_height": image_size,
             "camera_rate": camera_rate}, log_dir)

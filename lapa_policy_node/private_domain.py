@@ -55,6 +55,12 @@ def _try_lock(domain: int) -> int | None:
     return fd
 
 
+def watch_hint(domain: int) -> str:
+    """The line a job prints so that people can watch its nodes (ros2 topic echo, rviz2)."""
+    return (f"nodes in a private ROS domain, this machine only (to watch: ROS_DOMAIN_ID={domain} "
+            f"ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST)")
+
+
 @contextlib.contextmanager
 def private_ros_domain() -> Iterator[int]:
     """Set this process's environment to a free private domain, localhost discovery, for the block

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lapa_policy_node.private_domain import DomainError, private_ros_domain
+from lapa_policy_node.private_domain import DomainError, private_ros_domain, watch_hint
 from lapa_training.eval_policy import EpisodeOutcome, PolicyReport
 
 READY_TIMEOUT = 120.0  # s for both nodes to start (a model load on a busy machine takes a while)
@@ -88,9 +88,11 @@ def evaluate_over_ros(policy_dir, jobs: list[tuple[str, int]], *, image_size: in
     try:
         # never the user's domain: these nodes command /servo_node/delta_twist_cmds like a real arm's
         try:
-            _announce(isolation.enter_context(private_ros_domain()), own_context, progress)
+            domain = isolation.enter_context(private_ros_domain())
         except DomainError as e:
             raise RosEvalError(str(e)) from None
+        if own_context and progress:
+            print(watch_hint(domain), file=sys.stderr)
         for key, extra in (("sim", size), ("server", [])):
             nodes[planned[key].spec.name] = _spawn(planned[key].argv + extra, log_dir / f"{planned[key].spec.name}.log")
         if own_context:
@@ -127,12 +129,6 @@ def evaluate_over_ros(policy_dir, jobs: list[tuple[str, int]], *, image_size: in
         data = {**report.to_dict(), "path": "ros", "control_rate": rate, "image_size": int(image_size)}
         (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
     return report
-
-
-def _announce(domain: int, own: bool, progress: bool) -> None:
-    if own and progress:
-        print(f"nodes in a private ROS domain, this machine only (to watch: ROS_DOMAIN_ID={domain} "
-              f"ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST)", file=sys.stderr)
 
 
 def _spawn(argv: list[str], log: Path) -> tuple[subprocess.Popen, Path]:
