@@ -43,7 +43,10 @@ class DomainError(RuntimeError):
 def _try_lock(domain: int) -> int | None:
     """A file descriptor holding domain's lock, or None if another process holds it."""
     try:
-        LOCK_DIR.mkdir(mode=0o1777, exist_ok=True)
+        if not LOCK_DIR.is_dir():  # shared by every user's jobs (sticky, like /tmp): the umask would narrow it
+            LOCK_DIR.mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                LOCK_DIR.chmod(0o1777)
         fd = os.open(LOCK_DIR / f"domain-{domain}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError:  # another user's lock file we may not open: treat the domain as taken
         return None
