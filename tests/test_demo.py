@@ -45,6 +45,12 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
     for name in methods:
         assert (out / "finetune" / name / "model/config.json").is_file()
         assert (out / "finetune" / name / "training_curves.png").is_file()
+    # ACTIONVLA predicts (and keeps through finetuning) chunks over a latent action's span; the others one step
+    from lapa_cli.demo import ACTIONVLA_RECIPE
+
+    chunks = {name: json.loads((out / "finetune" / name / "model/config.json").read_text())["chunk_size"]
+              for name in methods}
+    assert chunks.pop("actionvla") == ACTIONVLA_RECIPE["chunk_size"] > 1 and set(chunks.values()) == {1}
     assert (out / "eval/success.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "laq_eval/report.json").is_file()
     # the labelled set went through the ROS recorder; the video set has its actions hidden
@@ -130,6 +136,7 @@ def test_a_stage_key_changes_with_what_that_stage_or_an_earlier_one_reads(monkey
     import lapa_cli.demo as demo
 
     base = demo.stage_keys(demo.DemoSettings())
+    base_floor = demo.RECIPE["action_spread_floor"]
     assert base == demo.stage_keys(demo.DemoSettings()) and len(set(base.values())) == len(STAGES)
 
     def redone(keys: dict) -> list[str]:
@@ -140,6 +147,10 @@ def test_a_stage_key_changes_with_what_that_stage_or_an_earlier_one_reads(monkey
     assert redone(demo.stage_keys(replace(demo.DemoSettings(), sweep_labelled_episodes=(3,)))) == ["sweep"]
     # the VLA recipe is read from pretraining on: a change keeps the data and LAQ stages
     monkeypatch.setitem(demo.RECIPE, "action_spread_floor", [0.0, 0.0])
+    assert redone(demo.stage_keys(demo.DemoSettings())) == list(STAGES[2:])
+    monkeypatch.setitem(demo.RECIPE, "action_spread_floor", base_floor)
+    assert redone(demo.stage_keys(demo.DemoSettings())) == []
+    monkeypatch.setitem(demo.ACTIONVLA_RECIPE, "chunk_size", 1)
     assert redone(demo.stage_keys(demo.DemoSettings())) == list(STAGES[2:])
 
 
