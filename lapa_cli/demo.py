@@ -20,9 +20,10 @@
 6. sweep     SCRATCH and LAPA finetuned on fewer labelled episodes, evaluated on the seen category.
 
 Every stage writes into --out and is skipped when a previous `lapa demo` finished it with the
-same settings (those it and the stages before it read: STAGE_SETTINGS, and RECIPE and ACTIONVLA_RECIPE
-from pretraining on; see stage_keys), so a second run reuses the work and a changed setting redoes only the stages
-it affects. Every stage is also its own `lapa` command; the commands are printed at the end.
+same settings (those it and the stages before it read: STAGE_SETTINGS, and RECIPE and
+ACTIONVLA_RECIPE from pretraining on; see stage_keys), so a second run reuses the work and a changed
+setting redoes only the stages it affects; a redone stage starts from empty folders. Every stage
+is also its own `lapa` command; the commands are printed at the end.
 `--quick` runs the same path at toy size in a few minutes (the test suite runs it).
 """
 
@@ -33,6 +34,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -169,11 +171,12 @@ def run(args) -> int:
     from lapa_policy_node.collect import CollectError
     from lapa_training.checkpoint import CheckpointError
     from lapa_training.data.errors import IngestError
+    from lapa_training.laq.evaluate_laq import LAQEvalError
     from lapa_training.trainer import TrainingError
 
     try:
         return Demo(args.out.resolve(), settings).run()
-    except (CollectError, TrainingError, CheckpointError, IngestError) as e:
+    except (CollectError, TrainingError, CheckpointError, IngestError, LAQEvalError) as e:
         raise UserError(f"{e} (finished stages are kept in {args.out}; run again to continue)") from None
 
 
@@ -240,6 +243,8 @@ class Demo:
 
         s, out = self.s, self.out
         bags = out / "bags"
+        for stale in ("video", "labelled", "other"):  # an earlier run's bags, made with other settings
+            shutil.rmtree(bags / stale, ignore_errors=True)
         with self.timed(f"generate {len(s.tasks) * s.video_episodes} video episodes"):
             generate(bags / "video", list(s.tasks), s.video_episodes, image_size=s.image_size,
                      first_seed=s.seed * 100_000, combinations="seen", workers=WORKERS)
@@ -313,12 +318,15 @@ class Demo:
             for corpus in corpora:
                 label_dataset(model, corpus, overwrite=True, source=str(final))
         self.cmd(f"lapa label --laq {run} --data {' '.join(map(str, corpora))}")
-        report = evaluate_laq(model, Dataset(out / "data" / "video_actions"), out / "laq_eval", split="val",
-                              probe_split="train", seed=s.seed)
+        labelled_video = Dataset(out / "data" / "video_actions")
+        # a toy run with one task has no validation video (2 episodes); its diagnostics then read the training video
+        split = "val" if len(labelled_video.pairs("val")) >= 8 else "train"
+        report = evaluate_laq(model, labelled_video, out / "laq_eval", split=split, probe_split="train", seed=s.seed)
         from lapa_training.laq.evaluate_laq import format_summary
 
         print(format_summary(report))
-        self.cmd(f"lapa eval laq --checkpoint {run} --data {out / 'data' / 'video_actions'} --out {out / 'laq_eval'}")
+        self.cmd(f"lapa eval laq --checkpoint {run} --data {out / 'data' / 'video_actions'} --out {out / 'laq_eval'}"
+                 + (f" --split {split}" if split != "val" else ""))
 
     def _pretrain_runs(self) -> dict[str, tuple[str, list[Path]]]:
         data = self.out / "data"
@@ -468,13 +476,17 @@ class Demo:
         """Expert demonstrations, with actions, of the seen category's evaluation layouts (twice as many
         per task as the closed-loop cells): the offline action evaluation's data. Made here, not in the
         data stage, because only evaluation uses them."""
-        from lapa_training.data.dataset import is_dataset
+        from lapa_sim.tasks import episode_seeds
+        from lapa_training.data.dataset import Dataset, is_dataset
         from lapa_training.data.generate import generate
         from lapa_training.data.ingest import IngestOptions, ingest
 
         s, bags, data = self.s, self.out / "bags" / "test", self.out / "data" / "test"
         first, count = 900_000 + s.seed * 1000, 2 * s.eval_episodes
-        if not is_dataset(data):
+        wanted = sorted((task, seed) for task in s.tasks for seed in episode_seeds(task, first, count, "seen"))
+        if not is_dataset(data) or sorted((e["task"], e["provenance"]["seed"])
+                                          for e in Dataset(data).episodes) != wanted:
+            shutil.rmtree(bags, ignore_errors=True)  # an earlier run's, for other tasks or episode counts
             generate(bags, list(s.tasks), count, image_size=s.image_size, first_seed=first, combinations="seen",
                      workers=WORKERS)
             ingest([bags], data, IngestOptions(image_size=s.image_size, seed=s.seed, mode="overwrite",

@@ -155,13 +155,31 @@ def test_a_stage_key_changes_with_what_that_stage_or_an_earlier_one_reads(monkey
 
 
 def test_a_changed_evaluation_setting_redoes_evaluation_and_what_follows_only(quick_demo):
-    # last in this module: it changes the fixture's run
+    # among the last in this module: it changes the fixture's run
     out, _ = quick_demo
-    before = json.loads((out / "eval/results.json").read_text())["episodes_per_cell"]  # 1 per task
+    before = json.loads((out / "eval/results.json").read_text())
     done = subprocess.run([sys.executable, "-m", "lapa_cli.main", "demo", "--quick", "--out", str(out),
                            "--eval-episodes", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reused = [line.split("]")[0].lstrip("[") for line in done.stdout.splitlines()
               if "done earlier with these settings" in line]
     assert reused == ["data", "laq", "pretrain", "finetune"]
-    assert json.loads((out / "eval/results.json").read_text())["episodes_per_cell"] == 2 * before
+    after = json.loads((out / "eval/results.json").read_text())
+    assert after["episodes_per_cell"] == 2 * before["episodes_per_cell"]  # 1 per task before
+    # the offline test demonstrations (twice the closed-loop layouts) were made again, not reused
+    assert after["methods"]["lapa"]["offline"]["episodes"] == 2 * before["methods"]["lapa"]["offline"]["episodes"]
+
+
+def test_a_redone_data_stage_starts_from_empty_folders(quick_demo):
+    # after the test above: fewer tasks redo every stage, over the bags of the earlier run
+    out, _ = quick_demo
+    done = subprocess.run([sys.executable, "-m", "lapa_cli.main", "demo", "--quick", "--out", str(out), "--tasks",
+                           "reach"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "done earlier with these settings" not in done.stdout
+    for corpus in ("video", "labelled", "other", "test"):
+        lines = (out / "data" / corpus / "episodes.jsonl").read_text().splitlines()
+        tasks = {json.loads(line)["task"] for line in lines}
+        assert tasks == {"reach"}, (corpus, tasks)
+    assert {p.name.split("_")[0] for p in (out / "bags/video").iterdir() if p.is_dir()} == {"reach"}
+    assert set(json.loads((out / "eval/results.json").read_text())["methods"]["lapa"]["seen"]["by_task"]) == {"reach"}
