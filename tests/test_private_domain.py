@@ -30,7 +30,7 @@ def test_a_private_domain_replaces_the_shells_isolates_and_is_given_back(tmp_pat
     env = {**os.environ, "ROS_DOMAIN_ID": "0", "ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET",
            "ROS_STATIC_PEERS": "192.168.1.20", "ROS_DISCOVERY_SERVER": "192.168.1.21:11811"}
     done = _python(f"""
-        import os, pathlib
+        import json, os, pathlib
         from lapa_policy_node import private_domain as pd
         pd.LOCK_DIR = pathlib.Path({str(tmp_path / "locks")!r})
         keys = ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_STATIC_PEERS", "ROS_DISCOVERY_SERVER")
@@ -49,11 +49,11 @@ def test_a_private_domain_replaces_the_shells_isolates_and_is_given_back(tmp_pat
                     full = None
             except pd.DomainError as e:
                 full = str(e)
-        print({{"first": first, "second": second, "inside": inside, "before": before, "after": after,
-               "full": full}})
+        print(json.dumps({{"first": first, "second": second, "inside": inside, "before": before, "after": after,
+                          "full": full}}))
     """, env)
     assert done.returncode == 0, done.stderr
-    r = eval(done.stdout.strip())
+    r = json.loads(done.stdout.strip().splitlines()[-1])
     assert 215 <= r["first"] <= 232 and 215 <= r["second"] <= 232 and r["first"] != r["second"]
     assert r["inside"] == {"ROS_DOMAIN_ID": str(r["first"]), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
                            "ROS_STATIC_PEERS": None, "ROS_DISCOVERY_SERVER": None}
@@ -83,9 +83,12 @@ def test_an_evaluation_through_ros_never_reaches_the_shells_domain(tmp_path, tes
     from lapa_policy_node.policy_api import ConstantPolicy
 
     heard = {"pose": 0, "twist": 0}
-    subs = [test_node.create_subscription(PoseStamped, "/ee_pose", lambda m: heard.__setitem__("pose", heard["pose"] + 1), 10),
-            test_node.create_subscription(TwistStamped, "/servo_node/delta_twist_cmds",
-                                          lambda m: heard.__setitem__("twist", heard["twist"] + 1), 10)]
+
+    def count(kind: str):
+        return lambda msg: heard.__setitem__(kind, heard[kind] + 1)
+
+    subs = [test_node.create_subscription(PoseStamped, "/ee_pose", count("pose"), 10),
+            test_node.create_subscription(TwistStamped, "/servo_node/delta_twist_cmds", count("twist"), 10)]
     policy = ConstantPolicy.save(tmp_path / "policy", (0.004, 0, 0, 0, 0, 0, 0))
     try:
         done = _python(f"""
