@@ -297,7 +297,7 @@ class Demo:
 
     def laq(self) -> None:
         from lapa_training.data.dataset import Dataset
-        from lapa_training.laq.evaluate_laq import evaluate_laq
+        from lapa_training.laq.evaluate_laq import MIN_EVAL_PAIRS, evaluate_laq
         from lapa_training.laq.labelling import label_dataset
         from lapa_training.laq.modeling_laq import LAQModel
         from lapa_training.laq.train_laq import train_laq
@@ -320,7 +320,7 @@ class Demo:
         self.cmd(f"lapa label --laq {run} --data {' '.join(map(str, corpora))}")
         labelled_video = Dataset(out / "data" / "video_actions")
         # a toy run with one task has no validation video (2 episodes); its diagnostics then read the training video
-        split = "val" if len(labelled_video.pairs("val")) >= 8 else "train"
+        split = "val" if len(labelled_video.pairs("val")) >= MIN_EVAL_PAIRS else "train"
         report = evaluate_laq(model, labelled_video, out / "laq_eval", split=split, probe_split="train", seed=s.seed)
         from lapa_training.laq.evaluate_laq import format_summary
 

@@ -179,6 +179,7 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
             for seed in episode_seeds(task, first_seed, episodes_per_task, combinations)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    look = dict(embodiment=embodiment, scene_colors=scene_colors)  # the simulator each worker builds
     options = dict(storage=storage, control_rate=control_rate, noise=noise, instruction_set=instruction_set,
                    record_actions=record_actions)
     done: list[GeneratedEpisode] = []
@@ -186,14 +187,14 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
     pool = None
     try:
         if workers == 1 or len(jobs) < 2:
-            _init_worker(out_dir, image_size, (embodiment, scene_colors), options)
+            _init_worker(out_dir, image_size, look, options)
             results = map(_generate_one, jobs)
         else:
             import multiprocessing
 
             # spawn, not fork: every worker builds its own MuJoCo model and renderer from scratch
             pool = multiprocessing.get_context("spawn").Pool(
-                min(workers, len(jobs)), initializer=_init_worker, initargs=(out_dir, image_size, (embodiment, scene_colors), options))
+                min(workers, len(jobs)), initializer=_init_worker, initargs=(out_dir, image_size, look, options))
             results = pool.imap(_generate_one, jobs, chunksize=2)
         for episode in results:
             done.append(episode)
@@ -211,14 +212,11 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
 _worker: dict = {}  # this process's simulator and episode options (see generate)
 
 
-def _init_worker(out_dir: Path, image_size: int, look: tuple[str, str], options: dict) -> None:
+def _init_worker(out_dir: Path, image_size: int, look: dict, options: dict) -> None:
     from lapa_sim.env import TabletopEnv
 
     _close_worker()
-    embodiment, scene_colors = look
-    _worker.update(env=TabletopEnv(image_size=(image_size, image_size), embodiment=embodiment,
-                                   scene_colors=scene_colors), out_dir=out_dir,
-                   options=options)
+    _worker.update(env=TabletopEnv(image_size=(image_size, image_size), **look), out_dir=out_dir, options=options)
 
 
 def _generate_one(job: tuple[str, int]) -> GeneratedEpisode:
