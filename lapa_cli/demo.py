@@ -76,7 +76,12 @@ HEAD_ONLY = ("action_head_type", "num_bins", "action_spread_floor")
 # succeeded in 15 and 22 % for two seeds and stayed where it started at a third (2 %); with 6-step
 # chunks, 64, 1 and 67 % (docs/RESULTS.md, thirteenth and fourteenth sessions). LAPA's finetuning
 # keeps single steps: with chunks it did no better (25 and 24 % against 33 and 24 %).
-ACTIONVLA_RECIPE: dict = {"chunk_size": 6}
+# Its regression head starts at zero and its learning rate warms up over the first eighth of the
+# steps: otherwise it sat for thousands of steps predicting the mean action (at one seed of three,
+# to the end). With both, each of three seeds had left that plateau by step 2400, where the old
+# recipe had not at any seed by 1600 (docs/RESULTS.md, fifteenth session).
+ACTIONVLA_RECIPE: dict = {"chunk_size": 6, "zero_init_head": True}
+ACTIONVLA_WARMUP = 1 / 8  # of the pretraining steps
 
 
 @dataclass
@@ -139,7 +144,7 @@ def stage_keys(settings: DemoSettings) -> dict[str, str]:
         depends.update({k: values[k] for k in STAGE_SETTINGS[name]})
         if name == RECIPE_STAGE:
             depends["recipe"] = RECIPE
-            depends["actionvla_recipe"] = ACTIONVLA_RECIPE
+            depends["actionvla_recipe"] = {**ACTIONVLA_RECIPE, "warmup": ACTIONVLA_WARMUP}
         keys[name] = hashlib.sha256(json.dumps({"stage": name, **depends}, sort_keys=True).encode()).hexdigest()[:16]
     return keys
 
@@ -388,13 +393,16 @@ class Demo:
         s, jobs = self.s, {}
         for name, (objective, corpus) in self._pretrain_runs().items():
             print(f"-- pretraining {name} ({objective}) on {', '.join(p.name for p in corpus)}")
+            warmup = {} if objective != "action" else \
+                {"warmup_steps": max(1, round(s.pretrain_steps * ACTIONVLA_WARMUP))}
             jobs[name] = ("pretrain", dict(
                 objective=objective, data=corpus, out=self.out / "pretrain" / name,
                 model_section=self._pretrain_model(objective), data_section={},
-                train_section={"steps": s.pretrain_steps, "lr": s.pretrain_lr, "seed": s.seed,
+                train_section={"steps": s.pretrain_steps, "lr": s.pretrain_lr, "seed": s.seed, **warmup,
                                "val_every": max(1, s.pretrain_steps // 5), "save_every": max(1, s.pretrain_steps // 3)}))
             self.cmd(f"lapa train pretrain --objective {objective} --data {' '.join(map(str, corpus))} "
                      f"--out {self.out / 'pretrain' / name} --steps {s.pretrain_steps} --lr {s.pretrain_lr}"
+                     + "".join(f" --set train.{k}={v}" for k, v in warmup.items())
                      + self._model_flags(self._pretrain_model(objective)))
         with self.timed(f"pretrain {len(jobs)} runs"):
             self._train("pretraining", jobs)

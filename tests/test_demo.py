@@ -46,11 +46,18 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
         assert (out / "finetune" / name / "model/config.json").is_file()
         assert (out / "finetune" / name / "training_curves.png").is_file()
     # ACTIONVLA predicts (and keeps through finetuning) chunks over a latent action's span; the others one step
+    from lapa_cli import demo
     from lapa_cli.demo import ACTIONVLA_RECIPE
 
     chunks = {name: json.loads((out / "finetune" / name / "model/config.json").read_text())["chunk_size"]
               for name in methods}
     assert chunks.pop("actionvla") == ACTIONVLA_RECIPE["chunk_size"] > 1 and set(chunks.values()) == {1}
+    # ACTIONVLA's pretraining alone starts its head at zero and warms its learning rate up for longer
+    runs = {name: json.loads((out / "pretrain" / name / "run.json").read_text()) for name in ("lapa", "actionvla")}
+    assert runs["actionvla"]["model"]["zero_init_head"] and not runs["lapa"]["model"]["zero_init_head"]
+    steps = runs["actionvla"]["train"]["steps"]
+    assert runs["actionvla"]["train"]["warmup_steps"] == max(1, round(steps * demo.ACTIONVLA_WARMUP)) \
+        != runs["lapa"]["train"]["warmup_steps"]
     assert (out / "eval/success.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "laq_eval/report.json").is_file()
     # the labelled set went through the ROS recorder; the video set has its actions hidden
@@ -136,7 +143,7 @@ def test_a_stage_key_changes_with_what_that_stage_or_an_earlier_one_reads(monkey
     import lapa_cli.demo as demo
 
     base = demo.stage_keys(demo.DemoSettings())
-    base_floor = demo.RECIPE["action_spread_floor"]
+    base_floor, base_chunk = demo.RECIPE["action_spread_floor"], demo.ACTIONVLA_RECIPE["chunk_size"]
     assert base == demo.stage_keys(demo.DemoSettings()) and len(set(base.values())) == len(STAGES)
 
     def redone(keys: dict) -> list[str]:
@@ -151,6 +158,9 @@ def test_a_stage_key_changes_with_what_that_stage_or_an_earlier_one_reads(monkey
     monkeypatch.setitem(demo.RECIPE, "action_spread_floor", base_floor)
     assert redone(demo.stage_keys(demo.DemoSettings())) == []
     monkeypatch.setitem(demo.ACTIONVLA_RECIPE, "chunk_size", 1)
+    assert redone(demo.stage_keys(demo.DemoSettings())) == list(STAGES[2:])
+    monkeypatch.setitem(demo.ACTIONVLA_RECIPE, "chunk_size", base_chunk)
+    monkeypatch.setattr(demo, "ACTIONVLA_WARMUP", 0.5)
     assert redone(demo.stage_keys(demo.DemoSettings())) == list(STAGES[2:])
 
 

@@ -856,3 +856,38 @@ def test_vision_film_conditions_the_tiny_tower_on_the_instruction_and_round_trip
         num_attention_heads=2, vision_use_head=False))
     with pytest.raises(VLABuildError, match="vision_film needs the built-in tiny vision tower"):
         VLAModel(VLAConfig.tiny(vision_film=True), vision=vit, language=plain.language, tokenizer=plain.tokenizer)
+
+
+def test_zero_init_head_starts_at_the_training_mean_still_learns_and_is_kept_by_finetuning(tmp_path):
+    def largest(weight: torch.Tensor) -> float:
+        return float(weight.detach().abs().max())
+
+    with pytest.raises(ValueError, match="zero_init_head must be true or false"):
+        VLAConfig.tiny(zero_init_head="yes")
+    bins = fitted_bins(16, seed=3)
+    default = tiny(objective="action", num_bins=16, action_head_type="regression")
+    assert largest(default.action_head.net[-1].weight) > 0  # small random weights otherwise
+    model = tiny(objective="action", num_bins=16, action_head_type="regression", zero_init_head=True)
+    model.set_action_bins(bins)
+    assert largest(model.action_head.net[-1].weight) == 0.0
+    assert largest(model.action_head.net[1].weight) > 0  # only the output layer
+    px, ids, mask = batch(model)
+    with torch.no_grad():
+        out = model(px, ids, mask)
+    assert torch.equal(out.logits, torch.zeros_like(out.logits))  # every image: the training mean
+    np.testing.assert_allclose(model.eval().decode_actions(out)[..., :6], np.broadcast_to(bins.means()[:6], (3, 1, 6)),
+                               rtol=1e-6)
+    # gradients still reach the backbone after one step (the output layer moves first)
+    targets = np.random.default_rng(6).normal(0, 0.01, (3, 1, 7))
+    targets[..., 6] = [[0], [1], [0]]
+    fit(model, px, ids, mask, model.encode_actions(targets), targets, steps=2, lr=1e-3)
+    assert largest(model.action_head.net[-1].weight) > 0
+    # it only shapes a fresh head: a checkpoint saved with it loads as it was, and a latent head can use it
+    path = model.save_pretrained(tmp_path / "zero")
+    loaded = VLAModel.from_pretrained(path)
+    assert loaded.config.zero_init_head and torch.equal(loaded.action_head.net[-1].weight,
+                                                        model.action_head.net[-1].weight)
+    kept = VLAModel.for_finetuning(path, keep_head=True)
+    assert torch.equal(kept.action_head.net[-1].weight, model.action_head.net[-1].weight)
+    latent = tiny(zero_init_head=True)
+    assert largest(latent.latent_head.net[-1].weight) == 0.0

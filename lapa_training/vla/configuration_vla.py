@@ -48,7 +48,8 @@ TINY_LANGUAGE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num
                                      tie_word_embeddings=False)
 
 # Keys that change how a model trains or runs but not its weights.
-TRAINING_ONLY_KEYS = ("freeze_vision", "freeze_language", "control_rate", "action_decoding", "expectation_loss")
+TRAINING_ONLY_KEYS = ("freeze_vision", "freeze_language", "control_rate", "action_decoding", "expectation_loss",
+                      "zero_init_head")
 # Keys that only shape the heads: a checkpoint loaded with its heads replaced may differ in these.
 HEAD_KEYS = ("objective", "stage", "latent_tokens", "codebook_size", "num_bins", "chunk_size", "head_hidden",
              "action_head_type", "action_spread_floor")
@@ -110,6 +111,12 @@ class VLAConfig:
     # succeeded in 7 of 100 layouts, 21 without roll and pitch in its loss. (0, 0): each dimension's own spread
     action_spread_floor: tuple[float, float] = (0.001, 0.005)
     chunk_size: int = 1  # future steps the action head predicts at once (action chunking)
+    # True: a freshly built head's output layer starts at zero, so a regression head starts by
+    # predicting the training mean and its first steps do not shrink the backbone's features to
+    # cancel random outputs; False: small random weights (std 0.02), as for every other layer.
+    # docs/RESULTS.md (fifteenth session): ACTIONVLA pretraining sat for thousands of steps where it
+    # started, predicting the mean action; with this and a longer warm-up it left within ~2000 steps
+    zero_init_head: bool = False
     # how an action is read from the head's bins: "argmax" (as in the paper: the most likely bin's
     # value) or "expectation" (the probability-weighted mean of the bins' values; motion dimensions
     # only, a binary gripper stays argmax). docs/RESULTS.md (ninth session): expectation scores
@@ -170,7 +177,7 @@ class VLAConfig:
                 json.dumps(value)
             except TypeError as e:
                 raise ValueError(f"VLAConfig.{name} must be JSON-serialisable: {e}") from None
-        for name in ("freeze_vision", "freeze_language", "text_first", "vision_film"):
+        for name in ("freeze_vision", "freeze_language", "text_first", "vision_film", "zero_init_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"VLAConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.objective not in OBJECTIVES:

@@ -250,15 +250,17 @@ def _prefixes(keys: list[str]) -> str:
 
 
 class MLPHead(nn.Module):
-    """LayerNorm -> Linear -> GELU -> Linear."""
+    """LayerNorm -> Linear -> GELU -> Linear; zero_out: the last Linear starts at zero (outputs 0)."""
 
-    def __init__(self, dim: int, hidden: int, out: int):
+    def __init__(self, dim: int, hidden: int, out: int, zero_out: bool = False):
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
         for m in self.net:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        if zero_out:
+            nn.init.zeros_(self.net[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -375,10 +377,12 @@ class VLAModel(nn.Module):
         cfg, dim = self.config, self.hidden_size
         self.latent_head = self.action_head = None
         if cfg.head == "latent":
-            self.latent_head = MLPHead(dim, cfg.head_hidden, cfg.latent_tokens * cfg.codebook_size)
+            self.latent_head = MLPHead(dim, cfg.head_hidden, cfg.latent_tokens * cfg.codebook_size,
+                                       zero_out=cfg.zero_init_head)
         else:
             per_dim = 1 if cfg.action_head_type == "regression" else cfg.num_bins
-            self.action_head = MLPHead(dim, cfg.head_hidden, cfg.chunk_size * ACTION_DIM * per_dim)
+            self.action_head = MLPHead(dim, cfg.head_hidden, cfg.chunk_size * ACTION_DIM * per_dim,
+                                       zero_out=cfg.zero_init_head)
         self.register_buffer("bin_mask", torch.ones(ACTION_DIM, cfg.num_bins, dtype=torch.bool), persistent=False)
         # each bin's value, each dimension's spread and mean and which dimensions are continuous:
         # from the action bins (set_action_bins), for the expected or regressed action
