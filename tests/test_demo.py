@@ -53,7 +53,8 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
               for name in methods}
     assert chunks.pop("actionvla") == ACTIONVLA_RECIPE["chunk_size"] > 1 and set(chunks.values()) == {1}
     # ACTIONVLA's pretraining alone starts its head at zero and warms its learning rate up for longer
-    runs = {name: json.loads((out / "pretrain" / name / "run.json").read_text()) for name in ("lapa", "actionvla")}
+    runs = {name: json.loads((out / "pretrain" / name / "run.json").read_text())
+            for name in ("lapa", "actionvla")}
     assert runs["actionvla"]["model"]["zero_init_head"] and not runs["lapa"]["model"]["zero_init_head"]
     steps = runs["actionvla"]["train"]["steps"]
     assert runs["actionvla"]["train"]["warmup_steps"] == max(1, round(steps * demo.ACTIONVLA_WARMUP)) \

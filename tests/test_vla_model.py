@@ -875,13 +875,16 @@ def test_zero_init_head_starts_at_the_training_mean_still_learns_and_is_kept_by_
     with torch.no_grad():
         out = model(px, ids, mask)
     assert torch.equal(out.logits, torch.zeros_like(out.logits))  # every image: the training mean
-    np.testing.assert_allclose(model.eval().decode_actions(out)[..., :6], np.broadcast_to(bins.means()[:6], (3, 1, 6)),
-                               rtol=1e-6)
-    # gradients still reach the backbone after one step (the output layer moves first)
+    mean = np.broadcast_to(bins.means()[:6], (3, 1, 6))
+    np.testing.assert_allclose(model.eval().decode_actions(out)[..., :6], mean, rtol=1e-6)
+    # the output layer moves at the first step, and from the second the gradients reach the backbone
     targets = np.random.default_rng(6).normal(0, 0.01, (3, 1, 7))
     targets[..., 6] = [[0], [1], [0]]
-    fit(model, px, ids, mask, model.encode_actions(targets), targets, steps=2, lr=1e-3)
-    assert largest(model.action_head.net[-1].weight) > 0
+    projector = model.projector[0].weight.detach().clone()
+    fit(model, px, ids, mask, model.encode_actions(targets), targets, steps=1, lr=1e-3)
+    assert largest(model.action_head.net[-1].weight) > 0 and torch.equal(model.projector[0].weight, projector)
+    fit(model, px, ids, mask, model.encode_actions(targets), targets, steps=1, lr=1e-3)
+    assert not torch.equal(model.projector[0].weight, projector)
     # it only shapes a fresh head: a checkpoint saved with it loads as it was, and a latent head can use it
     path = model.save_pretrained(tmp_path / "zero")
     loaded = VLAModel.from_pretrained(path)
