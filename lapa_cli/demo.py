@@ -78,8 +78,8 @@ HEAD_ONLY = ("action_head_type", "num_bins", "action_spread_floor")
 # keeps single steps: with chunks it did no better (25 and 24 % against 33 and 24 %).
 # Its regression head starts at zero and its learning rate warms up over the first eighth of the
 # steps: before, it sat for thousands of steps predicting the mean action, and how long decided the
-# result (64, 1 and 67 % over three seeds). With both it left that plateau at steps 1000-2200 and
-# succeeded in 28, 97, 95 and 88 % over four seeds (docs/RESULTS.md, fifteenth session).
+# result (64, 1 and 67 % over three seeds). With both it left that plateau at steps 1000-3500 and
+# succeeded in 28, 97, 95, 88 and 93 % over five seeds (docs/RESULTS.md, fifteenth session).
 ACTIONVLA_RECIPE: dict = {"chunk_size": 6, "zero_init_head": True}
 ACTIONVLA_WARMUP = 1 / 8  # of the pretraining steps
 

@@ -115,7 +115,7 @@ class VLAConfig:
     # predicting the training mean and its first steps do not shrink the backbone's features to
     # cancel random outputs; False: small random weights (std 0.02), as for every other layer.
     # docs/RESULTS.md (fifteenth session): ACTIONVLA pretraining sat for up to 5000 steps predicting
-    # the mean action; with this and a longer warm-up it left that plateau by step 1000-2200
+    # the mean action; with this and a longer warm-up it left that plateau by step 1000-3500
     zero_init_head: bool = False
     # how an action is read from the head's bins: "argmax" (as in the paper: the most likely bin's
     # value) or "expectation" (the probability-weighted mean of the bins' values; motion dimensions
