@@ -30,9 +30,13 @@ from typing import Iterator
 # Fast DDS ports are 7400 + 250 * domain + small offsets: domains 215-232 sit above Linux's ephemeral
 # port range (32768-60999), where 102-214 would not, and away from the small ids people give robots
 PRIVATE_DOMAINS = range(215, 233)
-# what makes a participant look beyond this machine: cleared inside the private domain
+# what makes a participant look beyond this machine: cleared inside the private domain. Besides ROS's
+# own settings, a DDS configuration file (Fast DDS XML profiles or environment file, Cyclone's URI) can
+# name peers, transports or a discovery server of its own: the private domain's nodes use DDS defaults
 _ISOLATION = {"ROS_DOMAIN_ID": None, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_STATIC_PEERS": None,
-              "ROS_DISCOVERY_SERVER": None}
+              "ROS_DISCOVERY_SERVER": None, "ROS_LOCALHOST_ONLY": None,
+              "FASTRTPS_DEFAULT_PROFILES_FILE": None, "FASTDDS_DEFAULT_PROFILES_FILE": None,
+              "RMW_FASTRTPS_USE_QOS_FROM_XML": None, "FASTDDS_ENVIRONMENT_FILE": None, "CYCLONEDDS_URI": None}
 LOCK_DIR = Path(tempfile.gettempdir()) / "lapa-ros-domains"
 
 

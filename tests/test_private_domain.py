@@ -27,13 +27,18 @@ def _python(code: str, env: dict, timeout: float = 60.0) -> subprocess.Completed
 
 
 def test_a_private_domain_replaces_the_shells_isolates_and_is_given_back(tmp_path):
-    env = {**os.environ, "ROS_DOMAIN_ID": "0", "ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET",
-           "ROS_STATIC_PEERS": "192.168.1.20", "ROS_DISCOVERY_SERVER": "192.168.1.21:11811"}
+    shell = {"ROS_DOMAIN_ID": "0", "ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET", "ROS_STATIC_PEERS": "192.168.1.20",
+             "ROS_DISCOVERY_SERVER": "192.168.1.21:11811",
+             # a DDS configuration that names peers of its own (a robot's network) must not come along either
+             "FASTRTPS_DEFAULT_PROFILES_FILE": "/etc/robot/fastdds.xml",
+             "FASTDDS_DEFAULT_PROFILES_FILE": "/etc/robot/fastdds.xml", "RMW_FASTRTPS_USE_QOS_FROM_XML": "1",
+             "FASTDDS_ENVIRONMENT_FILE": "/etc/robot/fastdds_env.json", "CYCLONEDDS_URI": "file:///etc/robot/cyclone.xml"}
+    env = {**os.environ, **shell}
     done = _python(f"""
         import json, os, pathlib
         from lapa_policy_node import private_domain as pd
         pd.LOCK_DIR = pathlib.Path({str(tmp_path / "locks")!r})
-        keys = ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_STATIC_PEERS", "ROS_DISCOVERY_SERVER")
+        keys = {sorted(shell)!r}
         before = {{k: os.environ.get(k) for k in keys}}
         with pd.private_ros_domain() as first:
             inside = {{k: os.environ.get(k) for k in keys}}
@@ -55,11 +60,9 @@ def test_a_private_domain_replaces_the_shells_isolates_and_is_given_back(tmp_pat
     assert done.returncode == 0, done.stderr
     r = json.loads(done.stdout.strip().splitlines()[-1])
     assert 215 <= r["first"] <= 232 and 215 <= r["second"] <= 232 and r["first"] != r["second"]
-    assert r["inside"] == {"ROS_DOMAIN_ID": str(r["first"]), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
-                           "ROS_STATIC_PEERS": None, "ROS_DISCOVERY_SERVER": None}
-    assert r["after"] == r["before"] == {"ROS_DOMAIN_ID": "0", "ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET",
-                                         "ROS_STATIC_PEERS": "192.168.1.20",
-                                         "ROS_DISCOVERY_SERVER": "192.168.1.21:11811"}
+    assert r["inside"] == {**{k: None for k in shell}, "ROS_DOMAIN_ID": str(r["first"]),
+                           "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+    assert r["after"] == r["before"] == shell
     assert r["full"] and "no free private ROS domain" in r["full"] and "1 lapa jobs already hold" in r["full"]
 
 
