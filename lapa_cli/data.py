@@ -200,6 +200,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--scene-colors", choices=("fixed", "varied"), default="fixed",
                    help="the table and floor: the embodiment's own (default), or recoloured per episode (muted "
                         "colours from the seed), like videos from many rooms")
+    p.add_argument("--embodiment-colors", choices=("fixed", "varied"), default="fixed",
+                   help="the floating gripper's skin and sleeve: its own (default), or a skin tone and sleeve "
+                        "colour per episode (from the seed), like videos of many people")
     p.add_argument("--workers", type=int, default=1,
                    help="processes, each with its own simulator (default 1); the bags do not depend on it")
 
@@ -211,12 +214,15 @@ def run_generate(args) -> int:
     tasks = _check_demo_args(args)
     if not 1 <= args.workers <= 256:
         raise UserError(f"--workers must lie in [1, 256], not {args.workers}")
+    if args.embodiment_colors == "varied" and args.embodiment != "floating_gripper":
+        raise UserError(f"--embodiment-colors varied is for --embodiment floating_gripper (videos of many people); "
+                        f"the {args.embodiment} keeps its own colours")
     try:
         done = generate(args.out, tasks, args.episodes, first_seed=args.first_seed, storage=args.storage,
                         image_size=args.image_size, noise=args.noise, instruction_set=args.instruction_set,
                         record_actions=not args.action_free, progress=sys.stderr.isatty(),
                         embodiment=args.embodiment, combinations=args.combinations, workers=args.workers,
-                        scene_colors=args.scene_colors)
+                        scene_colors=args.scene_colors, embodiment_colors=args.embodiment_colors)
     except EpisodeWriterError as e:  # episode name taken
         raise UserError(str(e)) from None
     except OSError as e:  # output directory not writable

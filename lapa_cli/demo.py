@@ -82,6 +82,12 @@ HEAD_ONLY = ("action_head_type", "num_bins", "action_spread_floor")
 # succeeded in 28, 97, 95, 88 and 93 % over five seeds (docs/RESULTS.md, fifteenth session).
 ACTIONVLA_RECIPE: dict = {"chunk_size": 6, "zero_init_head": True}
 ACTIONVLA_WARMUP = 1 / 8  # of the pretraining steps
+# The other embodiment's video: a floating hand whose skin tone and sleeve, and the table and floor,
+# change from episode to episode, as videos of people show many people in many rooms. Pretrained on
+# one hand over one table, the policy finetuned on the robot succeeded in 1-8 % (SCRATCH: 2 %): its
+# vision had learnt that hand and nothing of the arm. On many hands, 20 % finetuned as the others
+# (docs/RESULTS.md, sixteenth session).
+OTHER_EMBODIMENT_LOOK: dict = {"scene_colors": "varied", "embodiment_colors": "varied"}
 
 
 @dataclass
@@ -142,6 +148,8 @@ def stage_keys(settings: DemoSettings) -> dict[str, str]:
     values, depends, keys = asdict(settings), {}, {}
     for name in STAGES:
         depends.update({k: values[k] for k in STAGE_SETTINGS[name]})
+        if name == "data":
+            depends["other_embodiment_look"] = OTHER_EMBODIMENT_LOOK
         if name == RECIPE_STAGE:
             depends["recipe"] = RECIPE
             depends["actionvla_recipe"] = {**ACTIONVLA_RECIPE, "warmup": ACTIONVLA_WARMUP}
@@ -285,14 +293,15 @@ class Demo:
                  f"--image-size {s.image_size} --split {split}")
 
     def _other_embodiment(self, folder: Path) -> None:
-        """Action-free video of a different embodiment: the simulator's floating gripper."""
+        """Action-free video of a different embodiment: the simulator's floating gripper, many-coloured."""
         from lapa_training.data.generate import generate
 
-        s = self.s
+        s, look = self.s, OTHER_EMBODIMENT_LOOK
         generate(folder, list(s.tasks), s.other_embodiment_episodes, image_size=s.image_size,
                  first_seed=s.seed * 100_000 + 80_000, record_actions=False, embodiment="floating_gripper",
-                 combinations="seen", workers=WORKERS)
-        self.cmd(f"lapa data generate --embodiment floating_gripper --action-free --tasks {','.join(s.tasks)} "
+                 combinations="seen", workers=WORKERS, **look)
+        self.cmd(f"lapa data generate --embodiment floating_gripper --action-free --scene-colors {look['scene_colors']} "
+                 f"--embodiment-colors {look['embodiment_colors']} --tasks {','.join(s.tasks)} "
                  f"--episodes {s.other_embodiment_episodes} --image-size {s.image_size} --first-seed "
                  f"{s.seed * 100_000 + 80_000} --combinations seen --workers {WORKERS} --out {folder}")
 

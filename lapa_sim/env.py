@@ -45,14 +45,17 @@ class TabletopEnv:
     lapa_sim.scene) behind the same interface: twists move the TCP, the gripper opens and closes,
     observations have the same fields (joint_* then hold only the two finger joints).
     scene_colors="varied" recolours the table and floor at each reset from the episode's seed
-    (lapa_sim.scene.varied_backdrop); "fixed" keeps the embodiment's own.
+    (lapa_sim.scene.varied_backdrop); "fixed" keeps the embodiment's own. embodiment_colors="varied"
+    (floating gripper only) gives the hand a skin tone and a sleeve colour from the seed
+    (lapa_sim.scene.varied_hand).
     """
 
     def __init__(self, image_size: tuple[int, int] = (128, 128), cameras: tuple[str, ...] = ("front",),
                  servo_limits: ServoLimits | None = None, embodiment: str = "panda",
-                 scene_colors: str = "fixed"):
+                 scene_colors: str = "fixed", embodiment_colors: str = "fixed"):
         self.embodiment = scene.check_embodiment(embodiment)
         self.scene_colors = scene.check_scene_colors(scene_colors)
+        self.embodiment_colors = scene.check_embodiment_colors(embodiment_colors, embodiment)
         self.model = scene.build_model(embodiment=embodiment)
         self.data = mujoco.MjData(self.model)
         self.image_height, self.image_width = int(image_size[0]), int(image_size[1])
@@ -73,6 +76,8 @@ class TabletopEnv:
             self._finger_qpos = np.array([self.model.joint(n).qposadr[0] for n in scene.HAND_FINGER_JOINTS])
             self._joint_names = scene.HAND_FINGER_JOINTS
             self._joint_qpos = self._finger_qpos
+            self._hand_geoms = [np.array([self.model.geom(n).id for n in names]) for names in
+                                (scene.HAND_SKIN_GEOMS, scene.HAND_FINGER_GEOMS, scene.HAND_SLEEVE_GEOMS)]
         self._gripper_ctrl = self.model.actuator("gripper_pos").id
         self._joint_dof = np.array([self.model.joint(n).dofadr[0] for n in self._joint_names])
         self._block_qpos = np.array([self.model.joint(f"block{i}_free").qposadr[0] for i in range(scene.N_BLOCKS)])
@@ -116,6 +121,11 @@ class TabletopEnv:
         self.model.geom_rgba[self._pad_geom] = scene.COLORS[ep.pad_color]
         if self.scene_colors == "varied":
             self.model.geom_rgba[self._backdrop_geoms] = scene.varied_backdrop(ep.seed)
+        if self.embodiment_colors == "varied":
+            skin, sleeve = scene.varied_hand(ep.seed)
+            finger = np.array([*(skin[:3] * scene.FINGER_SHADE), 1.0])
+            for geoms, rgba in zip(self._hand_geoms, (skin, finger, sleeve)):
+                self.model.geom_rgba[geoms] = rgba
         self.data.mocap_pos[self._pad_mocap] = [*ep.pad_xy, 0.0]
         mujoco.mj_forward(self.model, self.data)
         self.servo.reset()

@@ -53,6 +53,11 @@ EMBODIMENTS = ("panda", "floating_gripper")
 # "fixed": the embodiment's own table and floor; "varied": both recoloured per episode from its seed
 # (muted colours, so the saturated blocks and pad stand out), as videos of people come from many rooms
 SCENE_COLORS = ("fixed", "varied")
+# "fixed": the embodiment's own colours; "varied" (floating gripper only): a skin tone and a sleeve
+# colour per episode from its seed, as videos of people show many people. Pretrained on one hand's
+# video, the policy's vision learns that hand and nothing of the Panda; on many hands' it learns what
+# they share, and that carries to the arm (docs/RESULTS.md, sixteenth session)
+EMBODIMENT_COLORS = ("fixed", "varied")
 
 TABLE_SIZE = (0.45, 0.6)  # half extents in x, y (m) of the table top around its centre
 TABLE_CENTER_X = 0.45
@@ -92,6 +97,27 @@ def check_scene_colors(name: str) -> str:
     if name not in SCENE_COLORS:
         raise ValueError(f"unknown scene colours '{name}'; known: {', '.join(SCENE_COLORS)}")
     return name
+
+
+def check_embodiment_colors(name: str, embodiment: str) -> str:
+    if name not in EMBODIMENT_COLORS:
+        raise ValueError(f"unknown embodiment colours '{name}'; known: {', '.join(EMBODIMENT_COLORS)}")
+    if name == "varied" and embodiment != "floating_gripper":
+        raise ValueError(f"varied embodiment colours are for the floating gripper (videos of many people); "
+                         f"the {embodiment} keeps its own")
+    return name
+
+
+def varied_hand(seed: int) -> np.ndarray:
+    """RGBA of the floating gripper's skin and sleeve (2 x 4) for an episode seed, under
+    embodiment_colors="varied": a skin tone (hue 0.02-0.11, orange-brown; from pale to dark), and a
+    sleeve of any hue, muted (saturation <= 0.5), from near black to near white."""
+    import colorsys
+
+    rng = np.random.default_rng([seed, 0x4A9D])
+    skin = colorsys.hsv_to_rgb(rng.uniform(0.02, 0.11), rng.uniform(0.25, 0.65), rng.uniform(0.3, 0.95))
+    sleeve = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.5), rng.uniform(0.12, 0.95))
+    return np.array([[*skin, 1.0], [*sleeve, 1.0]])
 
 
 def varied_backdrop(seed: int) -> np.ndarray:
@@ -221,6 +247,11 @@ HOME_TCP_QUAT = (0.0, 1.0, 0.0, 0.0)  # w x y z: pointing down
 HAND_RGBA = (0.93, 0.72, 0.58, 1.0)  # skin
 FINGER_RGBA = (0.86, 0.62, 0.50, 1.0)
 SLEEVE_RGBA = (0.16, 0.36, 0.78, 1.0)  # blue cuff and sleeve
+# the hand's geoms by what they are, for embodiment_colors="varied" (fingers a shade darker than the skin)
+HAND_SKIN_GEOMS = ("palm", "knuckles", "thumb")
+HAND_FINGER_GEOMS = ("hand_leftfinger", "hand_leftfinger_tip", "hand_rightfinger", "hand_rightfinger_tip")
+HAND_SLEEVE_GEOMS = ("cuff", "sleeve")
+FINGER_SHADE = 0.92
 HAND_TABLE_RGBA = (0.66, 0.70, 0.68, 1.0)  # pale grey-green counter instead of the wooden table
 HAND_FLOOR_RGBA = (0.42, 0.36, 0.30, 1.0)
 # Distances along the TCP z axis, chosen as on the Panda: fingers slide from 0.045 m above the TCP

@@ -67,9 +67,15 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
     video = [json.loads(line) for line in (out / "data/video/episodes.jsonl").read_text().splitlines()]
     assert video and not any(e["has_actions"] for e in video)
     assert (out / "data/video/labels/laq/tokens.npy").is_file()
+    # the other embodiment's video: the floating hand, a new skin tone, sleeve and table in every episode
+    other = next(p for p in (out / "bags/other").iterdir() if p.is_dir())
+    meta = json.loads((other / "episode.json").read_text())
+    assert (meta["embodiment"], meta["scene_colors"], meta["embodiment_colors"]) == ("floating_gripper", "varied",
+                                                                                     "varied")
     commands = (out / "COMMANDS.md").read_text()
     for needle in ("lapa data collect", "lapa train laq", "lapa label", "lapa train pretrain --objective latent",
-                   "lapa train finetune --init", "lapa eval policy", "lapa eval actions"):
+                   "lapa train finetune --init", "lapa eval policy", "lapa eval actions",
+                   "--embodiment floating_gripper --action-free --scene-colors varied --embodiment-colors varied"):
         assert needle in commands, commands
     assert "target approach in the same episodes" in stdout
     assert "unseen combo" in stdout and "paraphrased" in stdout and "labelled-episode sweep" in stdout
@@ -145,6 +151,7 @@ def test_a_stage_key_changes_with_what_that_stage_or_an_earlier_one_reads(monkey
 
     base = demo.stage_keys(demo.DemoSettings())
     base_floor, base_chunk = demo.RECIPE["action_spread_floor"], demo.ACTIONVLA_RECIPE["chunk_size"]
+    base_warmup = demo.ACTIONVLA_WARMUP
     assert base == demo.stage_keys(demo.DemoSettings()) and len(set(base.values())) == len(STAGES)
 
     def redone(keys: dict) -> list[str]:
@@ -163,6 +170,10 @@ def test_a_stage_key_changes_with_what_that_stage_or_an_earlier_one_reads(monkey
     monkeypatch.setitem(demo.ACTIONVLA_RECIPE, "chunk_size", base_chunk)
     monkeypatch.setattr(demo, "ACTIONVLA_WARMUP", 0.5)
     assert redone(demo.stage_keys(demo.DemoSettings())) == list(STAGES[2:])
+    monkeypatch.setattr(demo, "ACTIONVLA_WARMUP", base_warmup)
+    # how the other embodiment's video looks is part of the data stage: everything is redone
+    monkeypatch.setitem(demo.OTHER_EMBODIMENT_LOOK, "embodiment_colors", "fixed")
+    assert redone(demo.stage_keys(demo.DemoSettings())) == list(STAGES)
 
 
 def test_a_changed_evaluation_setting_redoes_evaluation_and_what_follows_only(quick_demo):

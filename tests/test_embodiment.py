@@ -263,3 +263,53 @@ def test_cli_generate_takes_the_scene_colours_and_records_them(tmp_path, capsys)
     (bag,) = [p for p in (tmp_path / "bags").iterdir() if p.is_dir()]
     meta = json.loads((bag / "episode.json").read_text())
     assert meta["embodiment"] == "floating_gripper" and meta["scene_colors"] == "varied"
+
+
+# ---------------------------------------------------------------- varied hands
+def test_varied_embodiment_colours_give_each_seed_its_own_hand_and_leave_the_scene(hand):
+    import colorsys
+
+    varied = TabletopEnv(image_size=(SIZE, SIZE), embodiment="floating_gripper", embodiment_colors="varied")
+    try:
+        geom = lambda names: [varied.model.geom(n).id for n in names]  # noqa: E731
+        skin, fingers, sleeve = geom(scene.HAND_SKIN_GEOMS), geom(scene.HAND_FINGER_GEOMS), geom(scene.HAND_SLEEVE_GEOMS)
+        rest = geom(("table", "floor", "pad", *(f"block{i}" for i in range(scene.N_BLOCKS))))
+        looks = []
+        for seed in (3, 4, 5, 3):
+            varied.reset("reach", seed)
+            frame = varied.render()
+            hand.reset("reach", seed)
+            # the scene keeps the floating gripper's own table and the episode's blocks: only the hand changes
+            np.testing.assert_array_equal(varied.model.geom_rgba[rest], hand.model.geom_rgba[rest])
+            assert np.abs(frame.astype(int) - hand.render().astype(int)).max() > 40
+            rgba = varied.model.geom_rgba
+            assert np.ptp(rgba[skin], axis=0).max() == 0 and np.ptp(rgba[sleeve], axis=0).max() == 0
+            for finger in fingers:  # a shade darker than the skin
+                np.testing.assert_allclose(rgba[finger, :3], rgba[skin[0], :3] * scene.FINGER_SHADE, atol=1e-6)
+            h, s, v = colorsys.rgb_to_hsv(*rgba[skin[0], :3])
+            assert 0.02 <= h <= 0.11 and 0.25 <= s <= 0.65 and 0.3 <= v <= 0.95  # a skin tone
+            assert colorsys.rgb_to_hsv(*rgba[sleeve[0], :3])[1] <= 0.5  # a muted sleeve
+            looks.append(np.concatenate([rgba[skin[0]], rgba[sleeve[0]]]))
+        np.testing.assert_array_equal(looks[0], looks[3])  # from the seed alone
+        assert not np.allclose(looks[0], looks[1]) and not np.allclose(looks[1], looks[2])
+    finally:
+        varied.close()
+
+
+def test_varied_embodiment_colours_are_for_the_floating_gripper_only(tmp_path, capsys):
+    from lapa_cli.main import main
+
+    with pytest.raises(ValueError, match="for the floating gripper.*the panda keeps its own"):
+        TabletopEnv(embodiment_colors="varied")
+    with pytest.raises(ValueError, match="unknown embodiment colours 'plaid'.*fixed, varied"):
+        TabletopEnv(embodiment="floating_gripper", embodiment_colors="plaid")
+    rc = main(["data", "generate", "--out", str(tmp_path / "panda"), "--tasks", "reach", "--episodes", "1",
+               "--image-size", "32", "--embodiment-colors", "varied"])
+    assert rc == 2 and "--embodiment-colors varied is for --embodiment floating_gripper" in capsys.readouterr().err
+    assert not (tmp_path / "panda").exists()
+    rc = main(["data", "generate", "--out", str(tmp_path / "bags"), "--tasks", "reach", "--episodes", "1",
+               "--image-size", "32", "--embodiment", "floating_gripper", "--action-free", "--embodiment-colors", "varied"])
+    assert rc == 0, capsys.readouterr().err
+    (bag,) = [p for p in (tmp_path / "bags").iterdir() if p.is_dir()]
+    meta = json.loads((bag / "episode.json").read_text())
+    assert meta["embodiment_colors"] == "varied" and meta["scene_colors"] == "fixed"

@@ -108,7 +108,8 @@ def generate_episode(env, out_dir: Path, task: str, seed: int, *, name: str | No
     writer = EpisodeBagWriter(out_dir, name or f"{task}_{seed:06d}", storage=storage, metadata={
         "instruction": ep.instruction, "robot": embodiment, "task": task, "seed": seed, "fps": control_rate,
         "source": source, "instruction_set": instruction_set, "embodiment": embodiment,
-        "scene_colors": getattr(env, "scene_colors", "fixed")})
+        "scene_colors": getattr(env, "scene_colors", "fixed"),
+        "embodiment_colors": getattr(env, "embodiment_colors", "fixed")})
     try:
         writer.add_topic(bag_format.INSTRUCTION_TOPIC, "std_msgs/msg/String", "latched")
         writer.add_topic(bag_format.IMAGE_TOPIC, "sensor_msgs/msg/Image", "sensor")
@@ -156,30 +157,33 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
              storage: str = "mcap", image_size: int = 128, control_rate: float = 10.0, noise: float = 0.03,
              instruction_set: str = "train", record_actions: bool = True, progress: bool = True,
              embodiment: str = "panda", combinations: str = "all", workers: int = 1,
-             scene_colors: str = "fixed") -> list[GeneratedEpisode]:
+             scene_colors: str = "fixed", embodiment_colors: str = "fixed") -> list[GeneratedEpisode]:
     """Write episodes_per_task bags of each task into out_dir; seeds first_seed, first_seed + 1, ...
     (only those of `combinations`, see lapa_sim.tasks.episode_seeds).
 
     embodiment: "panda", or "floating_gripper" (a free-floating hand in a restyled scene, a stand-in
     for videos of another embodiment; usually with record_actions=False).
     scene_colors: "fixed", or "varied" (table and floor recoloured per episode, see lapa_sim.scene).
+    embodiment_colors: "fixed", or "varied" (floating gripper: a skin tone and sleeve colour per episode).
     workers: processes, each with its own simulator (episodes depend on their seed alone, so the bags
     are the same for any number of workers).
     """
     from tqdm import tqdm
 
-    from lapa_sim.scene import check_embodiment, check_scene_colors
+    from lapa_sim.scene import check_embodiment, check_embodiment_colors, check_scene_colors
     from lapa_sim.tasks import episode_seeds
 
     check_embodiment(embodiment)
     check_scene_colors(scene_colors)
+    check_embodiment_colors(embodiment_colors, embodiment)
     if workers < 1:
         raise ValueError("workers must be at least 1")
     jobs = [(task, seed) for task in task_list
             for seed in episode_seeds(task, first_seed, episodes_per_task, combinations)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    look = dict(embodiment=embodiment, scene_colors=scene_colors)  # the simulator each worker builds
+    # the simulator each worker builds
+    look = dict(embodiment=embodiment, scene_colors=scene_colors, embodiment_colors=embodiment_colors)
     options = dict(storage=storage, control_rate=control_rate, noise=noise, instruction_set=instruction_set,
                    record_actions=record_actions)
     done: list[GeneratedEpisode] = []
