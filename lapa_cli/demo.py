@@ -29,13 +29,14 @@ is also its own `lapa` command; the commands are printed at the end.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import json
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -267,22 +268,24 @@ class Demo:
         self.cmd(f"lapa data generate --out {bags / 'video'} --tasks {','.join(s.tasks)} --episodes {s.video_episodes} "
                  f"--image-size {s.image_size} --first-seed {s.seed * 100_000} --combinations seen --workers {WORKERS}")
         # the recording runs in real time and leaves the cores mostly idle: the other embodiment's video
-        # is generated meanwhile, at low priority so that the recording keeps its pace
+        # is generated meanwhile, by its own command at the lowest priority so that the recording keeps its pace
         with self.timed(f"record {len(s.tasks) * s.labelled_episodes} labelled episodes through ROS, and generate "
                         f"{len(s.tasks) * s.other_embodiment_episodes} other-embodiment episodes alongside"):
-            with concurrent.futures.ThreadPoolExecutor(1) as background:
-                other = background.submit(self._other_embodiment, bags / "other")
+            other = self._other_embodiment(bags / "other")
+            try:
                 collect(bags / "labelled", list(s.tasks), s.labelled_episodes, image_size=s.image_size,
                         first_seed=s.seed * 100_000 + 50_000, combinations="seen")
-                other.result()
+            except BaseException:  # a failed recording or Ctrl-C: the generation stops too
+                other.terminate()
+                other.wait()
+                raise
+            if other.wait() != 0:
+                log = (bags / "other.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"generating the other embodiment's video failed ({bags / 'other.log'}):\n{log}")
         self.cmd(f"lapa data collect --out {bags / 'labelled'} --tasks {','.join(s.tasks)} "
                  f"--episodes {s.labelled_episodes} "
                  f"--image-size {s.image_size} --first-seed {s.seed * 100_000 + 50_000} --combinations seen")
-        look = OTHER_EMBODIMENT_LOOK
-        self.cmd(f"lapa data generate --embodiment floating_gripper --action-free --scene-colors {look['scene_colors']} "
-                 f"--embodiment-colors {look['embodiment_colors']} --tasks {','.join(s.tasks)} "
-                 f"--episodes {s.other_embodiment_episodes} --image-size {s.image_size} --first-seed "
-                 f"{s.seed * 100_000 + 80_000} --combinations seen --workers {WORKERS} --out {bags / 'other'}")
+        self.cmd(shlex.join(["lapa", *other.args[3:]]))
         data = out / "data"
         quiet = dict(image_size=s.image_size, seed=s.seed, mode="overwrite", warn=lambda m: None)
         from lapa_training.data.bag_reader import BagOptions
@@ -304,15 +307,20 @@ class Demo:
         self.cmd(f"lapa data ingest {bags / 'other'} --actions none --out {data / 'other'} "
                  f"--image-size {s.image_size} --split {split}")
 
-    def _other_embodiment(self, folder: Path) -> None:
-        """Action-free video of a different embodiment: the simulator's floating gripper, many-coloured
-        (workers at the lowest priority, no progress bar: it runs alongside the ROS recording)."""
-        from lapa_training.data.generate import generate
-
-        s = self.s
-        generate(folder, list(s.tasks), s.other_embodiment_episodes, image_size=s.image_size,
-                 first_seed=s.seed * 100_000 + 80_000, record_actions=False, embodiment="floating_gripper",
-                 combinations="seen", workers=WORKERS, progress=False, nice=19, **OTHER_EMBODIMENT_LOOK)
+    def _other_embodiment(self, folder: Path) -> subprocess.Popen:
+        """Start generating action-free video of a different embodiment, the simulator's floating gripper
+        (many-coloured), as a `lapa data generate` process at the lowest CPU priority (its workers
+        inherit it); its output goes to <bags>/other.log."""
+        s, look = self.s, OTHER_EMBODIMENT_LOOK
+        args = [sys.executable, "-m", "lapa_cli.main", "data", "generate", "--embodiment", "floating_gripper",
+                "--action-free", "--scene-colors", look["scene_colors"], "--embodiment-colors",
+                look["embodiment_colors"], "--tasks", ",".join(s.tasks), "--episodes", str(s.other_embodiment_episodes),
+                "--image-size", str(s.image_size), "--first-seed", str(s.seed * 100_000 + 80_000),
+                "--combinations", "seen", "--workers", str(WORKERS), "--out", str(folder)]
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.parent / "other.log", "w") as log:
+            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=lambda: os.nice(19))
 
     def _corpora(self) -> list[Path]:
         data = self.out / "data"

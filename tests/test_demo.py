@@ -205,3 +205,44 @@ def test_a_redone_data_stage_starts_from_empty_folders(quick_demo):
         assert tasks == {"reach"}, (corpus, tasks)
     assert {p.name.split("_")[0] for p in (out / "bags/video").iterdir() if p.is_dir()} == {"reach"}
     assert set(json.loads((out / "eval/results.json").read_text())["methods"]["lapa"]["seen"]["by_task"]) == {"reach"}
+
+
+def _data_stage_with(monkeypatch, tmp_path, recording):
+    """The quick demo's data stage, with the ROS recording replaced; returns (the run, the background
+    generation processes it started)."""
+    import lapa_cli.demo as demo
+    import lapa_policy_node.collect
+
+    started = []
+    start = demo.Demo._other_embodiment
+
+    def spy(self, folder):
+        started.append(start(self, folder))
+        return started[-1]
+
+    monkeypatch.setattr(demo.Demo, "_other_embodiment", spy)
+    monkeypatch.setattr(lapa_policy_node.collect, "collect", recording)
+    return demo.Demo(tmp_path / "run", demo.DemoSettings.quick()), started
+
+
+def test_a_failed_recording_stops_the_other_embodiments_generation(tmp_path, monkeypatch):
+    import signal
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the recorder died")
+
+    run, started = _data_stage_with(monkeypatch, tmp_path, broken)
+    with pytest.raises(RuntimeError, match="the recorder died"):
+        run.data()
+    (generation,) = started
+    assert generation.returncode == -signal.SIGTERM  # stopped, not left running (nor waited for)
+
+
+def test_a_failed_generation_of_the_other_embodiments_video_fails_the_stage_with_its_log(tmp_path, monkeypatch):
+    import lapa_cli.demo as demo
+
+    monkeypatch.setitem(demo.OTHER_EMBODIMENT_LOOK, "embodiment_colors", "plaid")
+    run, started = _data_stage_with(monkeypatch, tmp_path, lambda *args, **kwargs: None)
+    with pytest.raises(RuntimeError, match="(?s)generating the other embodiment's video failed.*invalid choice: 'plaid'"):
+        run.data()
+    assert started[0].returncode == 2

@@ -8,8 +8,6 @@ do with their arms; this is the fast path for thousands of episodes. Both are se
 
 from __future__ import annotations
 
-import os
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,7 +157,7 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
              storage: str = "mcap", image_size: int = 128, control_rate: float = 10.0, noise: float = 0.03,
              instruction_set: str = "train", record_actions: bool = True, progress: bool = True,
              embodiment: str = "panda", combinations: str = "all", workers: int = 1,
-             scene_colors: str = "fixed", embodiment_colors: str = "fixed", nice: int = 0) -> list[GeneratedEpisode]:
+             scene_colors: str = "fixed", embodiment_colors: str = "fixed") -> list[GeneratedEpisode]:
     """Write episodes_per_task bags of each task into out_dir; seeds first_seed, first_seed + 1, ...
     (only those of `combinations`, see lapa_sim.tasks.episode_seeds).
 
@@ -169,8 +167,6 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
     embodiment_colors: "fixed", or "varied" (floating gripper: a skin tone and sleeve colour per episode).
     workers: processes, each with its own simulator (episodes depend on their seed alone, so the bags
     are the same for any number of workers).
-    nice: > 0 runs the workers at that much lower CPU priority (os.nice), so that real-time work on
-    the machine (a ROS recording) keeps its pace while they fill the idle cores; the bags are the same.
     """
     from tqdm import tqdm
 
@@ -182,8 +178,6 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
     check_embodiment_colors(embodiment_colors, embodiment)
     if workers < 1:
         raise ValueError("workers must be at least 1")
-    if not 0 <= nice <= 19:
-        raise ValueError("nice must lie in [0, 19]")
     jobs = [(task, seed) for task in task_list
             for seed in episode_seeds(task, first_seed, episodes_per_task, combinations)]
     out_dir = Path(out_dir)
@@ -196,7 +190,7 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
     bar = tqdm(total=len(jobs), desc="generating episodes", unit="ep", disable=not progress)
     pool = None
     try:
-        if (workers == 1 or len(jobs) < 2) and not nice:  # in this process (never lower its own priority)
+        if workers == 1 or len(jobs) < 2:
             _init_worker(out_dir, image_size, look, options)
             results = map(_generate_one, jobs)
         else:
@@ -204,8 +198,7 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
 
             # spawn, not fork: every worker builds its own MuJoCo model and renderer from scratch
             pool = multiprocessing.get_context("spawn").Pool(
-                max(1, min(workers, len(jobs))), initializer=_init_worker,
-                initargs=(out_dir, image_size, look, options, nice))
+                min(workers, len(jobs)), initializer=_init_worker, initargs=(out_dir, image_size, look, options))
             results = pool.imap(_generate_one, jobs, chunksize=2)
         for episode in results:
             done.append(episode)
@@ -223,11 +216,9 @@ def generate(out_dir: str | Path, task_list: list[str], episodes_per_task: int, 
 _worker: dict = {}  # this process's simulator and episode options (see generate)
 
 
-def _init_worker(out_dir: Path, image_size: int, look: dict, options: dict, nice: int = 0) -> None:
+def _init_worker(out_dir: Path, image_size: int, look: dict, options: dict) -> None:
     from lapa_sim.env import TabletopEnv
 
-    if nice:
-        os.nice(nice)
     _close_worker()
     _worker.update(env=TabletopEnv(image_size=(image_size, image_size), **look), out_dir=out_dir, options=options)
 
