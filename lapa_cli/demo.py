@@ -309,8 +309,8 @@ class Demo:
 
     def _other_embodiment(self, folder: Path) -> subprocess.Popen:
         """Start generating action-free video of a different embodiment, the simulator's floating gripper
-        (many-coloured), as a `lapa data generate` process at the lowest CPU priority (its workers
-        inherit it); its output goes to <bags>/other.log."""
+        (many-coloured), as a `lapa data generate` process at the lowest CPU priority (its workers,
+        started after its imports, inherit it); its output goes to <bags>/other.log."""
         s, look = self.s, OTHER_EMBODIMENT_LOOK
         args = [sys.executable, "-m", "lapa_cli.main", "data", "generate", "--embodiment", "floating_gripper",
                 "--action-free", "--scene-colors", look["scene_colors"], "--embodiment-colors",
@@ -319,8 +319,10 @@ class Demo:
                 "--combinations", "seen", "--workers", str(WORKERS), "--out", str(folder)]
         folder.parent.mkdir(parents=True, exist_ok=True)
         with open(folder.parent / "other.log", "w") as log:
-            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=lambda: os.nice(19))
+            process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        with contextlib.suppress(OSError):  # not preexec_fn, which is unsafe in a process with threads
+            os.setpriority(os.PRIO_PROCESS, process.pid, 19)
+        return process
 
     def _corpora(self) -> list[Path]:
         data = self.out / "data"

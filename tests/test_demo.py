@@ -209,7 +209,9 @@ def test_a_redone_data_stage_starts_from_empty_folders(quick_demo):
 
 def _data_stage_with(monkeypatch, tmp_path, recording):
     """The quick demo's data stage, with the ROS recording replaced; returns (the run, the background
-    generation processes it started)."""
+    generation processes it started, each with its CPU priority as it started)."""
+    import os
+
     import lapa_cli.demo as demo
     import lapa_policy_node.collect
 
@@ -217,8 +219,9 @@ def _data_stage_with(monkeypatch, tmp_path, recording):
     start = demo.Demo._other_embodiment
 
     def spy(self, folder):
-        started.append(start(self, folder))
-        return started[-1]
+        process = start(self, folder)
+        started.append((process, os.getpriority(os.PRIO_PROCESS, process.pid)))
+        return process
 
     monkeypatch.setattr(demo.Demo, "_other_embodiment", spy)
     monkeypatch.setattr(lapa_policy_node.collect, "collect", recording)
@@ -234,7 +237,8 @@ def test_a_failed_recording_stops_the_other_embodiments_generation(tmp_path, mon
     run, started = _data_stage_with(monkeypatch, tmp_path, broken)
     with pytest.raises(RuntimeError, match="the recorder died"):
         run.data()
-    (generation,) = started
+    ((generation, priority),) = started
+    assert priority == 19  # the lowest: the real-time recording beside it keeps its pace
     assert generation.returncode == -signal.SIGTERM  # stopped, not left running (nor waited for)
 
 
@@ -245,4 +249,4 @@ def test_a_failed_generation_of_the_other_embodiments_video_fails_the_stage_with
     run, started = _data_stage_with(monkeypatch, tmp_path, lambda *args, **kwargs: None)
     with pytest.raises(RuntimeError, match="(?s)generating the other embodiment's video failed.*invalid choice: 'plaid'"):
         run.data()
-    assert started[0].returncode == 2
+    assert started[0][0].returncode == 2
