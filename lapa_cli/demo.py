@@ -87,8 +87,8 @@ ACTIONVLA_WARMUP = 1 / 8  # of the pretraining steps
 # The other embodiment's video: a floating hand whose skin tone and sleeve, and the table and floor,
 # change from episode to episode, as videos of people show many people in many rooms. Pretrained on
 # one hand over one table, the policy finetuned on the robot succeeded in 1-8 % (SCRATCH: 2 %): its
-# vision had learnt that hand and nothing of the arm. On 2000 videos of many hands, 20 and 15 % over
-# two seeds, finetuned as the others (docs/RESULTS.md, sixteenth session).
+# vision had learnt that hand and nothing of the arm. On 2000 videos of many hands, 14-20 % over
+# four seeds, finetuned as the others (docs/RESULTS.md, sixteenth session).
 OTHER_EMBODIMENT_LOOK: dict = {"scene_colors": "varied", "embodiment_colors": "varied"}
 
 
@@ -105,7 +105,7 @@ class DemoSettings:
     video_split: tuple[float, float, float] = (0.95, 0.05, 0.0)
     labelled_episodes: int = 60  # per task, recorded through ROS; 80 % train (about 5 % of the video), 20 % val
     # per task, action-free; many hands need many videos: finetuned, 4 % of 100 layouts after 415 of
-    # them, 8 % after 1000, 20 and 15 % (two seeds) after 2000 (docs/RESULTS.md, sixteenth session)
+    # them, 8 % after 1000, 14-20 % (four seeds) after 2000 (docs/RESULTS.md, sixteenth session)
     other_embodiment_episodes: int = 2000
     # 1000 steps on the robot's video (on the GPU machine, 600 gave probe R² dx 0.29, dy 0.64 and 2000
     # gave 0.39, 0.56 here)
@@ -280,8 +280,8 @@ class Demo:
                 other.wait()
                 raise
             if other.wait() != 0:
-                log = (bags / "other.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"generating the other embodiment's video failed ({bags / 'other.log'}):\n{log}")
+                log = Path(other.log).read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"generating the other embodiment's video failed ({other.log}):\n{log}")
         self.cmd(f"lapa data collect --out {bags / 'labelled'} --tasks {','.join(s.tasks)} "
                  f"--episodes {s.labelled_episodes} "
                  f"--image-size {s.image_size} --first-seed {s.seed * 100_000 + 50_000} --combinations seen")
@@ -320,6 +320,7 @@ class Demo:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with open(folder.parent / "other.log", "w") as log:
             process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        process.log = log.name  # where data() reads it back if the generation fails
         with contextlib.suppress(OSError):  # not preexec_fn, which is unsafe in a process with threads
             os.setpriority(os.PRIO_PROCESS, process.pid, 19)
         return process
