@@ -35,13 +35,13 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lapa_cli import UserError
+from lapa_cli.background import lapa_argv
 
 TASKS = ("reach", "push", "pick_place")
 STAGES = ("data", "laq", "pretrain", "finetune", "eval", "sweep")
@@ -258,8 +258,10 @@ class Demo:
         from lapa_training.data.generate import generate
         from lapa_training.data.ingest import IngestOptions, ingest
 
+        from lapa_cli.background import LowPriorityCommands, shown
+
         s, out = self.s, self.out
-        bags = out / "bags"
+        bags, data = out / "bags", out / "data"
         for stale in ("video", "labelled", "other"):  # an earlier run's bags, made with other settings
             shutil.rmtree(bags / stale, ignore_errors=True)
         with self.timed(f"generate {len(s.tasks) * s.video_episodes} video episodes"):
@@ -267,63 +269,58 @@ class Demo:
                      first_seed=s.seed * 100_000, combinations="seen", workers=WORKERS)
         self.cmd(f"lapa data generate --out {bags / 'video'} --tasks {','.join(s.tasks)} --episodes {s.video_episodes} "
                  f"--image-size {s.image_size} --first-seed {s.seed * 100_000} --combinations seen --workers {WORKERS}")
-        # the recording runs in real time and leaves the cores mostly idle: the other embodiment's video
-        # is generated meanwhile, by its own command at the lowest priority so that the recording keeps its pace
-        with self.timed(f"record {len(s.tasks) * s.labelled_episodes} labelled episodes through ROS, and generate "
-                        f"{len(s.tasks) * s.other_embodiment_episodes} other-embodiment episodes alongside"):
-            other = self._other_embodiment(bags / "other")
-            try:
+        # the recording runs in real time and leaves the cores mostly idle: meanwhile the video is ingested
+        # and the other embodiment's video generated and ingested, by their own commands at the lowest
+        # priority, so that the recording keeps its pace
+        split = ",".join(f"{f:g}" for f in s.video_split)
+        ingest_args = ["--image-size", str(s.image_size), "--split", split, "--seed", str(s.seed), "--overwrite"]
+        background = [
+            LowPriorityCommands("generating and ingesting the other embodiment's video",
+                                [self._other_embodiment(bags / "other"),
+                                 lapa_argv("data", "ingest", str(bags / "other"), "--actions", "none",
+                                           "--out", str(data / "other"), *ingest_args)], bags / "other.log"),
+            # the same video with its actions: ACTIONVLA's corpus, and LAQ's diagnostics
+            LowPriorityCommands("ingesting the video",
+                                [lapa_argv("data", "ingest", str(bags / "video"), "--actions", "none",
+                                           "--out", str(data / "video"), *ingest_args),
+                                 lapa_argv("data", "ingest", str(bags / "video"), "--out", str(data / "video_actions"),
+                                           *ingest_args)], bags / "video_ingest.log")]
+        try:
+            with self.timed(f"record {len(s.tasks) * s.labelled_episodes} labelled episodes through ROS "
+                            f"(alongside: ingest the video, generate and ingest "
+                            f"{len(s.tasks) * s.other_embodiment_episodes} other-embodiment episodes)"):
+                for job in background:
+                    job.start()
                 collect(bags / "labelled", list(s.tasks), s.labelled_episodes, image_size=s.image_size,
                         first_seed=s.seed * 100_000 + 50_000, combinations="seen")
-            except BaseException:  # a failed recording or Ctrl-C: the generation stops too
-                other.terminate()
-                other.wait()
-                raise
-            if other.wait() != 0:
-                log = Path(other.log).read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"generating the other embodiment's video failed ({other.log}):\n{log}")
+            with self.timed("finish the jobs alongside; ingest the labelled episodes"):
+                for job in background:
+                    job.wait()
+                ingest([bags / "labelled"], data / "labelled",
+                       IngestOptions(image_size=s.image_size, seed=s.seed, mode="overwrite", split=(0.8, 0.2, 0.0),
+                                     warn=lambda m: None))
+        except BaseException:  # a failed recording or job, or Ctrl-C: the other jobs stop too
+            for job in background:
+                job.stop()
+            raise
         self.cmd(f"lapa data collect --out {bags / 'labelled'} --tasks {','.join(s.tasks)} "
                  f"--episodes {s.labelled_episodes} "
                  f"--image-size {s.image_size} --first-seed {s.seed * 100_000 + 50_000} --combinations seen")
-        self.cmd(shlex.join(["lapa", *other.args[3:]]))
-        data = out / "data"
-        quiet = dict(image_size=s.image_size, seed=s.seed, mode="overwrite", warn=lambda m: None)
-        from lapa_training.data.bag_reader import BagOptions
-
-        with self.timed("ingest"):
-            video = dict(split=s.video_split, **quiet)
-            ingest([bags / "video"], data / "video", IngestOptions(bag=BagOptions(actions="none"), **video))
-            ingest([bags / "video"], data / "video_actions", IngestOptions(**video))
-            ingest([bags / "labelled"], data / "labelled", IngestOptions(split=(0.8, 0.2, 0.0), **quiet))
-            ingest([bags / "other"], data / "other", IngestOptions(bag=BagOptions(actions="none"), **video))
-        split = ",".join(f"{f:g}" for f in s.video_split)
-        self.cmd(f"lapa data ingest {bags / 'video'} --actions none --out {data / 'video'} --image-size {s.image_size} "
-                 f"--split {split}")
-        # the same video with its actions: ACTIONVLA's corpus, and LAQ's diagnostics
-        self.cmd(f"lapa data ingest {bags / 'video'} --out {data / 'video_actions'} --image-size {s.image_size} "
-                 f"--split {split}")
+        for argv in background[0].commands[:1] + background[1].commands:
+            self.cmd(shown(argv))
         self.cmd(f"lapa data ingest {bags / 'labelled'} --out {data / 'labelled'} --image-size {s.image_size} "
-                 f"--split 0.8,0.2,0")
-        self.cmd(f"lapa data ingest {bags / 'other'} --actions none --out {data / 'other'} "
-                 f"--image-size {s.image_size} --split {split}")
+                 f"--split 0.8,0.2,0{f' --seed {s.seed}' if s.seed else ''}")
+        self.cmd(shown(background[0].commands[1]))
 
-    def _other_embodiment(self, folder: Path) -> subprocess.Popen:
-        """Start generating action-free video of a different embodiment, the simulator's floating gripper
-        (many-coloured), as a `lapa data generate` process at the lowest CPU priority (its workers,
-        started after its imports, inherit it); its output goes to <bags>/other.log."""
+    def _other_embodiment(self, folder: Path) -> list[str]:
+        """The command that generates action-free video of a different embodiment, the simulator's
+        floating gripper, many-coloured (OTHER_EMBODIMENT_LOOK)."""
         s, look = self.s, OTHER_EMBODIMENT_LOOK
-        args = [sys.executable, "-m", "lapa_cli.main", "data", "generate", "--embodiment", "floating_gripper",
-                "--action-free", "--scene-colors", look["scene_colors"], "--embodiment-colors",
-                look["embodiment_colors"], "--tasks", ",".join(s.tasks), "--episodes", str(s.other_embodiment_episodes),
-                "--image-size", str(s.image_size), "--first-seed", str(s.seed * 100_000 + 80_000),
-                "--combinations", "seen", "--workers", str(WORKERS), "--out", str(folder)]
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(folder.parent / "other.log", "w") as log:
-            process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        process.log = log.name  # where data() reads it back if the generation fails
-        with contextlib.suppress(OSError):  # not preexec_fn, which is unsafe in a process with threads
-            os.setpriority(os.PRIO_PROCESS, process.pid, 19)
-        return process
+        return lapa_argv("data", "generate", "--embodiment", "floating_gripper", "--action-free",
+                         "--scene-colors", look["scene_colors"], "--embodiment-colors", look["embodiment_colors"],
+                         "--tasks", ",".join(s.tasks), "--episodes", str(s.other_embodiment_episodes),
+                         "--image-size", str(s.image_size), "--first-seed", str(s.seed * 100_000 + 80_000),
+                         "--combinations", "seen", "--workers", str(WORKERS), "--out", str(folder))
 
     def _corpora(self) -> list[Path]:
         data = self.out / "data"
@@ -473,41 +470,57 @@ class Demo:
         with self.timed(f"finetune {len(jobs)} runs"):
             self._train("finetuning on the labelled set", jobs)
 
-    def _eval_cells(self, cells: dict[str, tuple[Path, str, Path]]) -> dict[str, dict]:
-        """Closed-loop cells {key: (policy dir, category, out dir)}, run side by side in WORKERS
-        processes (each episode depends on its seed alone, so the results do not depend on how many)."""
+    def _eval_cells(self, cells: dict[str, tuple[Path, str, Path]], offline: dict[str, tuple[Path, Path]],
+                    alongside=None) -> tuple[dict[str, dict], dict[str, dict], object]:
+        """Closed-loop cells {key: (policy dir, category, out dir)} and offline cells {key: (policy dir,
+        out dir)} against the test demonstrations, run side by side in WORKERS processes (each episode
+        depends on its seed alone, so the results do not depend on how many). alongside(), if given, runs
+        in this process meanwhile (the real-time ROS check), with the workers at a lower priority so
+        that it keeps its pace. -> (closed-loop results, offline results, what alongside() returned)."""
         import multiprocessing
 
         from tqdm import tqdm
 
-        s = self.s
-        jobs = [(key, str(policy_dir), category, str(out), s.tasks, s.eval_episodes, s.image_size,
+        s, test = self.s, str(self.out / "data" / "test")
+        jobs = [("closed", key, str(policy_dir), category, str(out), s.tasks, s.eval_episodes, s.image_size,
                  900_000 + s.seed * 1000) for key, (policy_dir, category, out) in cells.items()]
-        for _, policy_dir, category, out, tasks, episodes, size, first in jobs:
+        jobs += [("offline", key, str(policy_dir), test, str(out)) for key, (policy_dir, out) in offline.items()]
+        for _, _, policy_dir, category, out, tasks, episodes, size, first in jobs[:len(cells)]:
             instructions, combinations = CATEGORIES[category]
             self.cmd(f"lapa eval policy --policy {policy_dir} --tasks {' '.join(tasks)} --episodes {episodes} "
                      f"--image-size {size} --seed {first} --instructions {instructions} "
                      f"--combinations {combinations} --out {out}")
+        for _, _, policy_dir, _, out in jobs[len(cells):]:
+            self.cmd(f"lapa eval actions --policy {policy_dir} --data {test} --out {out}")
         results: dict[str, dict] = {}
-        bar = tqdm(total=len(jobs), desc=f"closed-loop cells ({len(s.tasks) * s.eval_episodes} episodes each)",
-                   unit="cell", dynamic_ncols=True)
-        if WORKERS == 1 or len(jobs) < 2:
-            done = map(_closed_loop_cell, jobs)
-            pool = None
-        else:
-            pool = multiprocessing.get_context("spawn").Pool(min(WORKERS, len(jobs)), initializer=exit_with_parent)
-            done = pool.imap_unordered(_closed_loop_cell, jobs)
+        bar = tqdm(total=len(jobs), desc=f"{len(cells)} closed-loop cells ({len(s.tasks) * s.eval_episodes} "
+                                         f"episodes each), {len(offline)} offline", unit="cell", dynamic_ncols=True)
+
+        def done(item: tuple[str, str, dict]) -> None:
+            kind, key, result = item
+            results[(kind, key)] = result
+            bar.update()
+            bar.write(f"   {key}: {100 * result['success_rate']:.0f} % of {result['episodes']}" if kind == "closed"
+                      else f"   {key} offline: direction cosine {result['cosine_xy']:.2f}")
+
+        side = None
         try:
-            for key, result in done:
-                results[key] = result
-                bar.update()
-                bar.write(f"   {key}: {100 * result['success_rate']:.0f} % of {result['episodes']}")
+            if WORKERS == 1 or len(jobs) < 2:
+                side = alongside() if alongside else None
+                for job in jobs:
+                    done(_eval_job(job))
+            else:
+                nice = 10 if alongside else 0
+                with multiprocessing.get_context("spawn").Pool(min(WORKERS, len(jobs)), initializer=_eval_worker,
+                                                               initargs=(nice,)) as pool:
+                    pending = [pool.apply_async(_eval_job, (job,), callback=done) for job in jobs]
+                    side = alongside() if alongside else None
+                    for result in pending:
+                        result.get()  # raises a job's error here; leaving the block ends the workers
         finally:
             bar.close()
-            if pool is not None:
-                pool.close()
-                pool.join()
-        return {key: results[key] for key in cells}
+        return ({key: results[("closed", key)] for key in cells}, {key: results[("offline", key)] for key in offline},
+                side)
 
     def _test_demonstrations(self) -> Path:
         """Expert demonstrations, with actions, of the seen category's evaluation layouts (twice as many
@@ -534,20 +547,8 @@ class Demo:
         self.cmd(f"lapa data ingest {bags} --out {data} --image-size {s.image_size} --split 0,0,1")
         return data
 
-    def _offline_cell(self, policy_dir: Path, test: Path, out: Path) -> dict:
-        from lapa_policy_node.policy_api import load_policy
-        from lapa_training.data.dataset import Dataset
-        from lapa_training.eval_actions import evaluate_actions, write_action_report
-
-        report = evaluate_actions(load_policy(policy_dir), Dataset(test))
-        write_action_report(report, out)
-        self.cmd(f"lapa eval actions --policy {policy_dir} --data {test} --out {out}")
-        return {k: report[k] for k in ("cosine_xy", "cosine_xy_se", "cosine_xy_first", "cosine_xy_first_se",
-                                       "cosine_xyz", "cosine_xyz_se", "episodes")}
-
     def _eval_over_ros(self, out: Path) -> dict:
-        """The seen category's first layouts through the action server; with the in-process result on the
-        same layouts, so the two paths can be compared."""
+        """The seen category's first layouts through the action server, in real time."""
         from lapa_policy_node.ros_eval import evaluate_over_ros
         from lapa_sim.tasks import episode_seeds
 
@@ -557,16 +558,15 @@ class Demo:
         cells = {}
         for name in s.ros_methods:
             policy_dir = self.out / "finetune" / name / "model"
-            print(f"-- {name} through the ROS action server ({len(jobs)} episodes in real time)")
             # 2 CPU cores render, serve and run the policy at once: a frame may come late past the
             # 0.25 s watchdog a real arm keeps; here it would only cut episodes short
-            ros = evaluate_over_ros(policy_dir, jobs, image_size=s.image_size, out_dir=out / name,
+            ros = evaluate_over_ros(policy_dir, jobs, image_size=s.image_size, out_dir=out / name, progress=False,
                                     ros_args=["-p", "lapa_policy_server:camera_timeout:=1.0"])
-            in_process = json.loads((self.out / "eval" / name / "seen" / "report.json").read_text())["episodes"]
-            same = [e["success"] for e in in_process if (e["task"], e["seed"]) in set(jobs)]
             cells[name] = {"success_rate": ros.success_rate(), "episodes": len(ros.episodes),
                            "by_task": ros.by_task(), "act_ms_p50": ros.act_ms_p50, "act_ms_p99": ros.act_ms_p99,
-                           "in_process_success_rate": sum(same) / len(same) if same else float("nan")}
+                           "seeds": [[task, seed] for task, seed in jobs]}
+            print(f"   {name} through ROS: {sum(e.success for e in ros.episodes)} of {len(ros.episodes)} "
+                  f"(act p50 {ros.act_ms_p50:.0f} ms)")
             self.cmd(f"lapa eval policy --ros --policy {policy_dir} --tasks {' '.join(s.tasks)} "
                      f"--episodes {s.ros_eval_episodes} --image-size "
                      f"{s.image_size} --seed {first} --combinations seen --out {out / name}")
@@ -578,22 +578,29 @@ class Demo:
         s, out = self.s, self.out / "eval"
         results: dict[str, dict] = {"episodes_per_cell": s.eval_episodes * len(s.tasks), "tasks": list(s.tasks),
                                     "categories": list(CATEGORIES), "methods": {}}
-        test = self._test_demonstrations()
-        cells = {(name, category): (self.out / "finetune" / name / "model", category, out / name / category)
-                 for name in self._methods() for category in (("seen",) if name in ONLY_SEEN else CATEGORIES)}
-        print(f"-- closed loop: {len(cells)} cells of {len(s.tasks) * s.eval_episodes} episodes, "
-              f"{WORKERS} at a time")
-        with self.timed(f"closed loop, {len(cells)} cells"):
-            closed = self._eval_cells({f"{name}/{category}": cell for (name, category), cell in cells.items()})
-        for name in self._methods():
-            policy_dir = self.out / "finetune" / name / "model"
-            row = {category: closed[f"{name}/{category}"] for (method, category) in cells if method == name}
-            row["offline"] = self._offline_cell(policy_dir, test, out / name / "offline")
+        self._test_demonstrations()
+        models = {name: self.out / "finetune" / name / "model" for name in self._methods()}
+        cells = {f"{name}/{category}": (models[name], category, out / name / category)
+                 for name in models for category in (("seen",) if name in ONLY_SEEN else CATEGORIES)}
+        print(f"-- {len(cells)} closed-loop cells of {len(s.tasks) * s.eval_episodes} episodes and {len(models)} "
+              f"offline, {WORKERS} at a time; alongside, {', '.join(s.ros_methods)} through the ROS action server "
+              f"({len(s.tasks) * s.ros_eval_episodes} episodes each, in real time)")
+        with self.timed(f"{len(cells)} closed-loop cells and {len(models)} offline, the ROS check alongside"):
+            closed, offline, ros = self._eval_cells(cells, {name: (models[name], out / name / "offline")
+                                                            for name in models},
+                                                    alongside=lambda: self._eval_over_ros(out / "ros"))
+        for name in models:
+            row = {category: closed[f"{name}/{category}"] for category in CATEGORIES if f"{name}/{category}" in cells}
+            row["offline"] = offline[name]
             val = [r for r in read_metrics(self.out / "finetune" / name / METRICS_FILE) if "val_token_accuracy" in r]
             row["val_token_accuracy"] = val[-1]["val_token_accuracy"] if val else None
             results["methods"][name] = row
-        with self.timed("closed loop through ROS"):
-            results["ros"] = self._eval_over_ros(out / "ros")
+        for name, cell in ros.items():  # the in-process result on the same layouts: the two paths compared
+            in_process = json.loads((out / name / "seen" / "report.json").read_text())["episodes"]
+            seeds = {tuple(seed) for seed in cell.pop("seeds")}
+            same = [e["success"] for e in in_process if (e["task"], e["seed"]) in seeds]
+            cell["in_process_success_rate"] = sum(same) / len(same) if same else float("nan")
+        results["ros"] = ros
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         success_plot(results, out / "success.png")
@@ -614,8 +621,9 @@ class Demo:
             self._train("finetuning on fewer labelled episodes", {
                 f"{name}_{count}eps": self._finetune_job(self._methods()[name], run, count)
                 for (name, count), run in runs.items()})
-        closed = self._eval_cells({f"{name}_{count}eps": (run / "model", "seen", run / "eval")
-                                   for (name, count), run in runs.items()})
+        closed, offline, _ = self._eval_cells(
+            {f"{name}_{count}eps": (run / "model", "seen", run / "eval") for (name, count), run in runs.items()},
+            {f"{name}_{count}eps": (run / "model", run / "offline") for (name, count), run in runs.items()})
         for count in counts + [full]:
             point = {"labelled_episodes": count, "percent_of_video": 100 * count / video, "methods": {}}
             for name in SWEEP_METHODS:
@@ -624,9 +632,7 @@ class Demo:
                                               "offline": main["methods"][name].get("offline")}
                     continue
                 run = runs[(name, count)]
-                point["methods"][name] = {**closed[f"{name}_{count}eps"],
-                                          "offline": self._offline_cell(run / "model", self.out / "data" / "test",
-                                                                        run / "offline")}
+                point["methods"][name] = {**closed[f"{name}_{count}eps"], "offline": offline[f"{name}_{count}eps"]}
             sweep["points"].append(point)
         (out / "results.json").write_text(json.dumps(sweep, indent=2) + "\n")
         sweep_plot(sweep, out / "sweep.png")
@@ -697,25 +703,44 @@ def _training_run(kind: str, kwargs: dict, threads: int) -> str:
     return str((pretrain if kind == "pretrain" else finetune)(**kwargs, overwrite=True, progress=False))
 
 
-def _closed_loop_cell(job: tuple) -> tuple[str, dict]:
-    """One closed-loop cell (a worker process's job): load the policy, run the episodes, write the report."""
+def _eval_worker(nice: int) -> None:
+    """A worker of the evaluation pool: ends with its parent, at a lower priority if asked."""
+    exit_with_parent()
+    if nice:
+        os.nice(nice)
+
+
+def _eval_job(job: tuple) -> tuple[str, str, dict]:
+    """One evaluation cell (a worker process's job): ("closed", ...) runs a closed-loop cell, ("offline",
+    ...) scores a policy's actions against the test demonstrations; each writes its report."""
     import multiprocessing
 
     import torch
 
     from lapa_policy_node.policy_api import load_policy
-    from lapa_training.eval_policy import evaluate_policy
 
-    key, policy_dir, category, out, tasks, episodes, image_size, first_seed = job
+    kind, key, policy_dir = job[:3]
     if multiprocessing.current_process().name != "MainProcess":
         torch.set_num_threads(1)  # the cells share the cores: one thread each
+    if kind == "offline":
+        from lapa_training.data.dataset import Dataset
+        from lapa_training.eval_actions import evaluate_actions, write_action_report
+
+        test, out = job[3:]
+        report = evaluate_actions(load_policy(policy_dir), Dataset(test), progress=False)
+        write_action_report(report, out)
+        return kind, key, {k: report[k] for k in ("cosine_xy", "cosine_xy_se", "cosine_xy_first",
+                                                  "cosine_xy_first_se", "cosine_xyz", "cosine_xyz_se", "episodes")}
+    from lapa_training.eval_policy import evaluate_policy
+
+    category, out, tasks, episodes, image_size, first_seed = job[3:]
     instructions, combinations = CATEGORIES[category]
     report = evaluate_policy(load_policy(policy_dir), list(tasks), episodes, image_size=image_size,
                              instruction_set=instructions, combinations=combinations, out_dir=out,
                              first_seed=first_seed, progress=False)
     approach, approach_se = report.approach()
-    return key, {"success_rate": report.success_rate(), "by_task": report.by_task(),
-                 "episodes": len(report.episodes), "approach": approach, "approach_se": approach_se}
+    return kind, key, {"success_rate": report.success_rate(), "by_task": report.by_task(),
+                       "episodes": len(report.episodes), "approach": approach, "approach_se": approach_se}
 
 
 def standard_error(p: float, n: int) -> float:

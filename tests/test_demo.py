@@ -130,7 +130,7 @@ def test_a_second_demo_reuses_every_finished_stage(quick_demo):
     stages = json.loads((out / "stages.json").read_text())
     assert set(STAGES) <= set(stages)
     # each stage's timed steps are kept under that stage (a rerun of a stage replaces its own only)
-    assert set(stages["step_seconds"]) == set(STAGES) and "ingest" in stages["step_seconds"]["data"]
+    assert set(stages["step_seconds"]) == set(STAGES) and any("ingest" in what for what in stages["step_seconds"]["data"])
     assert "Within the stages: " in (out / "RESULTS.md").read_text()
 
 
@@ -209,37 +209,43 @@ def test_a_redone_data_stage_starts_from_empty_folders(quick_demo):
 
 def _data_stage_with(monkeypatch, tmp_path, recording):
     """The quick demo's data stage, with the ROS recording replaced; returns (the run, the background
-    generation processes it started, each with its CPU priority as it started)."""
+    processes it started: (argv, process, its CPU priority as it started))."""
     import os
 
+    import lapa_cli.background as background
     import lapa_cli.demo as demo
     import lapa_policy_node.collect
 
     started = []
-    start = demo.Demo._other_embodiment
+    spawn = background._spawn
 
-    def spy(self, folder):
-        process = start(self, folder)
-        started.append((process, os.getpriority(os.PRIO_PROCESS, process.pid)))
+    def spy(argv, log):
+        process = spawn(argv, log)
+        started.append((argv, process, os.getpriority(os.PRIO_PROCESS, process.pid)))
         return process
 
-    monkeypatch.setattr(demo.Demo, "_other_embodiment", spy)
+    monkeypatch.setattr(background, "_spawn", spy)
     monkeypatch.setattr(lapa_policy_node.collect, "collect", recording)
     return demo.Demo(tmp_path / "run", demo.DemoSettings.quick()), started
 
 
-def test_a_failed_recording_stops_the_other_embodiments_generation(tmp_path, monkeypatch):
+def test_a_failed_recording_stops_the_jobs_alongside_it(tmp_path, monkeypatch):
     import signal
 
     def broken(*args, **kwargs):
+        deadline = time.monotonic() + 60  # once both jobs run their first command
+        while len(started) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         raise RuntimeError("the recorder died")
 
     run, started = _data_stage_with(monkeypatch, tmp_path, broken)
     with pytest.raises(RuntimeError, match="the recorder died"):
         run.data()
-    ((generation, priority),) = started
-    assert priority == 19  # the lowest: the real-time recording beside it keeps its pace
-    assert generation.returncode == -signal.SIGTERM  # stopped, not left running (nor waited for)
+    # the other embodiment's generation and the video's ingestion, each stopped, none started after
+    assert sorted(argv[4] for argv, _, _ in started) == ["generate", "ingest"]
+    for _, process, priority in started:
+        assert priority == 19  # the lowest: the real-time recording beside them keeps its pace
+        assert process.returncode == -signal.SIGTERM  # stopped, not left running (nor waited for)
 
 
 def test_a_failed_generation_of_the_other_embodiments_video_fails_the_stage_with_its_log(tmp_path, monkeypatch):
@@ -247,6 +253,10 @@ def test_a_failed_generation_of_the_other_embodiments_video_fails_the_stage_with
 
     monkeypatch.setitem(demo.OTHER_EMBODIMENT_LOOK, "embodiment_colors", "plaid")
     run, started = _data_stage_with(monkeypatch, tmp_path, lambda *args, **kwargs: None)
-    with pytest.raises(RuntimeError, match="(?s)generating the other embodiment's video failed.*invalid choice: 'plaid'"):
+    with pytest.raises(RuntimeError, match="(?s)generating and ingesting the other embodiment's video failed: "
+                                           "`lapa data generate .*exited with status 2.*invalid choice: 'plaid'"):
         run.data()
-    assert started[0][0].returncode == 2
+    generation = [process for argv, process, _ in started if argv[4] == "generate"]
+    assert [process.returncode for process in generation] == [2]
+    # its ingestion never started
+    assert not any(argv[4] == "ingest" and argv[5].endswith("other") for argv, _, _ in started)
