@@ -2,7 +2,9 @@
 
 1. data      demonstrations of the chosen tasks (reach by default): a large set of bags whose actions
              are then hidden (action-free "video"), a small labelled set recorded through the ROS
-             recorder, and action-free video of a different embodiment (a floating gripper);
+             recorder, and action-free video of a different embodiment (a floating gripper); the
+             recording runs in real time, so the rest is ingested (and generated) beside it, at
+             the lowest CPU priority;
 2. laq       train LAQ on the robot's action-free video, show its diagnostics, label all video;
 3. pretrain  LAPA (latent tokens), ACTIONVLA (the same video with its true actions, 0.6 s at a time,
              the span of a latent action: the paper's upper bound), LAPA on the other embodiment only;
@@ -13,7 +15,8 @@
              never a target in any training data), and paraphrased instructions; a table with
              success rate +- standard error, and plots. In-process and lock-step for the table; and
              for SCRATCH and LAPA also through the real ROS path (lapa_sim_arm + lapa_policy_server
-             over DDS, one FollowInstruction goal per episode, in real time) on the same layouts;
+             over DDS, one FollowInstruction goal per episode, in real time) on the same layouts,
+             while the in-process cells run at a lower priority;
              and offline: each method's predicted motion against expert demonstrations of held-out
              seen-category layouts (horizontal direction cosine: cheap, low-variance, and telling
              when every success rate is still 0);
@@ -496,12 +499,13 @@ class Demo:
         bar = tqdm(total=len(jobs), desc=f"{len(cells)} closed-loop cells ({len(s.tasks) * s.eval_episodes} "
                                          f"episodes each), {len(offline)} offline", unit="cell", dynamic_ncols=True)
 
-        def done(item: tuple[str, str, dict]) -> None:
+        def done(item: tuple[str, str, dict]) -> None:  # also the pool's callback: it must not raise
             kind, key, result = item
             results[(kind, key)] = result
-            bar.update()
-            bar.write(f"   {key}: {100 * result['success_rate']:.0f} % of {result['episodes']}" if kind == "closed"
-                      else f"   {key} offline: direction cosine {result['cosine_xy']:.2f}")
+            with contextlib.suppress(Exception):  # (an exception would end the pool's result thread: a hang)
+                bar.update()
+                bar.write(f"   {key}: {100 * result['success_rate']:.0f} % of {result['episodes']}"
+                          if kind == "closed" else f"   {key} offline: direction cosine {result['cosine_xy']:.2f}")
 
         side = None
         try:
@@ -583,12 +587,14 @@ class Demo:
         cells = {f"{name}/{category}": (models[name], category, out / name / category)
                  for name in models for category in (("seen",) if name in ONLY_SEEN else CATEGORIES)}
         print(f"-- {len(cells)} closed-loop cells of {len(s.tasks) * s.eval_episodes} episodes and {len(models)} "
-              f"offline, {WORKERS} at a time; alongside, {', '.join(s.ros_methods)} through the ROS action server "
-              f"({len(s.tasks) * s.ros_eval_episodes} episodes each, in real time)")
+              f"offline, {WORKERS} at a time" + (f"; alongside, {', '.join(s.ros_methods)} through the ROS action "
+                                                 f"server ({len(s.tasks) * s.ros_eval_episodes} episodes each, in "
+                                                 f"real time)" if s.ros_methods else ""))
         with self.timed(f"{len(cells)} closed-loop cells and {len(models)} offline, the ROS check alongside"):
-            closed, offline, ros = self._eval_cells(cells, {name: (models[name], out / name / "offline")
-                                                            for name in models},
-                                                    alongside=lambda: self._eval_over_ros(out / "ros"))
+            closed, offline, ros = self._eval_cells(
+                cells, {name: (models[name], out / name / "offline") for name in models},
+                alongside=(lambda: self._eval_over_ros(out / "ros")) if s.ros_methods else None)
+        ros = ros or {}
         for name in models:
             row = {category: closed[f"{name}/{category}"] for category in CATEGORIES if f"{name}/{category}" in cells}
             row["offline"] = offline[name]

@@ -8,6 +8,7 @@ import os
 import sys
 
 from lapa_cli import UserError, data, demo, evaluate, label, record, run, sim, train
+from lapa_cli.background import end_with_parent_if_asked
 
 SUBCOMMANDS = {"sim": sim, "record": record, "data": data, "train": train, "label": label, "eval": evaluate,
                "run": run, "demo": demo}
@@ -15,6 +16,7 @@ SUBCOMMANDS = {"sim": sim, "record": record, "data": data, "train": train, "labe
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    end_with_parent_if_asked()  # a command the demo runs beside its recording
     if not sys.stderr.isatty():
         # progress bars into a log file: one update every 10 s instead of ten a second (tqdm reads
         # TQDM_* at import, which the subcommands do lazily; worker processes inherit it)
