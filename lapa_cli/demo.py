@@ -127,7 +127,7 @@ class DemoSettings:
     eval_episodes: int = 100  # per task and category: with 50, 8 % and 3 % success do not separate
     sweep_labelled_episodes: tuple[int, ...] = (10,)  # train-split labelled episodes (the full set is the last point)
     ros_methods: tuple[str, ...] = ("scratch", "lapa")  # also evaluated through the ROS action server, in real time
-    ros_eval_episodes: int = 3  # per task, seen category, in real time (the table's cells run in-process)
+    ros_eval_episodes: int = 3  # per task and category, in real time (the table's cells run in-process)
     seed: int = 0
 
     @classmethod
@@ -520,7 +520,9 @@ class Demo:
                     pending = [pool.apply_async(_eval_job, (job,), callback=done) for job in jobs]
                     side = alongside() if alongside else None
                     for result in pending:
-                        result.get()  # raises a job's error here; leaving the block ends the workers
+                        result.get()  # raises a job's error here; leaving the block then ends the workers
+                    pool.close()  # else let them end on their own (terminating them leaks semaphores)
+                    pool.join()
         finally:
             bar.close()
         return ({key: results[("closed", key)] for key in cells}, {key: results[("offline", key)] for key in offline},
@@ -552,13 +554,19 @@ class Demo:
         return data
 
     def _eval_over_ros(self, out: Path) -> dict:
-        """The seen category's first layouts through the action server, in real time."""
+        """Each category's first layouts through the action server, in real time, in one session of
+        the nodes per method."""
         from lapa_policy_node.ros_eval import evaluate_over_ros
         from lapa_sim.tasks import episode_seeds
 
         s = self.s
         first = 900_000 + s.seed * 1000
-        jobs = [(task, seed) for task in s.tasks for seed in episode_seeds(task, first, s.ros_eval_episodes, "seen")]
+        jobs, categories = [], []  # (task, seed, instruction set), and each job's category
+        for category, (instructions, combinations) in CATEGORIES.items():
+            for task in s.tasks:
+                for seed in episode_seeds(task, first, s.ros_eval_episodes, combinations):
+                    jobs.append((task, seed, instructions))
+                    categories.append(category)
         cells = {}
         for name in s.ros_methods:
             policy_dir = self.out / "finetune" / name / "model"
@@ -566,14 +574,20 @@ class Demo:
             # 0.25 s watchdog a real arm keeps; here it would only cut episodes short
             ros = evaluate_over_ros(policy_dir, jobs, image_size=s.image_size, out_dir=out / name, progress=False,
                                     ros_args=["-p", "lapa_policy_server:camera_timeout:=1.0"])
-            cells[name] = {"success_rate": ros.success_rate(), "episodes": len(ros.episodes),
-                           "by_task": ros.by_task(), "act_ms_p50": ros.act_ms_p50, "act_ms_p99": ros.act_ms_p99,
-                           "seeds": [[task, seed] for task, seed in jobs]}
-            print(f"   {name} through ROS: {sum(e.success for e in ros.episodes)} of {len(ros.episodes)} "
-                  f"(act p50 {ros.act_ms_p50:.0f} ms)")
-            self.cmd(f"lapa eval policy --ros --policy {policy_dir} --tasks {' '.join(s.tasks)} "
-                     f"--episodes {s.ros_eval_episodes} --image-size "
-                     f"{s.image_size} --seed {first} --combinations seen --out {out / name}")
+            by_category: dict[str, dict] = {}
+            for category, episode in zip(categories, ros.episodes):
+                cell = by_category.setdefault(category, {"episodes": 0, "successes": 0, "layouts": []})
+                cell["episodes"] += 1
+                cell["successes"] += int(episode.success)
+                cell["layouts"].append([episode.task, episode.seed])
+            cells[name] = {"categories": by_category, "act_ms_p50": ros.act_ms_p50, "act_ms_p99": ros.act_ms_p99}
+            print(f"   {name} through ROS: " + ", ".join(f"{c['successes']} of {c['episodes']} {category}"
+                                                        for category, c in by_category.items())
+                  + f" (act p50 {ros.act_ms_p50:.0f} ms)")
+            for category, (instructions, combinations) in CATEGORIES.items():
+                self.cmd(f"lapa eval policy --ros --policy {policy_dir} --tasks {' '.join(s.tasks)} "
+                         f"--episodes {s.ros_eval_episodes} --image-size {s.image_size} --seed {first} "
+                         f"--instructions {instructions} --combinations {combinations} --out {out / name / category}")
         return cells
 
     def evaluate(self) -> None:
@@ -588,7 +602,7 @@ class Demo:
                  for name in models for category in (("seen",) if name in ONLY_SEEN else CATEGORIES)}
         print(f"-- {len(cells)} closed-loop cells of {len(s.tasks) * s.eval_episodes} episodes and {len(models)} "
               f"offline, {WORKERS} at a time" + (f"; alongside, {', '.join(s.ros_methods)} through the ROS action "
-                                                 f"server ({len(s.tasks) * s.ros_eval_episodes} episodes each, in "
+                                                 f"server ({len(CATEGORIES) * len(s.tasks) * s.ros_eval_episodes} episodes each, in "
                                                  f"real time)" if s.ros_methods else ""))
         with self.timed(f"{len(cells)} closed-loop cells and {len(models)} offline, the ROS check alongside"):
             closed, offline, ros = self._eval_cells(
@@ -601,11 +615,13 @@ class Demo:
             val = [r for r in read_metrics(self.out / "finetune" / name / METRICS_FILE) if "val_token_accuracy" in r]
             row["val_token_accuracy"] = val[-1]["val_token_accuracy"] if val else None
             results["methods"][name] = row
-        for name, cell in ros.items():  # the in-process result on the same layouts: the two paths compared
-            in_process = json.loads((out / name / "seen" / "report.json").read_text())["episodes"]
-            seeds = {tuple(seed) for seed in cell.pop("seeds")}
-            same = [e["success"] for e in in_process if (e["task"], e["seed"]) in seeds]
-            cell["in_process_success_rate"] = sum(same) / len(same) if same else float("nan")
+        for name, row in ros.items():  # the in-process outcomes of the same layouts: the two paths compared
+            for category, cell in row["categories"].items():
+                report = out / name / category / "report.json"
+                layouts = {tuple(layout) for layout in cell["layouts"]}
+                same = [e["success"] for e in json.loads(report.read_text())["episodes"]
+                        if (e["task"], e["seed"]) in layouts] if report.is_file() else []
+                cell["in_process_successes"] = sum(same) if len(same) == cell["episodes"] else None
         results["ros"] = ros
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -782,13 +798,24 @@ def format_table(results: dict) -> str:
                      f"demonstrations, every frame; first steps: each episode's first frames only, before the "
                      f"arm's position gives the way away; chance 0, ± over episodes)")
     if results.get("ros"):
-        lines.append("\n  through the ROS action server (sim arm + policy server over DDS, real time; seen category):")
-        lines.append(f"  {'method':<24}{'over ROS':>16}{'same layouts in-process':>26}{'act p50/p99 ms':>17}")
-        for name, cell in results["ros"].items():
-            lines.append(f"  {name:<24}{_cell(cell):>16}{100 * cell['in_process_success_rate']:>24.1f} %"
-                         f"{cell['act_ms_p50']:>10.1f}/{cell['act_ms_p99']:.1f}")
-        lines.append(f"  ({next(iter(results['ros'].values()))['episodes']} episodes per cell)")
+        lines.append("\n  through the ROS action server (sim arm + policy server over DDS, real time): successes, in "
+                     "brackets the same layouts' in process:")
+        lines.append(f"  {'method':<24}" + "".join(f"{CATEGORY_TITLES.get(c, c):>16}" for c in categories)
+                     + f"{'act p50/p99 ms':>17}")
+        for name, row in results["ros"].items():
+            cells = row.get("categories") or {"seen": row}  # an earlier version's: the seen category only
+            lines.append(f"  {name:<24}" + "".join(f"{_ros_cell(cells.get(c)):>16}" for c in categories)
+                         + f"{row['act_ms_p50']:>10.1f}/{row['act_ms_p99']:.1f}")
     return "\n".join(lines)
+
+
+def _ros_cell(cell: dict | None) -> str:
+    if not cell:
+        return "-"
+    if "successes" not in cell:  # an earlier version's cell: rates
+        return f"{100 * cell['success_rate']:.0f} % of {cell['episodes']}"
+    same = cell.get("in_process_successes")
+    return f"{cell['successes']}/{cell['episodes']}" + ("" if same is None else f" ({same}/{cell['episodes']})")
 
 
 def _approach(cell: dict | None) -> str:

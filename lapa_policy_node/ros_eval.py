@@ -47,12 +47,14 @@ class RosEvalError(RuntimeError):
     """A bad checkpoint or job, a node that died or never got ready; the message says which."""
 
 
-def evaluate_over_ros(policy_dir, jobs: list[tuple[str, int]], *, image_size: int = 128,
+def evaluate_over_ros(policy_dir, jobs: list[tuple], *, image_size: int = 128,
                       instruction_set: str = "train", out_dir=None, control_rate: float | None = None,
                       progress: bool = True, log_dir=None, ros_args: list[str] | None = None) -> PolicyReport:
-    """Run every (task, seed) job as a goal of the policy server; node logs go to log_dir (else
-    out_dir, else a temporary directory); with out_dir, also report.json. ros_args (after
-    ``--ros-args``, as for ``lapa run``) go to both nodes, e.g. ``-p lapa_policy_server:camera_timeout:=1.0``."""
+    """Run every (task, seed) job as a goal of the policy server, its instruction from instruction_set,
+    or (task, seed, instruction set) with a set of its own; the report's episodes are in the jobs'
+    order. Node logs go to log_dir (else out_dir, else a temporary directory); with out_dir, also
+    report.json. ros_args (after ``--ros-args``, as for ``lapa run``) go to both nodes, e.g.
+    ``-p lapa_policy_server:camera_timeout:=1.0``."""
     import rclpy
     from rclpy.signals import SignalHandlerOptions
     from tqdm import tqdm
@@ -61,12 +63,15 @@ def evaluate_over_ros(policy_dir, jobs: list[tuple[str, int]], *, image_size: in
     from lapa_policy_node.graphs import SIM_DEMO, GraphError
     from lapa_sim import tasks
 
-    jobs = [(str(task), int(seed)) for task, seed in jobs]
+    jobs = [(str(task), int(seed), str(own[0] if own else instruction_set)) for task, seed, *own in jobs]
     if not jobs:
         raise RosEvalError("no jobs to evaluate")
-    unknown = sorted({task for task, _ in jobs} - set(tasks.TASKS))
+    unknown = sorted({task for task, _, _ in jobs} - set(tasks.TASKS))
     if unknown:
         raise RosEvalError(f"unknown task {', '.join(map(repr, unknown))}; tasks are {', '.join(tasks.TASKS)}")
+    sets = sorted({which for _, _, which in jobs} - {"train", "paraphrase"})
+    if sets:
+        raise RosEvalError(f"unknown instruction set {', '.join(map(repr, sets))}; use 'train' or 'paraphrase'")
     if ros_args and ros_args[0] != "--ros-args":
         ros_args = ["--ros-args", *ros_args]
     try:
@@ -101,11 +106,11 @@ def evaluate_over_ros(policy_dir, jobs: list[tuple[str, int]], *, image_size: in
         with session.spinning():
             rate = session.ready(control_rate)
             latencies = []
-            session.reset(*jobs[0], instruction_set)
+            session.reset(*jobs[0])
             session.goal("warm up", 1, 30.0)  # the first round trip after discovery, the first act
             bar = tqdm(jobs, desc="closed-loop eval over ROS", unit="ep", disable=not progress, dynamic_ncols=True)
-            for task, seed in bar:
-                instruction = session.reset(task, seed, instruction_set)
+            for task, seed, which in bar:
+                instruction = session.reset(task, seed, which)
                 t0 = time.perf_counter()
                 result, latency = session.goal(instruction, int(round(tasks.MAX_SECONDS[task] * rate)),
                                                tasks.MAX_SECONDS[task] * 1.5 + 5.0)

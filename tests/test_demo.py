@@ -80,7 +80,13 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
     assert "target approach in the same episodes" in stdout
     assert "unseen combo" in stdout and "paraphrased" in stdout and "labelled-episode sweep" in stdout
     ros = results["ros"]["lapa"]  # the same policy through the action server and the sim arm over DDS
-    assert ros["episodes"] == 3 and 0.0 <= ros["success_rate"] <= 1.0 and ros["act_ms_p50"] > 0
+    assert set(ros["categories"]) == set(CATEGORIES) and ros["act_ms_p50"] > 0
+    for cell in ros["categories"].values():  # one layout per task and category, and the in-process outcome
+        assert cell["episodes"] == 3 and 0 <= cell["successes"] <= 3 and 0 <= cell["in_process_successes"] <= 3
+        assert {task for task, _ in cell["layouts"]} == {"reach", "push", "pick_place"}
+    assert ros["categories"]["seen"]["layouts"] == ros["categories"]["paraphrase"]["layouts"]
+    assert not {tuple(x) for x in ros["categories"]["seen"]["layouts"]} & {
+        tuple(x) for x in ros["categories"]["unseen_combination"]["layouts"]}
     assert json.loads((out / "eval/ros/lapa/report.json").read_text())["path"] == "ros"
     assert "through the ROS action server" in stdout and "lapa eval policy --ros" in commands
     assert (out / "RESULTS.md").read_text().count("|") > 10

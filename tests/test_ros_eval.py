@@ -43,6 +43,8 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
         evaluate_over_ros(tmp_path / "nowhere", [("reach", 0)], progress=False)
     with pytest.raises(RosEvalError, match="unknown task 'juggle'"):
         evaluate_over_ros(ConstantPolicy.save(tmp_path / "p", [0] * 7), [("juggle", 0)], progress=False)
+    with pytest.raises(RosEvalError, match="unknown instruction set 'shouted'"):
+        evaluate_over_ros(ConstantPolicy.save(tmp_path / "p", [0] * 7), [("reach", 0, "shouted")], progress=False)
     assert not _node_children()
 
 
@@ -65,11 +67,16 @@ def test_two_reach_episodes_through_ros(tmp_path, test_node):
     policy = ConstantPolicy.save(tmp_path / "policy", (0.004, 0, 0, 0, 0, 0, 0))  # +x, 0.04 m/s at 10 Hz
     out = tmp_path / "eval"
     try:
-        report = evaluate_over_ros(policy, [("reach", 100_000), ("reach", 100_001)], image_size=48, out_dir=out,
-                                   progress=False, ros_args=SLACK)
+        # the second job with an instruction set of its own
+        report = evaluate_over_ros(policy, [("reach", 100_000), ("reach", 100_001, "paraphrase")], image_size=48,
+                                   out_dir=out, progress=False, ros_args=SLACK)
     finally:
         test_node.destroy_subscription(sub)
     assert [(e.task, e.seed) for e in report.episodes] == [("reach", 100_000), ("reach", 100_001)]
+    from lapa_sim.tasks import sample_episode
+
+    assert [e.instruction for e in report.episodes] == [sample_episode("reach", 100_000, "train").instruction,
+                                                        sample_episode("reach", 100_001, "paraphrase").instruction]
     for e in report.episodes:
         assert isinstance(e.success, bool) and e.instruction
         assert e.failure is None, e  # success or max_steps, not a watchdog or a policy error
