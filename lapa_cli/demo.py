@@ -126,7 +126,8 @@ class DemoSettings:
     num_bins: int = 32  # the labelled set is small: 256 bins would leave one or two samples per bin
     eval_episodes: int = 100  # per task and category: with 50, 8 % and 3 % success do not separate
     sweep_labelled_episodes: tuple[int, ...] = (10,)  # train-split labelled episodes (the full set is the last point)
-    ros_methods: tuple[str, ...] = ("scratch", "lapa")  # also evaluated through the ROS action server, in real time
+    # also evaluated through the ROS action server, in real time (ACTIONVLA: its 6-step chunks through the server)
+    ros_methods: tuple[str, ...] = ("scratch", "lapa", "actionvla")
     ros_eval_episodes: int = 3  # per task and category, in real time (the table's cells run in-process)
     seed: int = 0
 
