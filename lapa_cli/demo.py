@@ -14,9 +14,9 @@
              instructions, unseen task/target-colour combinations (each task's held-out colour is
              never a target in any training data), and paraphrased instructions; a table with
              success rate +- standard error, and plots. In-process and lock-step for the table; and
-             for SCRATCH and LAPA also through the real ROS path (lapa_sim_arm + lapa_policy_server
-             over DDS, one FollowInstruction goal per episode, in real time) on the same layouts,
-             while the in-process cells run at a lower priority;
+             for SCRATCH, LAPA and ACTIONVLA also through the real ROS path (lapa_sim_arm +
+             lapa_policy_server over DDS, one FollowInstruction goal per episode, in real time) on
+             each category's first layouts, while the in-process cells run at a lower priority;
              and offline: each method's predicted motion against expert demonstrations of held-out
              seen-category layouts (horizontal direction cosine: cheap, low-variance, and telling
              when every success rate is still 0);
