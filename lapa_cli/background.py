@@ -76,7 +76,7 @@ class LowPriorityCommands:
     def __init__(self, what: str, commands: list[list[str]], log: Path):
         self.what, self.commands, self.log = what, [list(c) for c in commands], Path(log)
         self.processes: list[subprocess.Popen] = []  # started so far, in order
-        self._failed: tuple[list[str], int] | None = None
+        self._failed: tuple[list[str], str] | None = None  # the command that failed, and how
         self._stopped = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"background: {what}", daemon=True)
@@ -95,11 +95,15 @@ class LowPriorityCommands:
                         return
                     log.write(f"$ {shown(argv)}\n")
                     log.flush()
-                    process = _spawn(argv, log)
+                    try:
+                        process = _spawn(argv, log)
+                    except OSError as e:  # reported by wait(), not lost with this thread
+                        self._failed = (argv, f"could not start: {e}")
+                        return
                     self.processes.append(process)
                 code = process.wait()
                 if code != 0:
-                    self._failed = (argv, code)
+                    self._failed = (argv, f"exited with status {code}")
                     return
 
     def stop(self) -> None:
@@ -121,7 +125,6 @@ class LowPriorityCommands:
         if self._thread.is_alive():
             self._thread.join()
         if self._failed is not None:
-            argv, code = self._failed
+            argv, how = self._failed
             tail = self.log.read_text(errors="replace")[-2000:]
-            raise BackgroundError(f"{self.what} failed: `{shown(argv)}` exited with status {code} "
-                                  f"(log: {self.log}):\n{tail}")
+            raise BackgroundError(f"{self.what} failed: `{shown(argv)}` {how} (log: {self.log}):\n{tail}")

@@ -189,7 +189,9 @@ def run(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output folder {args.out}: {e.strerror}") from None
+    from lapa_cli.background import BackgroundError
     from lapa_policy_node.collect import CollectError
+    from lapa_policy_node.ros_eval import RosEvalError
     from lapa_training.checkpoint import CheckpointError
     from lapa_training.data.errors import IngestError
     from lapa_training.laq.evaluate_laq import LAQEvalError
@@ -197,7 +199,8 @@ def run(args) -> int:
 
     try:
         return Demo(args.out.resolve(), settings).run()
-    except (CollectError, TrainingError, CheckpointError, IngestError, LAQEvalError) as e:
+    except (CollectError, TrainingError, CheckpointError, IngestError, LAQEvalError, BackgroundError,
+            RosEvalError) as e:
         raise UserError(f"{e} (finished stages are kept in {args.out}; run again to continue)") from None
 
 

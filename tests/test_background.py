@@ -41,6 +41,12 @@ def test_the_chain_stops_at_the_first_failure_and_the_error_names_it_with_its_lo
     assert not out.exists() and len(job.processes) == 1
 
 
+def test_a_command_that_cannot_start_is_an_error_too(tmp_path):
+    job = LowPriorityCommands("running nothing", [[str(tmp_path / "no-such-program")]], tmp_path / "job.log").start()
+    with pytest.raises(BackgroundError, match="running nothing failed: .*no-such-program` could not start"):
+        job.wait()
+
+
 def test_stop_ends_the_running_command_and_starts_no_more(tmp_path):
     out = tmp_path / "never.txt"
     job = LowPriorityCommands("sleeping", [_py("import time; time.sleep(60)"), _py(f"open({str(out)!r}, 'w')")],

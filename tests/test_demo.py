@@ -258,10 +258,17 @@ def test_a_failed_generation_of_the_other_embodiments_video_fails_the_stage_with
     import lapa_cli.demo as demo
 
     monkeypatch.setitem(demo.OTHER_EMBODIMENT_LOOK, "embodiment_colors", "plaid")
-    run, started = _data_stage_with(monkeypatch, tmp_path, lambda *args, **kwargs: None)
-    with pytest.raises(RuntimeError, match="(?s)generating and ingesting the other embodiment's video failed: "
-                                           "`lapa data generate .*exited with status 2.*invalid choice: 'plaid'"):
-        run.data()
+    import argparse
+
+    from lapa_cli import UserError
+
+    _, started = _data_stage_with(monkeypatch, tmp_path, lambda *args, **kwargs: None)
+    args = argparse.Namespace(out=tmp_path / "run", quick=True, tasks=None, eval_episodes=None, seed=0)
+    # what `lapa demo` prints, as one line and exit status 2, not a traceback
+    with pytest.raises(UserError, match="(?s)generating and ingesting the other embodiment's video failed: "
+                                        "`lapa data generate .*exited with status 2.*invalid choice: 'plaid'.*"
+                                        "finished stages are kept"):
+        demo.run(args)
     generation = [process for argv, process, _ in started if argv[4] == "generate"]
     assert [process.returncode for process in generation] == [2]
     # its ingestion never started
