@@ -13,7 +13,7 @@ PACKAGE = "lapa_ros"
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=find_packages(include=["lapa_sim", "lapa_sim.*", "lapa_policy_node", "lapa_policy_node.*",
+    packages=find_packages(include=["lapa_core", "lapa_core.*", "lapa_sim", "lapa_sim.*", "lapa_policy_node", "lapa_policy_node.*",
                                     "lapa_training", "lapa_training.*", "lapa_cli", "lapa_cli.*"]),
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
@@ -33,6 +33,10 @@ setup(
             "lapa_sim_arm = lapa_policy_node.sim_arm_node:main",
             "lapa_recorder = lapa_policy_node.recorder_node:main",
             "lapa_policy_server = lapa_policy_node.policy_server_node:main",
+        ],
+        # policy types lapa_core.policy.load_policy can load, without the core importing them
+        "lapa_ros.policy_types": [
+            "lapa_vla = lapa_training.vla.policy:load_vla_policy",
         ],
     },
 )

@@ -8,7 +8,7 @@ Second half: samples/s of `lapa train finetune` against a minimal hand-written P
 same tiny model and batch size (goal: within 10 %).
 
 Without --checkpoint it builds the tiny preset (random weights, fitted bins on random actions),
-saves it, and loads it back through ``policy_api.load_policy`` like the policy server does, so the
+saves it, and loads it back through ``lapa_core.policy.load_policy`` like the policy server does, so the
 number includes preprocessing, the cached instruction tokens, the model and bin decoding. --camera
 feeds frames of that size (resized/cropped inside act) instead of frames already at the model size.
 """
@@ -36,7 +36,7 @@ def tiny_checkpoint(directory: Path, image_size: int, chunk_size: int) -> Path:
 
 
 def policy_latency(args) -> None:
-    from lapa_policy_node.policy_api import load_policy
+    from lapa_core.policy import load_policy
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.checkpoint) if args.checkpoint else tiny_checkpoint(Path(tmp), args.image_size,

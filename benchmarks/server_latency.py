@@ -135,7 +135,7 @@ def tiny_checkpoint(directory: Path) -> Path:
 
 
 def baseline_act(checkpoint: Path, size: int, steps: int) -> np.ndarray:
-    from lapa_policy_node.policy_api import load_policy
+    from lapa_core.policy import load_policy
 
     policy = load_policy(checkpoint)
     frames = np.random.default_rng(0).integers(0, 256, size=(8, size, size, 3), dtype=np.uint8)

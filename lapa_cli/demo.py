@@ -743,7 +743,7 @@ def _eval_job(job: tuple) -> tuple[str, str, dict]:
 
     import torch
 
-    from lapa_policy_node.policy_api import load_policy
+    from lapa_core.policy import load_policy
 
     kind, key, policy_dir = job[:3]
     if multiprocessing.current_process().name != "MainProcess":

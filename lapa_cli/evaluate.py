@@ -183,7 +183,7 @@ def run_actions(args) -> int:
 
 def _load_policy_arg(path: Path):
     """--policy: a checkpoint directory, or a training run whose model/ is one -> (path, policy)."""
-    from lapa_policy_node.policy_api import PolicyLoadError, load_policy
+    from lapa_core.policy import PolicyLoadError, load_policy
     from lapa_training.checkpoint import CheckpointError
 
     if (path / "model" / "config.json").is_file() and not (path / "config.json").is_file():

@@ -154,7 +154,7 @@ def closed_loop_summary(run_dir: Path, final: Path, task_names, episodes: int, p
     next to the success rate (token accuracy alone is not the metric)."""
     import json
 
-    from lapa_policy_node.policy_api import load_policy
+    from lapa_core.policy import load_policy
     from lapa_sim import tasks
     from lapa_training.data.dataset import Dataset
     from lapa_training.eval_policy import evaluate_policy, format_report

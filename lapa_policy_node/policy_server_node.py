@@ -50,9 +50,10 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Bool, Float64, String
 
-from lapa_policy_node.policy_api import PolicyLoadError, load_policy
+from lapa_core.policy import PolicyLoadError, load_policy
 from lapa_policy_node.runtime import ConfigError, declare, validate_topic
-from lapa_policy_node.safety import CommandLimiter, MotionLimits, UnsafeCommand, delta_to_twist
+from lapa_core.controller import Controller
+from lapa_core.safety import MotionLimits, UnsafeCommand
 from lapa_training.data.images import compressed_msg_to_rgb, image_msg_to_rgb
 
 
@@ -64,7 +65,7 @@ class _Run:
     goal_id: bytes
     max_steps: int
     deadline: float
-    limiter: CommandLimiter
+    controller: Controller  # this goal's policy step and motion limits
     stop_reason: str | None = None  # set by cancel/preempt/watchdog: the loop ends with it
     cancelled: bool = False
     commanding: bool = False  # past the start-up grace: the watchdog guards the camera from here on
@@ -285,7 +286,7 @@ class PolicyServerNode(Node):
             if run.stop_reason is None:
                 run.stop_reason = reason
             self._publish_twist(np.zeros(6))
-            run.limiter.reset()
+            run.controller.arm_stopped()
             self._wake.notify_all()
 
     # ------------------------------------------------------------------ action server
@@ -365,7 +366,9 @@ class PolicyServerNode(Node):
         run = _Run(instruction=goal.instruction.strip(), goal_id=bytes(goal_handle.goal_id.uuid),
                    max_steps=int(goal.max_steps) or self.p["default_max_steps"],
                    deadline=time.monotonic() + (goal.timeout_s or self.p["default_timeout_s"]),
-                   limiter=CommandLimiter(limits, self.period))
+                   controller=Controller(self.policy, limits, self.control_rate,
+                                         linear_scale=self.p["linear_scale"],
+                                         angular_scale=self.p["angular_scale"]))
         with self._lock:
             self._run = run
             self._success = None if self.p["success_topic"] else self._success
@@ -402,7 +405,7 @@ class PolicyServerNode(Node):
         return result
 
     def _control_loop(self, goal_handle, run: _Run) -> tuple[bool, int, str]:
-        self.policy.reset(run.instruction)
+        run.controller.reset(run.instruction)
         # a goal sent right after start-up may beat the first frame or pose: give them a moment
         grace = time.monotonic() + max(1.0, self.p["camera_timeout"])
         while time.monotonic() < grace and run.stop_reason is None:
@@ -445,29 +448,26 @@ class PolicyServerNode(Node):
                 rgb = self._convert(image)
             except (ValueError, TypeError) as e:  # cv_bridge's CvBridgeError is a TypeError
                 return False, steps, f"bad camera image: {e}"
-            t0 = time.perf_counter()
             try:
-                out = self.policy.act(rgb, run.instruction)
-                twist, closure = delta_to_twist(out.delta, self.control_rate, self.p["linear_scale"],
-                                                self.p["angular_scale"])
+                proposal = run.controller.propose(rgb, run.instruction)
             except UnsafeCommand as e:
                 return False, steps, f"unsafe policy output: {e}"
             except Exception as e:
                 self.get_logger().error(f"policy raised: {e!r}")
                 return False, steps, f"policy error: {e!r}"
-            latency = time.perf_counter() - t0
             with self._lock:
                 if run.stop_reason is not None:  # cancelled/preempted/stale while the policy thought
                     continue
                 # the freshest pose: the arm moved on while the policy ran
                 pose, pose_age = self._pose, time.monotonic() - self._pose_time
-                safe = run.limiter(twist, pose if self.p["enforce_workspace"] else None, pose_age)
-                self._publish_twist(safe)
-                self._publish_gripper(closure)
+                command = run.controller.limit(proposal, pose if self.p["enforce_workspace"] else None, pose_age)
+                self._publish_twist(command.twist)
+                self._publish_gripper(command.closure)
             steps += 1
+            out = command.step
             feedback = self.Action.Feedback(step=steps, delta=[float(v) for v in out.delta],
                                             tokens=[int(t) for t in out.tokens], token_kind=out.token_kind,
-                                            policy_latency_s=float(latency))
+                                            policy_latency_s=float(command.act_seconds))
             goal_handle.publish_feedback(feedback)
 
     def _wait_for_step(self, run: _Run, pace: _StepPacer, latest: float, last_frame: int) -> None:

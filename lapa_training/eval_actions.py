@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from lapa_policy_node.policy_api import Policy
+from lapa_core.policy import Policy
 
 AXES = ("dx", "dy", "dz")
 MIN_MOTION = 0.003  # m per step (3 cm/s at 10 Hz): slower steps say little about direction

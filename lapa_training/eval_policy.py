@@ -1,9 +1,9 @@
 """Closed-loop evaluation of a policy in the simulator: the number that matters (task success), not
 token accuracy.
 
-Every step goes the way it goes on the arm: the camera image and the instruction in,
-``policy.act`` -> 7-D delta, ``delta_to_twist`` and the same ``CommandLimiter`` (speed,
-acceleration, workspace box) as the ROS policy server, then the simulated MoveIt-Servo-like
+Every step goes the way it goes on the arm: the camera image and the instruction in, the same
+controller step as the ROS policy server (``lapa_core.controller``: ``policy.act`` -> 7-D delta ->
+twist -> speed, acceleration and workspace limits), then the simulated MoveIt-Servo-like
 controller. A NaN or a raising policy ends the episode as a failure and is counted, never crashes
 the evaluation.
 
@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from lapa_policy_node.policy_api import Policy
-from lapa_policy_node.safety import CommandLimiter, MotionLimits, UnsafeCommand, delta_to_twist
+from lapa_core.policy import Policy
+from lapa_core.controller import Controller
+from lapa_core.safety import MotionLimits, UnsafeCommand
 
 EVAL_SEED = 100_000  # layouts of evaluation episodes start here, far from the seeds demos are made with
 
@@ -88,10 +89,12 @@ class PolicyReport:
 def evaluate_policy(policy: Policy, task_names: list[str] | tuple[str, ...], episodes: int, *,
                     first_seed: int = EVAL_SEED, image_size: int = 128, instruction_set: str = "train",
                     limits: MotionLimits | None = None, out_dir: str | Path | None = None,
-                    progress: bool = True, keep_frames: int = 1, combinations: str = "all") -> PolicyReport:
+                    progress: bool = True, keep_frames: int = 1, combinations: str = "all",
+                    linear_scale: float = 1.0, angular_scale: float = 1.0) -> PolicyReport:
     """Run `episodes` seeded episodes of each task (seeds from first_seed on, only those of
     `combinations`: see lapa_sim.tasks.episode_seeds); with out_dir, write report.json and a contact
-    sheet (rollouts.png) of the first `keep_frames` episodes of every task."""
+    sheet (rollouts.png) of the first `keep_frames` episodes of every task. The speed scales multiply
+    the policy's deltas as the policy server's parameters of the same names do."""
     from tqdm import tqdm
 
     from lapa_sim import tasks
@@ -104,7 +107,8 @@ def evaluate_policy(policy: Policy, task_names: list[str] | tuple[str, ...], epi
         raise ValueError("episodes must be >= 1")
     rate = float(policy.control_rate)
     period = 1.0 / rate
-    limits = limits or MotionLimits()
+    controller = Controller(policy, limits or MotionLimits(), rate, linear_scale=linear_scale,
+                            angular_scale=angular_scale)
     env = TabletopEnv(image_size=(image_size, image_size))
     report, act_seconds, sheet = PolicyReport(), [], []
     t_start = time.perf_counter()
@@ -114,8 +118,7 @@ def evaluate_policy(policy: Policy, task_names: list[str] | tuple[str, ...], epi
         for n, (task, seed) in enumerate(bar):
             obs = env.reset(task, seed, instruction_set)
             instruction = env.episode.instruction
-            policy.reset(instruction)
-            limiter = CommandLimiter(limits, period)
+            controller.reset(instruction)
             frames, failure, success, steps = [], None, False, 0
             start = closest = _target_distance(env.episode, obs)
             record = (n % episodes) < keep_frames
@@ -123,19 +126,17 @@ def evaluate_policy(policy: Policy, task_names: list[str] | tuple[str, ...], epi
                 image = env.render()
                 if record and (steps - 1) % 10 == 0:
                     frames.append(image)
-                t0 = time.perf_counter()
                 try:
-                    step = policy.act(image, instruction)
-                    act_seconds.append(time.perf_counter() - t0)
-                    twist, closure = delta_to_twist(step.delta, rate)
-                    twist = limiter(twist, obs.tcp_pos)
+                    proposal = controller.propose(image, instruction)
+                    act_seconds.append(proposal.act_seconds)
+                    command = controller.limit(proposal, obs.tcp_pos)
                 except UnsafeCommand as e:
                     failure = f"unsafe policy output: {e}"
                 except Exception as e:  # a policy bug ends this episode, not the evaluation
                     failure = f"policy raised {type(e).__name__}: {e}"
                 if failure:
                     break
-                obs = env.step(twist, 1.0 - closure, period)
+                obs = env.step(command.twist, 1.0 - command.closure, period)
                 closest = min(closest, _target_distance(env.episode, obs))
                 if obs.success:
                     success = True

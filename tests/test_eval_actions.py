@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lapa_cli.main import main as lapa
-from lapa_policy_node.policy_api import ConstantPolicy, PolicyStep
+from lapa_core.policy import ConstantPolicy, PolicyStep
 from lapa_training.data.dataset import Dataset
 from lapa_training.data.ingest import IngestOptions, ingest
 from lapa_training.eval_actions import ActionEvalError, evaluate_actions, format_action_report, write_action_report

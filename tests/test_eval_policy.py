@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from lapa_cli.main import main as lapa
-from lapa_policy_node.policy_api import ConstantPolicy, PolicyStep
+from lapa_core.policy import ConstantPolicy, PolicyStep
 from lapa_training.eval_policy import evaluate_policy
 
 

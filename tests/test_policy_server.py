@@ -18,7 +18,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 
 from conftest import Latest, NodeProcess, run_to_exit, wait_for
-from lapa_policy_node.policy_api import ConstantPolicy
+from lapa_core.policy import ConstantPolicy
 
 SIM = "lapa_policy_node.sim_arm_node"
 SERVER = "lapa_policy_node.policy_server_node"

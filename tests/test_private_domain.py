@@ -83,7 +83,7 @@ def test_a_process_that_runs_rclpy_keeps_its_domain(tmp_path):
 def test_an_evaluation_through_ros_never_reaches_the_shells_domain(tmp_path, test_node):
     """The shell's domain here is this test's (conftest): a node in it must hear none of the eval's
     poses and twists, while the eval itself runs its episode to the end in its own domain."""
-    from lapa_policy_node.policy_api import ConstantPolicy
+    from lapa_core.policy import ConstantPolicy
 
     heard = {"pose": 0, "twist": 0}
 
@@ -117,7 +117,7 @@ def test_an_evaluation_through_ros_never_reaches_the_shells_domain(tmp_path, tes
 def test_cli_eval_passes_ros_args_to_the_nodes_and_refuses_them_without_ros(tmp_path, monkeypatch, capsys):
     from lapa_cli.main import main
     from lapa_policy_node import ros_eval
-    from lapa_policy_node.policy_api import ConstantPolicy
+    from lapa_core.policy import ConstantPolicy
     from lapa_training.eval_policy import PolicyReport
 
     policy = ConstantPolicy.save(tmp_path / "policy", (0, 0, 0, 0, 0, 0, 0))

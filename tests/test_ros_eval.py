@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from geometry_msgs.msg import PoseStamped
 
-from lapa_policy_node.policy_api import ConstantPolicy
+from lapa_core.policy import ConstantPolicy
 from lapa_policy_node.ros_eval import RosEvalError, evaluate_over_ros
 
 # a loaded 2-core machine can delay a rendered frame past the default 0.25 s camera watchdog

@@ -29,7 +29,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from conftest import ROOT, Latest, NodeProcess, user_error, wait_for
 from lapa_policy_node.graphs import SIM_DEMO
-from lapa_policy_node.policy_api import ConstantPolicy
+from lapa_core.policy import ConstantPolicy
 
 SIM = "lapa_policy_node.sim_arm_node"
 SERVER = "lapa_policy_node.policy_server_node"

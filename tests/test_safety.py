@@ -4,7 +4,7 @@ and late commands, and a TCP that starts outside the box."""
 import numpy as np
 import pytest
 
-from lapa_policy_node.safety import CommandLimiter, MotionLimits, UnsafeCommand
+from lapa_core.safety import CommandLimiter, MotionLimits, UnsafeCommand
 
 PERIOD = 0.1
 FLOOR = 0.37

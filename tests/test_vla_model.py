@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lapa_policy_node.policy_api import PolicyLoadError, PolicyStep, load_policy
+from lapa_core.policy import PolicyLoadError, PolicyStep, load_policy
 from lapa_training.checkpoint import CheckpointError
 from lapa_training.vla import (IGNORE_INDEX, ActionBins, IDMConfig, IDMModel, VLAConfig, VLAModel, VLAPolicy,
                                byte_tokenizer)
@@ -514,7 +514,7 @@ def test_policy_runtime_imports_no_training_code():
 
     root = Path(__file__).resolve().parent.parent
     allowed_first_party = {"lapa_training.vla", "lapa_training.checkpoint", "lapa_training.dataclass_dict",
-                           "lapa_policy_node.policy_api"}
+                           "lapa_core.policy"}
     allowed_third_party = {"numpy", "torch", "transformers", "tokenizers", "safetensors"}
     todo, seen = ["lapa_training", "lapa_training.vla", "lapa_training.vla.policy"], set()  # + parent packages
     while todo:

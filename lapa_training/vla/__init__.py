@@ -12,7 +12,7 @@ __all__ = ["ACTION_NAMES", "IGNORE_INDEX", "ActionBins", "IDMConfig", "IDMModel"
            "VLABuildError", "VLAConfig", "VLAModel", "VLAOutput", "VLAPolicy", "byte_tokenizer"]
 
 
-def __getattr__(name):  # VLAPolicy lazily: it imports lapa_policy_node.policy_api
+def __getattr__(name):  # VLAPolicy lazily: it imports lapa_core.policy
     if name == "VLAPolicy":
         from lapa_training.vla.policy import VLAPolicy
 

@@ -1,6 +1,6 @@
-"""A finetuned VLA as a policy for the policy server (lapa_policy_node.policy_api.Policy).
+"""A finetuned VLA as a policy for the policy server (lapa_core.policy.Policy).
 
-    policy = VLAPolicy.from_pretrained("runs/finetune/checkpoint")   # or policy_api.load_policy(dir)
+    policy = VLAPolicy.from_pretrained("runs/finetune/checkpoint")   # or lapa_core.policy.load_policy(dir)
     policy.reset("pick up the red block")
     step = policy.act(rgb_uint8_hxwx3, "pick up the red block")       # PolicyStep(delta (7,), tokens, "action")
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lapa_policy_node.policy_api import PolicyLoadError, PolicyStep
+from lapa_core.policy import PolicyLoadError, PolicyStep
 from lapa_training.vla.modeling_vla import VLAModel
 
 
@@ -52,6 +52,11 @@ class VLAPolicy:
         except Exception as e:  # CheckpointError, VLABuildError, transformers errors
             raise PolicyLoadError(f"cannot load VLA checkpoint {path}: {e}") from e
         return cls(model, source=str(path))
+
+
+def load_vla_policy(path: Path, config: dict) -> VLAPolicy:
+    """The loader lapa_core.policy.load_policy uses for policy_type "lapa_vla" (entry point in setup.py)."""
+    return VLAPolicy.from_pretrained(path)
 
     # ---- Policy protocol -----------------------------------------------------------------
     def reset(self, instruction: str) -> None:

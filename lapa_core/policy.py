@@ -1,10 +1,11 @@
-"""The one interface between a policy and the nodes that run it, and how a checkpoint becomes a policy.
+"""The one interface between a policy and the code that runs it, and how a checkpoint becomes a policy.
 
 A policy is anything with ``reset(instruction)`` and ``act(image, instruction) -> PolicyStep``.
-``load_policy(path)`` reads ``<path>/config.json`` and picks the implementation from its
-``policy_type``:
+``load_policy(path)`` reads ``<path>/config.json`` and hands it to the loader registered for its
+``policy_type``. Loaders come from ``register_policy_type`` or, so that this core never imports the
+packages above it, from the ``lapa_ros.policy_types`` entry points (setup.py):
 
-- ``"lapa_vla"``: the finetuned LAPA / baseline VLA (lapa_training.vla.policy; lands with the VLA);
+- ``"lapa_vla"``: the finetuned LAPA / baseline VLA (``lapa_training.vla.policy``);
 - ``"constant"``: sends one fixed delta every step. For bring-up on a real arm (check the direction
   conventions at a crawl before a learned policy moves it) and for testing the safety path: it can
   raise or return NaN at a chosen step, or take a chosen time per step.
@@ -16,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -77,6 +78,38 @@ class ConstantPolicy:
         return path
 
 
+# policy_type -> loader(checkpoint dir, its config.json as a dict) -> Policy
+PolicyLoader = Callable[[Path, dict[str, Any]], Policy]
+_LOADERS: dict[str, PolicyLoader] = {}
+ENTRY_POINT_GROUP = "lapa_ros.policy_types"
+
+
+def register_policy_type(name: str, loader: PolicyLoader) -> None:
+    """Make ``load_policy`` hand checkpoints whose config.json says ``policy_type: name`` to loader."""
+    _LOADERS[name] = loader
+
+
+def registered_policy_types() -> list[str]:
+    """Every policy type load_policy knows: registered ones and those installed as entry points."""
+    from importlib.metadata import entry_points
+
+    return sorted(set(_LOADERS) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def _loader(kind: str, path: Path) -> PolicyLoader | None:
+    if kind in _LOADERS:
+        return _LOADERS[kind]
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=kind):
+        try:
+            _LOADERS[kind] = ep.load()
+        except ImportError as e:
+            raise PolicyLoadError(f"{path} is a {kind!r} checkpoint but its code is not available: {e}") from None
+        return _LOADERS[kind]
+    return None
+
+
 def load_policy(path: str | Path) -> Policy:
     path = Path(path).expanduser()
     config_file = path / "config.json"
@@ -88,17 +121,22 @@ def load_policy(path: str | Path) -> Policy:
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise PolicyLoadError(f"cannot read {config_file}: {e}") from None
+    if not isinstance(config, dict):
+        raise PolicyLoadError(f"{config_file}: expected a JSON object with a policy_type")
     kind = config.get("policy_type")
-    if kind == "constant":
-        options = {k: v for k, v in config.items() if k != "policy_type"}
-        try:
-            return ConstantPolicy(**options)
-        except TypeError as e:
-            raise PolicyLoadError(f"{config_file}: {e}") from None
-    if kind == "lapa_vla":
-        try:
-            from lapa_training.vla.policy import VLAPolicy
-        except ImportError as e:
-            raise PolicyLoadError(f"{path} is a VLA checkpoint but the VLA code is not available: {e}") from None
-        return VLAPolicy.from_pretrained(path)
-    raise PolicyLoadError(f"{config_file}: unknown policy_type {kind!r} (known: 'lapa_vla', 'constant')")
+    loader = _loader(kind, path) if isinstance(kind, str) else None
+    if loader is None:
+        known = ", ".join(repr(k) for k in registered_policy_types())
+        raise PolicyLoadError(f"{config_file}: unknown policy_type {kind!r} (known: {known})")
+    return loader(path, config)
+
+
+def _load_constant(path: Path, config: dict[str, Any]) -> ConstantPolicy:
+    options = {k: v for k, v in config.items() if k != "policy_type"}
+    try:
+        return ConstantPolicy(**options)
+    except TypeError as e:
+        raise PolicyLoadError(f"{path / 'config.json'}: {e}") from None
+
+
+register_policy_type("constant", _load_constant)
