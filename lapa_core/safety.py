@@ -17,26 +17,39 @@ Pure numpy, no ROS, so every rule is unit-tested on its own and reused by any no
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
+
+from lapa_core.node_params import POLICY_SERVER
 
 
 class UnsafeCommand(ValueError):
     """The policy produced something that must not reach the arm (NaN, inf, wrong shape)."""
 
 
+def _default(name: str):
+    return POLICY_SERVER[name].default
+
+
 @dataclass
 class MotionLimits:
-    max_linear_speed: float = 0.15  # m/s
-    max_angular_speed: float = 0.8  # rad/s
-    max_linear_accel: float = 1.0  # m/s^2
-    max_angular_accel: float = 4.0  # rad/s^2
-    workspace_min: np.ndarray = field(default_factory=lambda: np.array([0.25, -0.35, 0.02]))  # m, base frame
-    workspace_max: np.ndarray = field(default_factory=lambda: np.array([0.75, 0.35, 0.55]))
+    """The policy server's motion limits; defaults are its parameters' (lapa_core.node_params)."""
+
+    max_linear_speed: float = _default("max_linear_speed")  # m/s
+    max_angular_speed: float = _default("max_angular_speed")  # rad/s
+    max_linear_accel: float = _default("max_linear_accel")  # m/s^2
+    max_angular_accel: float = _default("max_angular_accel")  # rad/s^2
+    workspace_min: np.ndarray = field(default_factory=lambda: np.array(_default("workspace_min")))  # m, base frame
+    workspace_max: np.ndarray = field(default_factory=lambda: np.array(_default("workspace_max")))
     # s the servo keeps executing the last twist when no new one comes (MoveIt Servo's
     # incoming_command_timeout; lapa_sim_arm's command_timeout)
-    servo_command_timeout: float = 0.25
+    servo_command_timeout: float = _default("servo_command_timeout")
+
+    @classmethod
+    def from_params(cls, params: dict) -> "MotionLimits":
+        """From the policy server's parameter values (ValueError when they contradict each other)."""
+        return cls(**{f.name: params[f.name] for f in fields(cls)})
 
     def __post_init__(self):
         self.workspace_min = np.asarray(self.workspace_min, float)

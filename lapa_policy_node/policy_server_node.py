@@ -50,10 +50,11 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Bool, Float64, String
 
-from lapa_core.policy import PolicyLoadError, load_policy
-from lapa_policy_node.runtime import ConfigError, declare, validate_topic
 from lapa_core.controller import Controller
+from lapa_core.node_params import POLICY_SERVER
+from lapa_core.policy import PolicyLoadError, load_policy
 from lapa_core.safety import MotionLimits, UnsafeCommand
+from lapa_policy_node.runtime import ConfigError, declare_params, validate_topic
 from lapa_training.data.images import compressed_msg_to_rgb, image_msg_to_rgb
 
 
@@ -138,74 +139,14 @@ class PolicyServerNode(Node):
 
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self) -> dict:
-        pos = (0.0, 100.0)
-        speed = (0.001, 2.0)
-        p = {
-            "checkpoint": declare(self, "checkpoint", "", "policy checkpoint directory (config.json + weights)"),
-            "image_topic": declare(self, "image_topic", "/camera/image_raw", "camera topic"),
-            "image_transport": declare(self, "image_transport", "raw", "raw (sensor_msgs/Image) or compressed"),
-            "image_converter": declare(self, "image_converter", "auto",
-                                       "camera message to RGB: auto (cv_bridge when importable, else built-in), "
-                                       "cv_bridge, or builtin (OpenCV/numpy)"),
-            "ee_pose_topic": declare(self, "ee_pose_topic", "/ee_pose", "TCP pose in the base frame"),
-            "success_topic": declare(self, "success_topic", "", "std_msgs/Bool task success signal; '' = none"),
-            "twist_topic": declare(self, "twist_topic", "/servo_node/delta_twist_cmds", "MoveIt Servo twist input"),
-            "twist_frame": declare(self, "twist_frame", "panda_link0", "frame_id of the twists (the base frame)"),
-            "gripper_topic": declare(self, "gripper_topic", "/gripper/command", "gripper command topic; '' = none"),
-            "gripper_mode": declare(self, "gripper_mode", "opening",
-                                    "opening (std_msgs/Float64 0 closed..1 open) or trajectory (JointTrajectory)"),
-            "gripper_joints": declare(self, "gripper_joints", ["panda_finger_joint1"],
-                                      "joints of the gripper controller (trajectory mode)"),
-            "gripper_open_position": declare(self, "gripper_open_position", 0.04, "joint position when open"),
-            "gripper_closed_position": declare(self, "gripper_closed_position", 0.0, "joint position when closed"),
-            "control_rate": declare(self, "control_rate", 0.0, "policy steps per second; 0 = the policy's own",
-                                    between=pos),
-            "linear_scale": declare(self, "linear_scale", 1.0, "multiplies the policy's translation deltas",
-                                    between=(0.0, 10.0)),
-            "angular_scale": declare(self, "angular_scale", 1.0, "multiplies the policy's rotation deltas",
-                                     between=(0.0, 10.0)),
-            "max_linear_speed": declare(self, "max_linear_speed", 0.15, "TCP speed clamp (m/s)", between=speed),
-            "max_angular_speed": declare(self, "max_angular_speed", 0.8, "TCP angular speed clamp (rad/s)",
-                                         between=speed),
-            "max_linear_accel": declare(self, "max_linear_accel", 1.0, "TCP acceleration clamp (m/s^2)",
-                                        between=(0.01, 20.0)),
-            "max_angular_accel": declare(self, "max_angular_accel", 4.0, "angular acceleration clamp (rad/s^2)",
-                                         between=(0.01, 50.0)),
-            "workspace_min": declare(self, "workspace_min", [0.25, -0.35, 0.02], "workspace box low corner (m)"),
-            "workspace_max": declare(self, "workspace_max", [0.75, 0.35, 0.55], "workspace box high corner (m)"),
-            "enforce_workspace": declare(self, "enforce_workspace", True,
-                                         "keep the TCP in the box (needs a fresh EE pose; goals abort without)"),
-            "camera_timeout": declare(self, "camera_timeout", 0.25, "stop when no camera frame for this long (s)",
-                                      between=(0.01, 10.0)),
-            "pose_timeout": declare(self, "pose_timeout", 0.5, "stop when no EE pose for this long (s)",
-                                    between=(0.01, 10.0)),
-            "servo_command_timeout": declare(
-                self, "servo_command_timeout", 0.25,
-                "how long the servo executes the last twist when none follows (MoveIt Servo's "
-                "incoming_command_timeout, s); the workspace box is kept for that long", between=(0.01, 5.0)),
-            "default_max_steps": declare(self, "default_max_steps", 300, "steps per goal unless the goal says",
-                                         between=(1, 1_000_000)),
-            "default_timeout_s": declare(self, "default_timeout_s", 120.0, "seconds per goal unless it says",
-                                         between=(0.1, 86400.0)),
-            "servo_node": declare(self, "servo_node", "",
-                                  "MoveIt Servo node to switch to twist mode and unpause (e.g. /servo_node); "
-                                  "'' = do not touch Servo"),
-        }
+        p = declare_params(self, POLICY_SERVER)
         if not p["checkpoint"]:
             raise ConfigError("parameter 'checkpoint' is empty: give the policy checkpoint directory")
-        if p["image_transport"] not in ("raw", "compressed"):
-            raise ConfigError(f"parameter 'image_transport': '{p['image_transport']}' is not raw or compressed")
-        if p["image_converter"] not in ("auto", "cv_bridge", "builtin"):
-            raise ConfigError(f"parameter 'image_converter': '{p['image_converter']}' is not auto, cv_bridge or builtin")
-        if p["gripper_mode"] not in ("opening", "trajectory"):
-            raise ConfigError(f"parameter 'gripper_mode': '{p['gripper_mode']}' is not opening or trajectory")
         for key in ("image_topic", "ee_pose_topic", "twist_topic", "success_topic", "gripper_topic"):
             if p[key]:
                 validate_topic(self, key, p[key])
         try:
-            self.limits = MotionLimits(p["max_linear_speed"], p["max_angular_speed"], p["max_linear_accel"],
-                                       p["max_angular_accel"], np.array(p["workspace_min"], float),
-                                       np.array(p["workspace_max"], float), p["servo_command_timeout"])
+            self.limits = MotionLimits.from_params(p)
         except ValueError as e:
             raise ConfigError(f"parameters 'workspace_min'/'workspace_max': {e}") from None
         return p

@@ -34,25 +34,20 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
 from std_msgs.msg import Float64, String
 from std_srvs.srv import Trigger
 
-from lapa_policy_node.runtime import ConfigError, declare, validate_topic
+from lapa_core.node_params import RECORDER
+from lapa_policy_node.runtime import ConfigError, declare_params, validate_topic
 from lapa_training.data import bag_format
-from lapa_training.data.episode_writer import STORAGES, EpisodeBagWriter, EpisodeWriterError
+from lapa_training.data.episode_writer import EpisodeBagWriter, EpisodeWriterError
 
-# parameter -> (default, message class, bag message type, QoS kind, description)
+# topic parameter -> (message class, bag message type, QoS kind)
 STREAMS = {
-    "image_topics": ([bag_format.IMAGE_TOPIC], Image, "sensor_msgs/msg/Image", "sensor", "raw camera images"),
-    "compressed_image_topics": ([""], CompressedImage, "sensor_msgs/msg/CompressedImage", "sensor",
-                                "compressed camera images"),
-    "camera_info_topics": ([bag_format.CAMERA_INFO_TOPIC], CameraInfo, "sensor_msgs/msg/CameraInfo", "sensor",
-                           "camera intrinsics"),
-    "twist_topic": (bag_format.TWIST_TOPIC, TwistStamped, "geometry_msgs/msg/TwistStamped", "reliable",
-                    "commanded end-effector twist (MoveIt Servo input)"),
-    "gripper_topic": (bag_format.GRIPPER_TOPIC, Float64, "std_msgs/msg/Float64", "reliable",
-                      "gripper command (opening 0 closed .. 1 open)"),
-    "joint_state_topic": (bag_format.JOINT_STATE_TOPIC, JointState, "sensor_msgs/msg/JointState", "reliable",
-                          "joint states"),
-    "ee_pose_topic": (bag_format.EE_POSE_TOPIC, PoseStamped, "geometry_msgs/msg/PoseStamped", "reliable",
-                      "end-effector pose in the base frame"),
+    "image_topics": (Image, "sensor_msgs/msg/Image", "sensor"),
+    "compressed_image_topics": (CompressedImage, "sensor_msgs/msg/CompressedImage", "sensor"),
+    "camera_info_topics": (CameraInfo, "sensor_msgs/msg/CameraInfo", "sensor"),
+    "twist_topic": (TwistStamped, "geometry_msgs/msg/TwistStamped", "reliable"),
+    "gripper_topic": (Float64, "std_msgs/msg/Float64", "reliable"),
+    "joint_state_topic": (JointState, "sensor_msgs/msg/JointState", "reliable"),
+    "ee_pose_topic": (PoseStamped, "geometry_msgs/msg/PoseStamped", "reliable"),
 }
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -60,17 +55,14 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class RecorderNode(Node):
     def __init__(self, **kwargs):
         super().__init__("lapa_recorder", **kwargs)
-        self.output_dir = Path(declare(self, "output_dir", "data/bags", "directory that receives one bag per episode"))
-        self.storage = declare(self, "storage", "mcap", "rosbag2 storage: mcap or sqlite3")
-        if self.storage not in STORAGES:
-            raise ConfigError(f"parameter 'storage': '{self.storage}' is not one of {', '.join(STORAGES)}")
-        self.robot = declare(self, "robot", "panda", "robot name stored in each episode's metadata")
-        self.max_episode_s = declare(self, "max_episode_seconds", 600.0,
-                                     "an episode longer than this is stopped and kept (success unknown)",
-                                     between=(1.0, 86400.0))
+        p = declare_params(self, RECORDER)
+        self.output_dir = Path(p["output_dir"])
+        self.storage = p["storage"]
+        self.robot = p["robot"]
+        self.max_episode_s = p["max_episode_seconds"]
         self.streams: dict[str, tuple[type, str, str]] = {}  # resolved topic -> (class, bag type, qos)
-        for param, (default, cls, msgtype, qos, text) in STREAMS.items():
-            value = declare(self, param, default, f"{text}; empty = not recorded")
+        for param, (cls, msgtype, qos) in STREAMS.items():
+            value = p[param]
             for topic in (value if isinstance(value, list) else [value]):
                 if topic:
                     self.streams[validate_topic(self, param, topic)] = (cls, msgtype, qos)

@@ -21,6 +21,8 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
+from lapa_core.node_params import NodeParams
+
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the parameter and the fix."""
@@ -47,6 +49,18 @@ def declare(node: Node, name: str, default: Any, description: str, *,
     if isinstance(default, float) and isinstance(value, int):
         value = float(value)
     return value
+
+
+def declare_params(node: Node, spec: NodeParams) -> dict[str, Any]:
+    """Declare every parameter of spec on node (descriptions, ranges); {name: value}, choices checked."""
+    values = {}
+    for param in spec:
+        value = declare(node, param.name, param.default, param.description, between=param.between)
+        problem = param.check(value)
+        if problem:
+            raise ConfigError(f"parameter '{param.name}': {problem}")
+        values[param.name] = value
+    return values
 
 
 def validate_topic(node: Node, param: str, topic: str) -> str:

@@ -34,11 +34,11 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, JointState
 from std_msgs.msg import Bool, Float64, String
 
+from lapa_core.node_params import SIM_ARM
 from lapa_sim import scene, tasks
 from lapa_sim.env import TabletopEnv
 from lapa_sim.servo import ServoLimits
-
-from lapa_policy_node.runtime import ConfigError, declare, validate_topic
+from lapa_policy_node.runtime import ConfigError, declare_params, validate_topic
 
 
 class SimArmNode(Node):
@@ -80,35 +80,7 @@ class SimArmNode(Node):
 
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self) -> dict:
-        rate = (1.0, 1000.0)
-        p = {
-            "task": declare(self, "task", "reach", f"task to start with: {', '.join(tasks.TASKS)}"),
-            "seed": declare(self, "seed", 0, "layout seed of the first episode",
-                            between=(0, 2**31 - 1)),
-            "twist_topic": declare(self, "twist_topic", "/servo_node/delta_twist_cmds",
-                                   "TwistStamped input (MoveIt Servo's delta_twist_cmds)"),
-            "gripper_topic": declare(self, "gripper_topic", "/gripper/command",
-                                     "std_msgs/Float64 gripper opening, 0 closed .. 1 open"),
-            "image_topic": declare(self, "image_topic", "/camera/image_raw", "rgb8 camera images"),
-            "camera_info_topic": declare(self, "camera_info_topic", "/camera/camera_info", "CameraInfo"),
-            "ee_pose_topic": declare(self, "ee_pose_topic", "/ee_pose", "TCP pose in the base frame"),
-            "base_frame": declare(self, "base_frame", scene.BASE_FRAME, "planning frame of twists and poses"),
-            "camera_frame": declare(self, "camera_frame", "front_camera_optical_frame", "image frame_id"),
-            "image_width": declare(self, "image_width", 128, "camera image width (px)",
-                                   between=(16, 640)),
-            "image_height": declare(self, "image_height", 128, "camera image height (px)",
-                                    between=(16, 480)),
-            "camera_rate": declare(self, "camera_rate", 10.0, "camera frames per second (Hz)", between=rate),
-            "state_rate": declare(self, "state_rate", 50.0, "joint state / EE pose rate (Hz)", between=rate),
-            "physics_rate": declare(self, "physics_rate", 100.0, "how often physics catches up with wall time (Hz)",
-                                    between=rate),
-            "command_timeout": declare(self, "command_timeout", 0.25, "halt when no twist for this long (s)",
-                                       between=(0.01, 10.0)),
-            "max_linear_speed": declare(self, "max_linear_speed", 0.25, "TCP speed limit (m/s)",
-                                        between=(0.0, 1.0)),
-            "max_angular_speed": declare(self, "max_angular_speed", 1.2, "TCP angular speed limit (rad/s)",
-                                         between=(0.0, 3.0)),
-        }
+        p = declare_params(self, SIM_ARM)
         try:
             tasks.check_task(p["task"])
         except tasks.UnknownTaskError as e:

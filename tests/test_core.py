@@ -1,0 +1,79 @@
+"""The ROS-free core on its own: the controller step and the registry of policy types."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lapa_core.controller import Controller
+from lapa_core.policy import (ConstantPolicy, PolicyLoadError, load_policy, register_policy_type,
+                              registered_policy_types)
+from lapa_core.safety import CommandLimiter, MotionLimits, UnsafeCommand, delta_to_twist
+
+IMAGE = np.zeros((8, 8, 3), np.uint8)
+
+
+def test_controller_step_is_delta_to_twist_then_the_limiter():
+    delta = [0.004, -0.002, 0.001, 0.0, 0.0, 0.05, 0.7]
+    limits = MotionLimits(max_linear_accel=0.2)
+    controller = Controller(ConstantPolicy(delta), limits, control_rate=10.0, linear_scale=0.5, angular_scale=2.0)
+    controller.reset("go")
+    limiter = CommandLimiter(limits, 0.1)
+    tcp = np.array([0.5, 0.0, 0.2])
+    for _ in range(5):
+        command = controller.step(IMAGE, "go", tcp, pose_age=0.05)
+        twist, closure = delta_to_twist(delta, 10.0, 0.5, 2.0)
+        np.testing.assert_allclose(command.twist, limiter(twist, tcp, 0.05))
+        assert command.closure == pytest.approx(closure) and command.step.delta.tolist() == delta
+        assert command.act_seconds >= 0
+    # the acceleration limit held the first steps below the commanded speed
+    assert np.linalg.norm(controller.step(IMAGE, "go", tcp).twist[:3]) <= np.linalg.norm(twist[:3]) + 1e-12
+
+
+def test_reset_and_arm_stopped_start_from_rest():
+    controller = Controller(ConstantPolicy([0.01, 0, 0, 0, 0, 0, 0]), MotionLimits(max_linear_accel=0.1), 10.0)
+    controller.reset("go")
+    first = controller.step(IMAGE, "go", None).twist
+    second = controller.step(IMAGE, "go", None).twist
+    assert second[0] > first[0] > 0  # ramping up
+    controller.arm_stopped()
+    np.testing.assert_allclose(controller.step(IMAGE, "go", None).twist, first)
+    controller.reset("again")
+    assert controller.policy.steps == 0
+
+
+def test_unsafe_and_raising_policies_reach_the_caller():
+    controller = Controller(ConstantPolicy([0.0] * 7, nan_at_step=1), MotionLimits(), 10.0)
+    controller.reset("go")
+    with pytest.raises(UnsafeCommand):
+        controller.propose(IMAGE, "go")
+    controller = Controller(ConstantPolicy([0.0] * 7, raise_at_step=1), MotionLimits(), 10.0)
+    with pytest.raises(RuntimeError, match="injected"):
+        controller.step(IMAGE, "go", None)
+
+
+def test_registered_policy_types_load_by_their_config(tmp_path):
+    class Echo:
+        control_rate = 5.0
+
+        def __init__(self, config):
+            self.config = config
+
+    register_policy_type("echo_for_test", lambda path, config: Echo(config))
+    (tmp_path / "config.json").write_text(json.dumps({"policy_type": "echo_for_test", "k": 3}))
+    assert load_policy(tmp_path).config["k"] == 3
+    assert {"constant", "echo_for_test", "lapa_vla"} <= set(registered_policy_types())
+
+
+def test_unknown_or_malformed_checkpoints_are_one_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"policy_type": "carrier-pigeon"}))
+    with pytest.raises(PolicyLoadError, match="unknown policy_type 'carrier-pigeon' \\(known: .*'lapa_vla'"):
+        load_policy(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(PolicyLoadError, match="expected a JSON object"):
+        load_policy(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"policy_type": "constant", "delta": [0.0] * 7, "bogus": 1}))
+    with pytest.raises(PolicyLoadError, match="bogus"):
+        load_policy(tmp_path)
