@@ -20,11 +20,8 @@ NaN/inf, when the EE pose is needed and stale, when a goal ends for any reason, 
 
 Threads: every ROS callback (sensors, watchdog, goal/cancel requests) runs on one single-threaded
 executor and only swaps state under a lock; each goal's control loop (policy inference included)
-runs on a thread of its own, so callbacks keep being served while the policy thinks. rclpy's
-MultiThreadedExecutor, with the control loop as one of its callbacks, was measured to starve them:
-up to 100 % CPU, the EE pose undelivered for up to 6 s while the sim's other subscribers saw no
-gap (goals aborted with a stale pose), twists up to 1.2 s apart; camera frame to twist 181 ms at
-p50 and 1177 ms at p99 against 13 ms and 17 ms now (benchmarks/server_latency.py, tiny VLA, 2 cores).
+runs on a thread of its own, so callbacks keep being served while the policy thinks (rclpy's
+MultiThreadedExecutor starved them: docs/lab-notes/ros-check.md).
 
 Timing: a step starts when a frame the policy has not seen arrives, so a command follows its frame
 by the policy's own time, not by a timer's phase against the camera. The control rate is a ceiling

@@ -54,9 +54,8 @@ EMBODIMENTS = ("panda", "floating_gripper")
 # (muted colours, so the saturated blocks and pad stand out), as videos of people come from many rooms
 SCENE_COLORS = ("fixed", "varied")
 # "fixed": the embodiment's own colours; "varied" (floating gripper only): a skin tone and a sleeve
-# colour per episode from its seed, as videos of people show many people. Pretrained on one hand's
-# video, the policy's vision learns that hand and nothing of the Panda; on many hands' it learns what
-# they share, and that carries to the arm (docs/RESULTS.md, sixteenth session)
+# colour per episode from its seed, as videos of people show many people: one hand's video does not
+# transfer to the arm, many hands' does (docs/lab-notes/other-embodiment-transfer.md)
 EMBODIMENT_COLORS = ("fixed", "varied")
 
 TABLE_SIZE = (0.45, 0.6)  # half extents in x, y (m) of the table top around its centre
@@ -71,9 +70,8 @@ class CameraSpec:
     fovy: float = 50.0
 
 
-# Steep and close enough that the workspace fills most of a 64 px frame: from the earlier, shallower
-# view (pos (1.1, 0, 0.75), fovy 50) motion along x was about 12 px across the whole workspace and
-# LAQ's tokens carried no dx at all (probe R^2 0.02; docs/RESULTS.md)
+# Steep and close, so the workspace fills most of a 64 px frame and motion along x is visible to the
+# LAQ (docs/lab-notes/laq.md)
 FRONT_CAMERA = CameraSpec("front", pos=(0.85, 0.0, 0.90), lookat=(0.48, 0.0, 0.06), fovy=40.0)
 
 

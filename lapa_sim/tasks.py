@@ -36,10 +36,9 @@ MIN_SEPARATION = 0.10
 
 PUSH_DISTANCE = 0.08  # m the block must travel along the asked direction
 
-# Where the TCP starts, as an offset from the home pose (m, base frame), drawn per episode. With one
-# fixed start, a policy can read the way to the target off how far the arm has already come from
-# home instead of looking at the target: offline it then agrees with the expert almost perfectly
-# after the first steps, and in closed loop it follows its own first guess (docs/RESULTS.md).
+# Where the TCP starts, as an offset from the home pose (m, base frame), drawn per episode: from one
+# fixed start a policy reads the way off the arm's progress, not the scene
+# (docs/lab-notes/fixed-start-shortcut.md).
 START_OFFSET_LOW = (-0.05, -0.12, -0.10)
 START_OFFSET_HIGH = (0.07, 0.12, 0.0)
 

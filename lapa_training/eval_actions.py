@@ -14,8 +14,7 @@ agree with the demonstrator's?
   up/down); standard errors are over episodes (frames of one episode are not independent);
 - ``cosine_xy_first``: ``cosine_xy`` on each episode's first FIRST_STEPS frames only. There the
   arm has not moved yet, so only the image of the scene says where to go. Later frames can be
-  predicted from where the arm already is on its way (a fixed start pose made that a shortcut
-  that scored 0.97 offline and failed in closed loop: docs/RESULTS.md);
+  predicted from where the arm already is on its way (docs/lab-notes/fixed-start-shortcut.md);
 - ``sign_agreement`` per axis on frames where that axis moved at least ``min_motion`` (chance 0.5);
 - ``correlation`` per axis (Pearson, all frames);
 - ``gripper_agreement``: open/closed as the demonstrator had it.

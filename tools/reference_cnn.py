@@ -1,7 +1,7 @@
 """A reference policy for the simulated tasks: how well can a plain CNN, told the task and the target
 in one-hot form (no language), generalise to layouts it never saw? It bounds what the VLAs here can
 be expected to reach on the same data, and it is where architecture and data questions are cheap
-to measure (minutes on 2 cores). docs/RESULTS.md reports its numbers.
+to measure (minutes on 2 cores). docs/lab-notes/reference-cnn.md reports its numbers.
 
     # expert episodes of every task, frames and commanded moves in one .npz (no bags, no ROS)
     .venv/bin/python tools/reference_cnn.py generate /tmp/ref/train.npz --layouts 1000 --first-seed 0
