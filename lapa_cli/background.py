@@ -9,18 +9,14 @@ the lowest (19), so the recording keeps its pace. A thread of ours only waits on
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-LOWEST_PRIORITY = 19
-# set in a command's environment: the pid of the process that started it (see end_with_parent_if_asked)
-PARENT_ENV = "LAPA_EXIT_WITH_PARENT"
+from lapa_core.child_processes import LOWEST_PRIORITY, signal_group, spawn
 
 
 class BackgroundError(RuntimeError):
@@ -37,36 +33,10 @@ def shown(argv: list[str]) -> str:
     return shlex.join(["lapa", *argv[3:]]) if argv[1:3] == ["-m", "lapa_cli.main"] else shlex.join(argv)
 
 
-def end_with_parent_if_asked(poll_s: float = 2.0) -> None:
-    """In a `lapa` command started by LowPriorityCommands (PARENT_ENV set): when the process that
-    started it ends, even killed by SIGKILL, which leaves it no chance to stop its commands, end this
-    command and its workers (its process group), instead of writing on into folders that a new run
-    may be filling. `lapa` calls this first thing."""
-    value = os.environ.pop(PARENT_ENV, None)  # popped: our own workers and commands do not watch us
-    if not value or not value.isdigit():
-        return
-    parent = int(value)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        if os.getpgrp() == os.getpid():  # we lead a group of our own (start_new_session): ours and our workers'
-            os.killpg(os.getpgrp(), signal.SIGTERM)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
-
-
 def _spawn(argv: list[str], log) -> subprocess.Popen:
-    # a process group of its own: stop() ends the command and its workers at once (a terminal's Ctrl-C
-    # reaches our process, which stops it)
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True, env={**os.environ, PARENT_ENV: str(os.getpid())})
-    try:  # after the start, not preexec_fn (unsafe in a process with threads); its workers, started
-        os.setpriority(os.PRIO_PROCESS, process.pid, LOWEST_PRIORITY)  # after its imports, inherit it
-    except OSError:
-        pass  # it ended already (its exit status tells), or the platform refuses: full priority then
-    return process
+    # no parent-death signal: it would end the command before it can end its workers; `lapa` watches
+    # for the end of this process itself (end_with_parent_if_asked), and this thread may end first
+    return spawn(argv, stdout=log, priority=LOWEST_PRIORITY, parent_death_signal=None)
 
 
 class LowPriorityCommands:
@@ -112,11 +82,7 @@ class LowPriorityCommands:
         with self._lock:
             self._stopped = True
             for process in self.processes:
-                if process.poll() is None:
-                    try:
-                        os.killpg(process.pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
+                signal_group(process, signal.SIGTERM)
         if self._thread.is_alive():
             self._thread.join()
 

@@ -15,7 +15,6 @@ parent-death signal).
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import signal
@@ -23,9 +22,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
-from lapa_cli import UserError, node_argv
+from lapa_cli import UserError
+from lapa_core.child_processes import spawn, stop
+from lapa_policy_node.launch_plan import Planned, effective_parameter, plan, ros_value  # noqa: F401 (lapa run's API)
 
 STOP_TIMEOUT = 15.0  # s a node gets to exit after SIGINT before it is killed (a policy server still
 # loading its model finishes loading first: that alone can take 10 s on a busy 2-core machine)
@@ -62,47 +62,8 @@ def add_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# what to start: shared with the launch file through the graph
+# what to start: shared with the launch file through the graph (lapa_policy_node/launch_plan.py)
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Planned:
-    spec: object  # graphs.NodeSpec
-    argv: list[str] | None  # None: cannot run here (spec.unavailable_here says why)
-    parameters: dict  # the graph's parameters on top of the node's parameter file
-
-
-def ros_value(value) -> str:
-    """A parameter value for `-p name:=value` that rcl parses back to the same type (YAML)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan")
-        text = repr(value)
-        return text if "." in text and "e" not in text else f"{value:.17f}".rstrip("0")
-    return json.dumps(str(value))  # double-quoted: a path like 123 or true stays a string
-
-
-def plan(graph, values: dict, ros_args: list[str] | None = None) -> list[Planned]:
-    """The processes `lapa run` starts for `graph` given argument values (None = not given)."""
-    from lapa_sim.resources import share_file
-
-    overrides = graph.parameters(values)
-    planned = []
-    for spec in graph.nodes:
-        params = overrides[spec.key]
-        if spec.module is None:
-            planned.append(Planned(spec, None, params))
-            continue
-        argv = node_argv(spec.executable, share_file(spec.params_file),
-                         {k: ros_value(v) for k, v in params.items()}, ros_args or [])
-        planned.append(Planned(spec, [sys.executable, "-m", "lapa_cli.run", "--node", spec.module, *argv[1:]],
-                               params))
-    return planned
-
-
 def node_main(module: str, ros_argv: list[str]) -> int:
     """A child process: ``python -m lapa_cli.run --node MODULE --ros-args ...`` runs MODULE's main().
 
@@ -125,18 +86,6 @@ def node_main(module: str, ros_argv: list[str]) -> int:
         return 0
 
 
-def effective_parameter(planned: Planned, name: str):
-    """A node's parameter as it will start: the graph's value, else its parameter file's."""
-    import yaml
-
-    from lapa_sim.resources import share_file
-
-    if name in planned.parameters:
-        return planned.parameters[name]
-    data = yaml.safe_load(share_file(planned.spec.params_file).read_text()) or {}
-    return (data.get(planned.spec.name) or {}).get("ros__parameters", {}).get(name)
-
-
 # ---------------------------------------------------------------------------------------------
 # processes
 # ---------------------------------------------------------------------------------------------
@@ -148,22 +97,11 @@ def say(text: str, *, err: bool = False) -> None:
         print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 class Child:
     def __init__(self, planned: Planned):
         self.name = planned.spec.name
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(planned.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                     stdin=subprocess.DEVNULL, process_group=0,
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        # its own process group, and SIGTERM from the kernel if this process dies without stopping it
+        self.proc = spawn(planned.argv, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.tail: collections.deque[str] = collections.deque(maxlen=30)
         self.relay = threading.Thread(target=self._relay, name=f"relay-{self.name}", daemon=True)
 
@@ -182,17 +120,10 @@ class Child:
     def stop(self, hurry: threading.Event | None = None) -> str | None:
         """SIGINT, wait (until STOP_TIMEOUT, or until `hurry` is set), SIGKILL; returns a problem
         description, or None when it exited cleanly."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            deadline = time.monotonic() + STOP_TIMEOUT
-            while self.proc.poll() is None and time.monotonic() < deadline and not (hurry and hurry.is_set()):
-                time.sleep(0.02)
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-                self.relay.join(timeout=2)
-                why = "a second interrupt" if hurry and hurry.is_set() else f"{STOP_TIMEOUT:.0f} s of SIGINT"
-                return f"{self.name} was killed: it had not stopped after {why}"
+        if stop([self.proc], STOP_TIMEOUT, hurry=hurry):
+            self.relay.join(timeout=2)
+            why = "a second interrupt" if hurry and hurry.is_set() else f"{STOP_TIMEOUT:.0f} s of SIGINT"
+            return f"{self.name} was killed: it had not stopped after {why}"
         self.relay.join(timeout=2)
         return None if self.proc.returncode == 0 else f"{self.name} exited with code {self.proc.returncode}"
 

@@ -27,13 +27,13 @@ import contextlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from lapa_core.child_processes import spawn, stop
 from lapa_policy_node.private_domain import DomainError, private_ros_domain, watch_hint
 from lapa_training.eval_policy import EpisodeOutcome, PolicyReport
 
@@ -59,8 +59,8 @@ def evaluate_over_ros(policy_dir, jobs: list[tuple], *, image_size: int = 128,
     from rclpy.signals import SignalHandlerOptions
     from tqdm import tqdm
 
-    from lapa_cli.run import plan
     from lapa_policy_node.graphs import SIM_DEMO, GraphError
+    from lapa_policy_node.launch_plan import plan
     from lapa_sim import tasks
 
     jobs = [(str(task), int(seed), str(own[0] if own else instruction_set)) for task, seed, *own in jobs]
@@ -138,35 +138,15 @@ def evaluate_over_ros(policy_dir, jobs: list[tuple], *, image_size: int = 128,
 
 def _spawn(argv: list[str], log: Path) -> tuple[subprocess.Popen, Path]:
     """A node in a process group of its own (a terminal's Ctrl-C reaches us; we stop the nodes),
-    killed by the kernel if this process dies without stopping it."""
-    preexec = None
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork: the child only calls it
-        preexec = lambda: prctl(1, signal.SIGTERM)  # noqa: E731  PR_SET_PDEATHSIG
+    signalled by the kernel if this process dies without stopping it."""
     with open(log, "w") as fh:
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, process_group=0, preexec_fn=preexec)
+        proc = spawn(argv, stdout=fh, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return proc, log
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
     """SIGINT to all, up to STOP_TIMEOUT to exit, then SIGKILL (also at a second Ctrl-C)."""
-    try:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for proc in procs:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except (subprocess.TimeoutExpired, KeyboardInterrupt):
-        pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    stop(procs, STOP_TIMEOUT)
 
 
 class _Session:
@@ -180,9 +160,9 @@ class _Session:
         from sensor_msgs.msg import CompressedImage, Image
         from std_msgs.msg import String
 
-        from lapa_cli.run import effective_parameter
         from lapa_interfaces.action import FollowInstruction
         from lapa_interfaces.srv import ResetEpisode
+        from lapa_policy_node.launch_plan import effective_parameter
 
         self.Action, self.Reset = FollowInstruction, ResetEpisode
         self.nodes, self.log_dir, self.server_name = nodes, log_dir, server.spec.name
