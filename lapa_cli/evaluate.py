@@ -89,7 +89,8 @@ def add_policy_parser(sub) -> None:
                    help="policy checkpoint (a directory with config.json), or a training run (its model/)")
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="tasks (default: all)")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task (default 10)")
-    p.add_argument("--seed", type=int, default=None, help="first layout seed (default 100000, unseen in demos)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="first layout seed (default 10000000: no `lapa demo` trains on it)")
     p.add_argument("--image-size", type=int, default=128, help="camera image size in px (default 128)")
     p.add_argument("--instructions", choices=("train", "paraphrase"), default="train",
                    help="instruction templates: as in training, or unseen paraphrases (default train)")

@@ -24,7 +24,9 @@ from lapa_core.policy import Policy
 from lapa_core.controller import Controller
 from lapa_core.safety import MotionLimits, UnsafeCommand
 
-EVAL_SEED = 100_000  # layouts of evaluation episodes start here, far from the seeds demos are made with
+# layouts of evaluation episodes start here: above every layout `lapa demo` makes data from for its seeds
+# 0-99 (lapa_cli/demo/settings.py seed_ranges; tests/test_demo_settings.py checks it)
+EVAL_SEED = 10_000_000
 
 
 @dataclass

@@ -46,18 +46,20 @@ def test_quick_demo_runs_every_stage_and_writes_a_well_formed_report(quick_demo)
         assert (out / "finetune" / name / "model/config.json").is_file()
         assert (out / "finetune" / name / "training_curves.png").is_file()
     # ACTIONVLA predicts (and keeps through finetuning) chunks over a latent action's span; the others one step
-    from lapa_cli import demo
-    from lapa_cli.demo import ACTIONVLA_RECIPE
+    import lapa_cli.demo.settings as demo_settings
+    from lapa_cli.demo import Recipe
 
+    recipe = Recipe.load()
     chunks = {name: json.loads((out / "finetune" / name / "model/config.json").read_text())["chunk_size"]
               for name in methods}
-    assert chunks.pop("actionvla") == ACTIONVLA_RECIPE["chunk_size"] > 1 and set(chunks.values()) == {1}
+    assert chunks.pop("actionvla") == recipe.actionvla["model"]["chunk_size"] > 1 and set(chunks.values()) == {1}
     # ACTIONVLA's pretraining alone starts its head at zero and warms its learning rate up for longer
     runs = {name: json.loads((out / "pretrain" / name / "run.json").read_text())
             for name in ("lapa", "actionvla")}
     assert runs["actionvla"]["model"]["zero_init_head"] and not runs["lapa"]["model"]["zero_init_head"]
     steps = runs["actionvla"]["train"]["steps"]
-    assert runs["actionvla"]["train"]["warmup_steps"] == max(1, round(steps * demo.ACTIONVLA_WARMUP)) \
+    fraction = recipe.actionvla["train"]["warmup_steps"] / demo_settings.DemoSettings.pretrain_steps
+    assert runs["actionvla"]["train"]["warmup_steps"] == max(1, round(steps * fraction)) \
         != runs["lapa"]["train"]["warmup_steps"]
     assert (out / "eval/success.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "laq_eval/report.json").is_file()
@@ -151,35 +153,38 @@ def test_every_demo_setting_belongs_to_exactly_one_stage():
 
 
 def test_a_stage_key_changes_with_what_that_stage_or_an_earlier_one_reads(monkeypatch):
+    import copy
     from dataclasses import replace
 
     import lapa_cli.demo as demo
 
-    base = demo.stage_keys(demo.DemoSettings())
-    base_floor, base_chunk = demo.RECIPE["action_spread_floor"], demo.ACTIONVLA_RECIPE["chunk_size"]
-    base_warmup = demo.ACTIONVLA_WARMUP
+    recipe = demo.Recipe.load()
+    base = demo.stage_keys(demo.DemoSettings(), recipe)
     assert base == demo.stage_keys(demo.DemoSettings()) and len(set(base.values())) == len(STAGES)
 
     def redone(keys: dict) -> list[str]:
         return [name for name in STAGES if keys[name] != base[name]]
 
-    assert redone(demo.stage_keys(replace(demo.DemoSettings(), laq_steps=999))) == list(STAGES[1:])
-    assert redone(demo.stage_keys(replace(demo.DemoSettings(), finetune_lr=0.5))) == list(STAGES[3:])
-    assert redone(demo.stage_keys(replace(demo.DemoSettings(), sweep_labelled_episodes=(3,)))) == ["sweep"]
+    def edited(which: str, section: str, key: str, value):
+        """The recipe with one setting of one of its files changed."""
+        sections = copy.deepcopy(getattr(recipe, which))
+        sections[section][key] = value
+        return replace(recipe, **{which: sections})
+
+    assert redone(demo.stage_keys(replace(demo.DemoSettings(), laq_steps=999), recipe)) == list(STAGES[1:])
+    assert redone(demo.stage_keys(replace(demo.DemoSettings(), finetune_lr=0.5), recipe)) == list(STAGES[3:])
+    assert redone(demo.stage_keys(replace(demo.DemoSettings(), sweep_labelled_episodes=(3,)), recipe)) == ["sweep"]
     # the VLA recipe is read from pretraining on: a change keeps the data and LAQ stages
-    monkeypatch.setitem(demo.RECIPE, "action_spread_floor", [0.0, 0.0])
-    assert redone(demo.stage_keys(demo.DemoSettings())) == list(STAGES[2:])
-    monkeypatch.setitem(demo.RECIPE, "action_spread_floor", base_floor)
-    assert redone(demo.stage_keys(demo.DemoSettings())) == []
-    monkeypatch.setitem(demo.ACTIONVLA_RECIPE, "chunk_size", 1)
-    assert redone(demo.stage_keys(demo.DemoSettings())) == list(STAGES[2:])
-    monkeypatch.setitem(demo.ACTIONVLA_RECIPE, "chunk_size", base_chunk)
-    monkeypatch.setattr(demo, "ACTIONVLA_WARMUP", 0.5)
-    assert redone(demo.stage_keys(demo.DemoSettings())) == list(STAGES[2:])
-    monkeypatch.setattr(demo, "ACTIONVLA_WARMUP", base_warmup)
+    assert redone(demo.stage_keys(demo.DemoSettings(), edited("vla", "model", "action_spread_floor", [0.0, 0.0]))) \
+        == list(STAGES[2:])
+    assert redone(demo.stage_keys(demo.DemoSettings(), recipe)) == []
+    assert redone(demo.stage_keys(demo.DemoSettings(), edited("actionvla", "model", "chunk_size", 1))) \
+        == list(STAGES[2:])
+    assert redone(demo.stage_keys(demo.DemoSettings(), edited("actionvla", "train", "warmup_steps", 4000))) \
+        == list(STAGES[2:])
     # how the other embodiment's video looks is part of the data stage: everything is redone
     monkeypatch.setitem(demo.OTHER_EMBODIMENT_LOOK, "embodiment_colors", "fixed")
-    assert redone(demo.stage_keys(demo.DemoSettings())) == list(STAGES)
+    assert redone(demo.stage_keys(demo.DemoSettings(), recipe)) == list(STAGES)
 
 
 def test_a_changed_evaluation_setting_redoes_evaluation_and_what_follows_only(quick_demo):
@@ -262,7 +267,7 @@ def test_a_failed_generation_of_the_other_embodiments_video_fails_the_stage_with
 
     from lapa_cli import UserError
 
-    _, started = _data_stage_with(monkeypatch, tmp_path, lambda *args, **kwargs: None)
+    _, started = _data_stage_with(monkeypatch, tmp_path, lambda *args, **kwargs: [])
     args = argparse.Namespace(out=tmp_path / "run", quick=True, tasks=None, eval_episodes=None, seed=0)
     # what `lapa demo` prints, as one line and exit status 2, not a traceback
     with pytest.raises(UserError, match="(?s)generating and ingesting the other embodiment's video failed: "

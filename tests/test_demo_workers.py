@@ -13,7 +13,7 @@ from conftest import ROOT
 
 PARENT = """
 import multiprocessing, os, sys, time
-from lapa_cli.demo import exit_with_parent
+from lapa_core.child_processes import pool_worker
 
 def work(path):
     open(path, "w").write(str(os.getpid()))
@@ -21,7 +21,7 @@ def work(path):
 
 if __name__ == "__main__":
     # as the demo's pools start their workers
-    pool = multiprocessing.get_context("spawn").Pool(1, initializer=exit_with_parent, initargs=(0.2,))
+    pool = multiprocessing.get_context("spawn").Pool(1, initializer=pool_worker, initargs=(0, 0.2))
     pool.apply_async(work, (sys.argv[1],))
     time.sleep(120)
 """
