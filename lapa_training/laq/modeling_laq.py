@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lapa_training.image_processing import preprocess_images
 from lapa_training.laq.configuration_laq import TRAINING_ONLY_KEYS, LAQConfig
 
 
@@ -38,25 +39,10 @@ def frames_to_input(frames: np.ndarray | torch.Tensor, device: torch.device | st
                     size: tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 RGB frames (B, H, W, 3) or (H, W, 3), numpy or torch -> float32 (B, 3, H, W) in [-1, 1].
 
-    With `size` (h, w) different from the frames' own, they are resized with area averaging (on
-    `device`), so a model trained at 64x64 can read a 128x128 dataset; training, labelling and
-    evaluation all go through here, so they see the same pixels."""
-    if not torch.is_tensor(frames):
-        frames = np.asarray(frames)
-        if not frames.flags.writeable:  # a read-only np.memmap of the dataset: torch wants its own copy
-            frames = np.array(frames)
-    x = frames if torch.is_tensor(frames) else torch.from_numpy(frames)
-    if x.dtype != torch.uint8:
-        raise ValueError(f"frames_to_input expects uint8 frames (the dataset's storage type), got {x.dtype}")
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"frames_to_input expects (B, H, W, 3) or (H, W, 3), got shape {tuple(x.shape)}")
-    x = x.to(device) if device is not None else x
-    x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    if size is not None and tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="area")
-    return x.contiguous()
+    With `size` (h, w) different from the frames' own, they are resized (on `device`; see
+    lapa_training.image_processing), so a model trained at 64x64 can read a 128x128 dataset;
+    training, labelling and evaluation all go through here, so they see the same pixels."""
+    return preprocess_images(frames, size, device=device, what="frames_to_input: frames")
 
 
 def output_to_uint8(x: torch.Tensor) -> np.ndarray:

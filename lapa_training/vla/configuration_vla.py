@@ -37,7 +37,6 @@ TINY = "tiny"
 BYTE_TOKENIZER = "byte"
 OBJECTIVES = ("latent", "action", "idm")
 STAGES = ("pretrain", "finetune")
-ACTION_DECODINGS = ("argmax", "expectation")
 ACTION_HEAD_TYPES = ("bins", "regression")
 
 # The built-in tiny backbones (CPU demo and tests); overrides are applied on top.
@@ -48,13 +47,30 @@ TINY_LANGUAGE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num
                                      tie_word_embeddings=False)
 
 # Keys that change how a model trains or runs but not its weights.
-TRAINING_ONLY_KEYS = ("freeze_vision", "freeze_language", "control_rate", "action_decoding", "expectation_loss",
-                      "zero_init_head")
+TRAINING_ONLY_KEYS = ("freeze_vision", "freeze_language", "control_rate", "zero_init_head")
 # Keys that only shape the heads: a checkpoint loaded with its heads replaced may differ in these.
 HEAD_KEYS = ("objective", "stage", "latent_tokens", "codebook_size", "num_bins", "chunk_size", "head_hidden",
              "action_head_type", "action_spread_floor")
 # Keys whose None means "whatever the backbones say", resolved when the model is built.
 RESOLVED_KEYS = ("tokenizer", "image_mean", "image_std", "projector_hidden", "head_hidden")
+
+# Options measured not to help and removed (docs/DECISIONS.md): key -> (its values that meant "off",
+# why it went). A config or checkpoint that still holds one is accepted at an off value and refused
+# otherwise.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "spatial_readout": (0, "superseded by keypoints"),
+    "expectation_loss": (0.0, "measured not to help"),
+    "action_decoding": ("argmax", "measured not to help; actions are read by argmax"),
+}
+# What a checkpoint written before a key existed meant by its absence (the behaviour it was trained with).
+SAVED_BEFORE_KEY: dict[str, Any] = {
+    "text_first": False,
+    "keypoints": 0,
+    "action_head_type": "bins",
+    "vision_film": False,
+    "zero_init_head": False,
+    "action_spread_floor": [0.0, 0.0],  # each dimension's own spread
+}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -70,24 +86,18 @@ class VLAConfig:
     freeze_language: bool = False
     projector_hidden: int | None = None  # None: the LM's hidden size
     head_hidden: int | None = None  # None: the LM's hidden size
-    # > 0: the head also reads the image tokens' final LM states laid out by position (each projected
-    # to this many channels, then flattened); 0: only the last token's state, as in the paper. The
-    # tiny preset uses 16: from-scratch tiny backbones do not learn where things are without it
-    # (docs/RESULTS.md: held-out direction cosine 0.08 -> 0.39)
-    spatial_readout: int = 0
     # True: the instruction comes before the image tokens, so the image tokens' LM states can depend
     # on it (which block is asked for); False: image first, as in the paper (image states are then
     # the same whatever the instruction, and only the last token's state is language-conditioned)
     text_first: bool = False
     # > 0: a spatial softmax over the image tokens' final LM states: this many keypoints, each the
     # expected grid position under its own softmax over the tokens; the head also reads their
-    # coordinates. Unlike spatial_readout, it is the same function at every position
+    # coordinates (docs/DECISIONS.md)
     keypoints: int = 0
     # True: the instruction scales and shifts every conv layer of the tiny vision tower (FiLM, as in
     # RT-1), from the LM's final state over the instruction alone, so the tower can look for what the
     # instruction names; needs vision_backbone "tiny". False: the image is encoded without the
-    # instruction, as in the paper. docs/RESULTS.md (tenth session): the reference CNN that succeeds
-    # in closed loop is FiLM-conditioned
+    # instruction, as in the paper (docs/DECISIONS.md)
     vision_film: bool = False
     objective: str = "latent"  # what the backbone is pretrained on: latent | action | idm
     stage: str = "pretrain"  # pretrain | finetune
@@ -97,37 +107,23 @@ class VLAConfig:
     # what the action head predicts per action dimension: "bins" (as in the paper: a categorical over
     # num_bins equal-frequency bins, cross-entropy) or "regression" (one value per dimension, in units
     # of the training actions' spread, squared error; a binary gripper is read as the nearest of its
-    # two values). docs/RESULTS.md (tenth session): at this scale the bins head underfits where
-    # regression fits (the reference CNN: held-out first-step cosine 0.22 with bins, 0.64 with
-    # regression). The action bins are fitted either way: they hold the normalisation and the
-    # gripper's values, and give the regression head's predictions a bin id for the accuracy metrics
+    # two values; at this scale the bins head underfits where regression fits, docs/DECISIONS.md).
+    # The action bins are fitted either way: they hold the normalisation and the gripper's values,
+    # and give the regression head's predictions a bin id for the accuracy metrics
     action_head_type: str = "bins"
     # (m, rad) per step, the actions' unit: the least spread a translation / rotation dimension is
-    # measured in (at 10 Hz, 1 mm is 1 cm/s and 5 mrad is 0.05 rad/s). The regression head and the
-    # expectation loss weigh each dimension's error in units of its spread; a dimension that barely
-    # varies (roll and pitch of an arm that keeps its gripper pointing down: tracking noise of a few
-    # tenths of a milliradian per step) would otherwise weigh as much as x, y and z, and the model
-    # spends itself fitting noise. docs/RESULTS.md (thirteenth session): ACTIONVLA pretrained on reach
-    # succeeded in 7 of 100 layouts, 21 without roll and pitch in its loss. (0, 0): each dimension's own spread
+    # measured in (at 10 Hz, 1 mm is 1 cm/s and 5 mrad is 0.05 rad/s). The regression head weighs
+    # each dimension's error in units of its spread; a dimension that barely varies (roll and pitch
+    # of an arm that keeps its gripper pointing down: tracking noise) would otherwise weigh as much as
+    # x, y and z, and the model spends itself fitting noise (docs/DECISIONS.md). (0, 0): each
+    # dimension's own spread
     action_spread_floor: tuple[float, float] = (0.001, 0.005)
     chunk_size: int = 1  # future steps the action head predicts at once (action chunking)
     # True: a freshly built head's output layer starts at zero, so a regression head starts by
     # predicting the training mean and its first steps do not shrink the backbone's features to
-    # cancel random outputs; False: small random weights (std 0.02), as for every other layer.
-    # docs/RESULTS.md (fifteenth session): ACTIONVLA pretraining sat for up to 5000 steps predicting
-    # the mean action; with this and a longer warm-up it left that plateau by step 1000-3500
+    # cancel random outputs (ACTIONVLA's plateau at the mean action, docs/DECISIONS.md); False: small
+    # random weights (std 0.02), as for every other layer
     zero_init_head: bool = False
-    # how an action is read from the head's bins: "argmax" (as in the paper: the most likely bin's
-    # value) or "expectation" (the probability-weighted mean of the bins' values; motion dimensions
-    # only, a binary gripper stays argmax). docs/RESULTS.md (ninth session): expectation scores
-    # better offline but closes less of the way to the target in closed loop: it averages modes
-    action_decoding: str = "argmax"
-    # > 0: the action head is also trained on the squared error between its expected action and the
-    # true one (motion dimensions, in units of the training actions' standard deviation), with this
-    # weight next to the cross-entropy on the bin ids; 0: cross-entropy only, as in the paper.
-    # docs/RESULTS.md (ninth session): at small scale cross-entropy alone over 256 equal-frequency
-    # bins underfits; weight 5 lifted held-out offline agreement, not yet closed-loop success
-    expectation_loss: float = 0.0
     image_mean: tuple[float, float, float] | None = None  # None: the vision backbone's (0.5 for tiny)
     image_std: tuple[float, float, float] | None = None
     prompt_template: str = "{instruction}"
@@ -190,9 +186,6 @@ class VLAConfig:
         for name in ("projector_hidden", "head_hidden"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        if not _is_int(self.spatial_readout) or self.spatial_readout < 0:
-            raise ValueError(f"VLAConfig.spatial_readout must be an integer >= 0 (0 = off), got "
-                             f"{self.spatial_readout!r}")
         if not _is_int(self.keypoints) or self.keypoints < 0:
             raise ValueError(f"VLAConfig.keypoints must be an integer >= 0 (0 = off), got {self.keypoints!r}")
         if not _is_int(self.codebook_size) or self.codebook_size < 2:
@@ -204,19 +197,9 @@ class VLAConfig:
         if not _is_int(self.chunk_size) or self.chunk_size < 1:
             raise ValueError(f"VLAConfig.chunk_size must be an integer >= 1 (1 = no action chunking), got "
                              f"{self.chunk_size!r}")
-        if self.action_decoding not in ACTION_DECODINGS:
-            raise ValueError(f"VLAConfig.action_decoding must be one of {', '.join(ACTION_DECODINGS)}, got "
-                             f"{self.action_decoding!r}")
-        if isinstance(self.expectation_loss, bool) or not isinstance(self.expectation_loss, (int, float)) \
-                or not self.expectation_loss >= 0 or self.expectation_loss == float("inf"):
-            raise ValueError(f"VLAConfig.expectation_loss must be a number >= 0 (0 = cross-entropy only), got "
-                             f"{self.expectation_loss!r}")
         if self.action_head_type not in ACTION_HEAD_TYPES:
             raise ValueError(f"VLAConfig.action_head_type must be one of {', '.join(ACTION_HEAD_TYPES)}, got "
                              f"{self.action_head_type!r}")
-        if self.action_head_type == "regression" and (self.expectation_loss or self.action_decoding != "argmax"):
-            raise ValueError("VLAConfig.action_head_type regression predicts the action itself: expectation_loss "
-                             "and action_decoding apply to the bins head only (leave them at 0 and argmax)")
         floor = self.action_spread_floor
         if not isinstance(floor, tuple) or len(floor) != 2 or not all(isinstance(v, float) and 0 <= v < float("inf")
                                                                       for v in floor):
@@ -245,18 +228,21 @@ class VLAConfig:
     # ---- presets -------------------------------------------------------------------------
     @classmethod
     def tiny(cls, image_size: int = 64, **overrides) -> "VLAConfig":
-        """Built-in tiny CNN vision tower (an 8x8 grid of tokens of width 64 from an image_size
-        image) + tiny Qwen2 (width 128, 2 layers) + byte-level tokenizer, with the spatial readout:
-        CPU demo and tests.
+        """The recipe that learns at CPU scale (the demo's): the built-in tiny CNN vision tower (a 4x4
+        grid of tokens of width 64 from an image_size image), FiLM-conditioned on the instruction,
+        + tiny Qwen2 (width 128, 2 layers) reading the instruction before the image + byte-level
+        tokenizer; 16 keypoints and a regression action head. Each choice: docs/DECISIONS.md.
 
         Unlike the paper, the vision tower is trained (freeze_vision=False): the paper freezes a
         *pretrained* encoder, and a frozen random tower only limits what the VLA can see."""
         if not _is_int(image_size) or image_size < 8 or image_size % 8:
             raise ValueError(f"VLAConfig.tiny: image_size must be a multiple of 8, got {image_size!r}")
-        vision = {"image_size": image_size, **overrides.pop("vision_overrides", {})}
+        overrides = drop_removed_keys(overrides)
+        vision = {"image_size": image_size, "grid": 4, **overrides.pop("vision_overrides", {})}
         return cls(**{**dict(vision_backbone=TINY, language_backbone=TINY, vision_overrides=vision,
                              freeze_vision=False, prompt_template="{instruction}", max_text_tokens=64,
-                             spatial_readout=16),
+                             action_head_type="regression", text_first=True, vision_film=True, keypoints=16,
+                             action_spread_floor=(0.001, 0.005)),
                       **overrides}).validate()
 
     @classmethod
@@ -266,6 +252,7 @@ class VLAConfig:
         The LAPA paper builds on LWM-Chat-1M (a 7B LLaMA-2 world model with a VQGAN image
         tokenizer); this is the same recipe (frozen vision, trained LM, latent head then action
         head) at a size one GPU finetunes. Loading it downloads the backbones."""
+        overrides = drop_removed_keys(overrides)
         return cls(**{**dict(vision_backbone="google/siglip-base-patch16-224",
                              language_backbone="Qwen/Qwen2.5-0.5B",
                              prompt_template="In: What action should the robot take to {instruction}?\nOut:",
@@ -273,7 +260,7 @@ class VLAConfig:
 
     def finetune(self, **overrides) -> "VLAConfig":
         """The config of the finetuning model for this (pretrained) one: stage finetune, action head."""
-        return replace(self, **{"stage": "finetune", **overrides}).validate(check_backbones=False)
+        return replace(self, **{"stage": "finetune", **drop_removed_keys(overrides)}).validate(check_backbones=False)
 
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -284,6 +271,7 @@ class VLAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], check_backbones: bool = True) -> "VLAConfig":
+        d = drop_removed_keys(d)
         return cls(**dataclass_kwargs(cls, d, "VLAConfig keys", model_type=MODEL_TYPE)).validate(check_backbones)
 
     def to_json(self) -> str:
@@ -295,6 +283,38 @@ class VLAConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# removed options and older checkpoints
+# ---------------------------------------------------------------------------------------------
+def drop_removed_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """A copy of config dict `d` without the removed options it holds at their off values; a removed
+    option asked for (e.g. spatial_readout 16) raises ValueError saying so in one line."""
+    d = dict(d)
+    for key, (off, why) in REMOVED_KEYS.items():
+        if key in d and not _is_off(d[key], off):
+            raise ValueError(f"VLAConfig.{key} was removed ({why}, docs/DECISIONS.md): only its off value "
+                             f"{off!r} is accepted, got {d[key]!r}")
+        d.pop(key, None)
+    return d
+
+
+def migrate_vla_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A VLA checkpoint's config.json dict, as any earlier version wrote it -> one today's VLAConfig
+    reads, keeping the behaviour it was trained with: keys added since are filled with what their
+    absence meant (SAVED_BEFORE_KEY), removed options are dropped at their off values and refused
+    otherwise (ValueError). Other entries (policy_type, backbones) pass through unchanged."""
+    d = drop_removed_keys(saved)
+    for key, value in SAVED_BEFORE_KEY.items():
+        d.setdefault(key, value)
+    return d
+
+
+def _is_off(value: Any, off: Any) -> bool:
+    """Whether a removed option's value is the one that meant "off" (null and false count as off)."""
+    if value is None or value is False:
+        return True
+    return not isinstance(value, bool) and value == off
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lapa_training.vla.action_bins import ACTION_DIM, IGNORE_INDEX, ActionBins
 from lapa_training.dataclass_dict import dataclass_kwargs
+from lapa_training.image_processing import preprocess_images
+from lapa_training.vla.action_bins import ACTION_DIM, IGNORE_INDEX, ActionBins
 
 MODEL_TYPE = "lapa_idm"
 BINS_FILE = "action_bins.json"
@@ -110,18 +111,8 @@ class IDMModel(nn.Module):
 
     def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 RGB (B, H, W, 3) -> float (B, 3, S, S) in [-1, 1] (center crop + resize when needed)."""
-        x = frames if torch.is_tensor(frames) else torch.from_numpy(np.array(frames))
-        if x.dtype != torch.uint8 or x.ndim not in (3, 4) or x.shape[-1] != 3:
-            raise ValueError(f"frames must be uint8 RGB (B, H, W, 3), got {tuple(x.shape)} {x.dtype}")
-        x = (x[None] if x.ndim == 3 else x).to(self.device).permute(0, 3, 1, 2).float()
-        h, w = x.shape[-2:]
-        s = min(h, w)
-        x = x[:, :, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-        size = self.config.image_size
-        if s != size:
-            x = F.interpolate(x, size=(size, size), mode="area") if s > size else \
-                F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        return x / 127.5 - 1.0
+        x = preprocess_images(frames, self.config.image_size, device=self.device, what="frames")
+        return x.contiguous(memory_format=torch.channels_last)  # the layout its convolutions were trained in
 
     def forward(self, x_t: torch.Tensor, x_next: torch.Tensor, labels: torch.Tensor | None = None) -> IDMOutput:
         """x_t, x_next: (B, 3, S, S) from preprocess; labels (B, 7) bin ids (IGNORE_INDEX skipped)."""

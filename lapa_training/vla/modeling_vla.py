@@ -1,6 +1,6 @@
 """The LAPA vision-language-action model (stages 2 and 3 of LAPA, Ye et al. 2025).
 
-    image (B, H, W, 3) uint8 ─ preprocess_images (center-crop to square, resize, normalise; torch)
+    image (B, H, W, 3) uint8 ─ preprocess_images (processor_vla: center-crop, resize, normalise)
         ─ vision encoder (frozen by default) ─ patch features (B, N, Dv) ─ projector MLP ─ (B, N, D)
     instruction ─ prompt_template ─ tokenizer ─ LM input embeddings (B, T, D)
         (vision_film: the LM's final state over the instruction alone scales and shifts every conv
@@ -25,13 +25,16 @@ skipped by the loss and the accuracy.
 
 A checkpoint (``save_pretrained``) is self-contained: model.safetensors (frozen vision included),
 config.json (the VLA config with ``policy_type: "lapa_vla"``, plus the backbone configs),
-tokenizer/ and action_bins.json; ``from_pretrained`` rebuilds it without any download.
+tokenizer/ and action_bins.json; ``from_pretrained`` rebuilds it without any download, reading
+checkpoints of earlier versions through ``migrate_vla_config``.
+
+Beside this module: backbones.py (loading backbones and tokenizers), processor_vla.py (images,
+instructions and action bins into model inputs and targets), configuration_vla.py (the config).
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,177 +45,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lapa_training.vla.action_bins import ACTION_DIM, IGNORE_INDEX, ActionBins
+from lapa_training.vla.backbones import (EOS_TOKEN, PAD_TOKEN, VLABuildError, backbone_config_dict,  # noqa: F401
+                                         backbone_from_config_dict, byte_tokenizer, check_sequence_length,
+                                         check_vision, default_normalisation, load_language, load_tokenizer,
+                                         load_vision, prepare_tokenizer)
 from lapa_training.vla.configuration_vla import (BYTE_TOKENIZER, HEAD_KEYS, POLICY_TYPE, RESOLVED_KEYS, TINY,
-                                                 TINY_LANGUAGE, TINY_VISION, TRAINING_ONLY_KEYS, VLAConfig)
+                                                 TRAINING_ONLY_KEYS, VLAConfig, migrate_vla_config)
+from lapa_training.vla.processor_vla import VLAProcessor, action_bin_tables
 
 TOKENIZER_DIR = "tokenizer"
 BINS_FILE = "action_bins.json"
-PAD_TOKEN, EOS_TOKEN = "<pad>", "<eos>"
-
-
-class VLABuildError(ValueError):
-    """A backbone or tokenizer cannot be built or loaded; the message names which and why."""
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenizer and backbones
-# ---------------------------------------------------------------------------------------------
-def byte_tokenizer():
-    """A byte-level tokenizer built in code (no download): 256 byte symbols + <pad> (0) + <eos> (1)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {PAD_TOKEN: 0, EOS_TOKEN: 1}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
-                                   padding_side="right")
-
-
-def _prepare_tokenizer(tokenizer, source: str):
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise VLABuildError(f"tokenizer {source} has neither a pad nor an eos token; give VLAConfig.tokenizer "
-                                f"one that has")
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style: pads are masked out anyway
-    return tokenizer
-
-
-def _load_tokenizer(name: str):
-    if name == BYTE_TOKENIZER:
-        return byte_tokenizer()
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name)
-    except Exception as e:  # hub/network/format errors come as many types
-        raise VLABuildError(f"cannot load tokenizer {name!r}: {e}") from e
-    return _prepare_tokenizer(tok, repr(name))
-
-
-def _local_or_id(name: str) -> str:
-    p = Path(name).expanduser()
-    return str(p) if p.is_dir() else name
-
-
-def _fp32(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Backbones load in float32 (transformers would otherwise use the checkpoint's dtype, e.g.
-    bfloat16): fp32 master weights; train with autocast, or cast the whole VLA, for half precision."""
-    return {"dtype": torch.float32, **overrides}
-
-
-def _load_vision(name: str, overrides: dict[str, Any]) -> nn.Module:
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-    if name == TINY:
-        from lapa_training.vla.tiny_vision import TinyConvVisionConfig, TinyConvVisionModel
-
-        try:
-            return TinyConvVisionModel(TinyConvVisionConfig(**{**TINY_VISION, **overrides}))
-        except (TypeError, ValueError) as e:
-            raise VLABuildError(f"cannot build the tiny vision tower with vision_overrides {overrides}: {e}") from e
-    try:
-        cfg = transformers.AutoConfig.from_pretrained(_local_or_id(name))
-        vision_cfg = getattr(cfg, "vision_config", None)
-        if vision_cfg is not None:  # a full SigLIP/CLIP (text + vision) checkpoint: take its vision tower
-            cls = getattr(transformers, MODEL_MAPPING_NAMES[vision_cfg.model_type])
-            model = cls.from_pretrained(_local_or_id(name), **_fp32(overrides))
-        else:
-            model = transformers.AutoModel.from_pretrained(_local_or_id(name), **_fp32(overrides))
-    except Exception as e:
-        raise VLABuildError(f"cannot load vision backbone {name!r}: {e}") from e
-    _check_vision(model, name)
-    return model
-
-
-def _check_vision(model: nn.Module, name: str) -> None:
-    cfg = model.config
-    if not all(hasattr(cfg, k) for k in ("image_size", "hidden_size")) or getattr(cfg, "num_channels", 3) != 3:
-        raise VLABuildError(f"vision backbone {name!r} ({type(model).__name__}) is not an RGB vision encoder with "
-                            f"image_size and hidden_size (use a SigLIP, CLIP or ViT vision model)")
-
-
-def _load_language(name: str, overrides: dict[str, Any], vocab_size: int) -> nn.Module:
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if name == TINY:
-        return transformers.Qwen2Model(transformers.Qwen2Config(**{**TINY_LANGUAGE, "vocab_size": vocab_size,
-                                                                   **overrides}))
-    try:
-        cfg = transformers.AutoConfig.from_pretrained(_local_or_id(name))
-    except Exception as e:
-        raise VLABuildError(f"cannot load language backbone {name!r}: {e}") from e
-    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise VLABuildError(f"language backbone {name!r} is a {cfg.model_type!r} model, not a causal language model "
-                            f"(use e.g. Qwen2, Llama or GPT-2)")
-    try:
-        # the decoder without its LM head: the VLA reads hidden states, never vocabulary logits
-        return transformers.AutoModel.from_pretrained(_local_or_id(name), **_fp32(overrides))
-    except Exception as e:
-        raise VLABuildError(f"cannot load language backbone {name!r}: {e}") from e
-
-
-def _check_sequence_length(vision: nn.Module, language: nn.Module, max_text_tokens: int) -> None:
-    vc, lc = vision.config, language.config
-    size, patch = vc.image_size, getattr(vc, "patch_size", None)
-    limit = getattr(lc, "max_position_embeddings", None) or getattr(lc, "n_positions", None)
-    if patch is None or limit is None:
-        return
-    h, w = (size, size) if isinstance(size, int) else size
-    p = (patch, patch) if isinstance(patch, int) else patch
-    image_tokens = (h // p[0]) * (w // p[1]) + 1  # + a class token, for the encoders that have one
-    if image_tokens + max_text_tokens > limit:
-        raise VLABuildError(f"up to {image_tokens} image tokens + max_text_tokens {max_text_tokens} exceed the "
-                            f"language backbone's {limit} positions: lower max_text_tokens or the image token count")
-
-
-def _model_from_config_dict(d: dict[str, Any], what: str) -> nn.Module:
-    """Rebuild a backbone (random weights) from its saved config dict: no download."""
-    from transformers import AutoConfig, AutoModel
-
-    import lapa_training.vla.tiny_vision  # noqa: F401  registers the tiny vision tower with AutoModel
-
-    d = dict(d)
-    try:
-        model_type = d.pop("model_type")
-        return AutoModel.from_config(AutoConfig.for_model(model_type, **d), dtype=torch.float32)
-    except Exception as e:
-        raise VLABuildError(f"cannot rebuild the {what} backbone from its saved config: {e}") from e
-
-
-def _backbone_config_dict(model: nn.Module) -> dict[str, Any]:
-    d = model.config.to_dict()
-    d.pop("_name_or_path", None)
-    return json.loads(json.dumps(d, default=str))
-
-
-def _default_normalisation(vision: nn.Module, name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean/std of the vision backbone's own image processor, or the usual ones for its family."""
-    if name != TINY:
-        try:
-            from transformers.image_processing_base import ImageProcessingMixin
-
-            proc, _ = ImageProcessingMixin.get_image_processor_dict(_local_or_id(name))
-            mean, std = proc.get("image_mean"), proc.get("image_std")
-            if mean is not None and std is not None:
-                return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        except Exception:  # no preprocessor_config.json: fall back on the family's convention
-            pass
-    model_type = getattr(vision.config, "model_type", "")
-    if model_type.startswith("clip"):
-        from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-        return tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)
-    if name != TINY:
-        warnings.warn(f"vision backbone {name!r}: no image processor config found; normalising with mean 0.5, "
-                      f"std 0.5 (set VLAConfig.image_mean / image_std to override)")
-    return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,9 +67,8 @@ class VLAOutput:
     # regression action head (B, k, 7): each value's offset from the training mean in spreads
     predictions: torch.Tensor  # argmax ids: latent (B, L); action (B, k, 7) (regression: the nearest bin)
     hidden: torch.Tensor  # (B, D) the LM's final hidden state the head read
-    loss: torch.Tensor | None = None  # mean cross-entropy over labelled positions (labels given), plus
-    # config.expectation_loss x the expected-action squared error (actions given); regression head:
-    # the mean squared error in spreads
+    loss: torch.Tensor | None = None  # mean cross-entropy over labelled positions (labels given);
+    # regression head: the mean squared error in spreads
     accuracy: torch.Tensor | None = None  # fraction of labelled positions predicted exactly (labels given)
 
 
@@ -286,32 +127,32 @@ class VLAModel(nn.Module):
         if tokenizer is None:
             tok_name = config.tokenizer or (BYTE_TOKENIZER if config.language_backbone == TINY
                                             else config.language_backbone)
-            tokenizer = _load_tokenizer(tok_name)
+            tokenizer = load_tokenizer(tok_name)
             config.tokenizer = tok_name
         else:
-            tokenizer = _prepare_tokenizer(tokenizer, "given")
-        self.tokenizer = tokenizer
-        self.vision = vision if vision is not None else _load_vision(config.vision_backbone, config.vision_overrides)
-        _check_vision(self.vision, config.vision_backbone)
+            tokenizer = prepare_tokenizer(tokenizer, "given")
+        self.vision = vision if vision is not None else load_vision(config.vision_backbone, config.vision_overrides)
+        check_vision(self.vision, config.vision_backbone)
         self.language = language if language is not None else \
-            _load_language(config.language_backbone, config.language_overrides, len(tokenizer))
+            load_language(config.language_backbone, config.language_overrides, len(tokenizer))
         vocab = self.language.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab:
             raise VLABuildError(f"the tokenizer has {len(tokenizer)} tokens but the language backbone's embedding "
                                 f"table only {vocab}: use the backbone's own tokenizer")
 
-        _check_sequence_length(self.vision, self.language, config.max_text_tokens)
+        check_sequence_length(self.vision, self.language, config.max_text_tokens)
         vision_dim = int(self.vision.config.hidden_size)
         lm_dim = int(self.language.get_input_embeddings().embedding_dim)
         if config.image_mean is None or config.image_std is None:
-            mean, std = _default_normalisation(self.vision, config.vision_backbone)
+            mean, std = default_normalisation(self.vision, config.vision_backbone)
             config.image_mean = config.image_mean or mean
             config.image_std = config.image_std or std
         config.projector_hidden = config.projector_hidden or lm_dim
         config.head_hidden = config.head_hidden or lm_dim
-        self.config = config.validate(check_backbones=False)
         size = self.vision.config.image_size
         self.image_size = (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
+        self.processor = VLAProcessor.from_config(config, tokenizer, self.image_size)
+        self.config = config.validate(check_backbones=False)
         self.projector = nn.Sequential(nn.Linear(vision_dim, config.projector_hidden), nn.GELU(),
                                        nn.Linear(config.projector_hidden, lm_dim))
         for m in self.projector:
@@ -327,18 +168,13 @@ class VLAModel(nn.Module):
             self.instruction_film = nn.Linear(lm_dim, 2 * sum(channels))
             nn.init.zeros_(self.instruction_film.weight)  # starts as the unconditioned tower
             nn.init.zeros_(self.instruction_film.bias)
-        self.spatial_readout: nn.Module | None = None
         self.keypoint_logits: nn.Module | None = None
         self.keypoint_readout: nn.Module | None = None
         self.image_tokens = 0
-        if config.spatial_readout or config.keypoints:
+        if config.keypoints:
             with torch.no_grad():  # how many tokens this vision tower makes (class token or not)
                 probe = torch.zeros(1, 3, *self.image_size, dtype=next(self.vision.parameters()).dtype)
                 self.image_tokens = int(self.vision(pixel_values=probe).last_hidden_state.shape[1])
-        if config.spatial_readout:
-            self.spatial_readout = nn.Sequential(nn.Linear(lm_dim, config.spatial_readout), nn.Flatten(1),
-                                                 nn.Linear(config.spatial_readout * self.image_tokens, lm_dim))
-        if config.keypoints:
             side = int(round(self.image_tokens ** 0.5))
             if side * side != self.image_tokens:
                 raise VLABuildError(f"keypoints need a square grid of image tokens; this vision tower makes "
@@ -347,10 +183,6 @@ class VLAModel(nn.Module):
             self.register_buffer("token_grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
             self.keypoint_logits = nn.Linear(lm_dim, config.keypoints)
             self.keypoint_readout = nn.Linear(2 * config.keypoints, lm_dim)
-        self.register_buffer("pixel_scale", 1.0 / (255.0 * torch.tensor(config.image_std)).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("pixel_shift", (torch.tensor(config.image_mean) / torch.tensor(config.image_std))
-                             .view(1, 3, 1, 1), persistent=False)
         self.latent_head: MLPHead | None = None
         self.action_head: MLPHead | None = None
         self.action_bins: ActionBins | None = None
@@ -361,6 +193,20 @@ class VLAModel(nn.Module):
         self.load_report: LoadReport | None = None
 
     # ---- sizes and parts -----------------------------------------------------------------
+    @property
+    def config(self) -> VLAConfig:
+        return self.__dict__["_config"]
+
+    @config.setter
+    def config(self, config: VLAConfig) -> None:
+        self.__dict__["_config"] = config
+        self.processor.prompt_template = config.prompt_template  # the processor reads instructions as it says
+        self.processor.max_text_tokens = config.max_text_tokens
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
     @property
     def head(self) -> str:
         return self.config.head
@@ -385,7 +231,7 @@ class VLAModel(nn.Module):
                                        zero_out=cfg.zero_init_head)
         self.register_buffer("bin_mask", torch.ones(ACTION_DIM, cfg.num_bins, dtype=torch.bool), persistent=False)
         # each bin's value, each dimension's spread and mean and which dimensions are continuous:
-        # from the action bins (set_action_bins), for the expected or regressed action
+        # from the action bins (set_action_bins), for the regressed action
         self.register_buffer("bin_values", torch.zeros(ACTION_DIM, cfg.num_bins), persistent=False)
         self.register_buffer("bin_spread", torch.ones(ACTION_DIM), persistent=False)
         self.register_buffer("bin_center", torch.zeros(ACTION_DIM), persistent=False)
@@ -414,8 +260,7 @@ class VLAModel(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         parts = {"vision": self.vision, "projector": self.projector, "language": self.language,
-                 "instruction_film": self.instruction_film, "spatial_readout": self.spatial_readout,
-                 "keypoint_logits": self.keypoint_logits,
+                 "instruction_film": self.instruction_film, "keypoint_logits": self.keypoint_logits,
                  "keypoint_readout": self.keypoint_readout, "latent_head": self.latent_head,
                  "action_head": self.action_head}
         return {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items() if m is not None}
@@ -423,71 +268,29 @@ class VLAModel(nn.Module):
     def set_action_bins(self, bins: ActionBins) -> None:
         """Attach the action bins (fitted on the finetuning data); they are saved with the model and
         mask head outputs beyond each dimension's effective bin count."""
-        if not isinstance(bins, ActionBins):
-            raise TypeError(f"set_action_bins expects ActionBins, got {type(bins).__name__}")
-        if bins.num_dims != ACTION_DIM:
-            raise ValueError(f"action bins have {bins.num_dims} dimensions, the action head predicts {ACTION_DIM}")
-        mask = torch.from_numpy(bins.valid_mask(self.config.num_bins))  # raises when a dim has too many bins
+        tables = action_bin_tables(bins, self.config.num_bins, self.config.action_spread_floor)
         self.action_bins = bins
         device = self.bin_mask.device
-        self.bin_mask = mask.to(device)
-        self.bin_values = torch.from_numpy(bins.value_table(self.config.num_bins)).float().to(device)
-        self.bin_spread = torch.from_numpy(self._floored_spreads(bins)).float().to(device)
-        self.bin_center = torch.from_numpy(bins.means()).float().to(device)
-        self.bin_continuous = torch.from_numpy(bins.continuous_dims).to(device)
-
-    def _floored_spreads(self, bins: ActionBins) -> np.ndarray:
-        """(7,) the unit each dimension's error is measured in: its spread in the training actions, at
-        least config.action_spread_floor (translation, rotation) per step; the gripper's own."""
-        translation, rotation = self.config.action_spread_floor
-        floor = np.array([translation] * 3 + [rotation] * 3 + [0.0])
-        return np.maximum(bins.spreads(), floor)
+        for name, table in tables.items():
+            setattr(self, name, table.to(device))
 
     # ---- inputs --------------------------------------------------------------------------
     def preprocess_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 RGB (B, H, W, 3) or (H, W, 3), numpy or torch -> normalised float (B, 3, h, w) at the
-        vision encoder's size. Non-square images are center-cropped to a square first (as dataset
-        ingest does), then resized (area averaging when shrinking, bilinear when growing)."""
-        if torch.is_tensor(images):
-            x = images
-        else:
-            a = np.asarray(images)
-            x = torch.from_numpy(np.array(a) if not a.flags.writeable else np.ascontiguousarray(a))
-        if x.dtype != torch.uint8:
-            raise ValueError(f"images must be uint8 RGB (H, W, 3) or (B, H, W, 3), got dtype {x.dtype}")
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4 or x.shape[-1] != 3 or x.shape[1] == 0 or x.shape[2] == 0:
-            raise ValueError(f"images must be uint8 RGB (H, W, 3) or (B, H, W, 3), got shape {tuple(x.shape)}")
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        h, w = x.shape[-2:]
-        if h != w:
-            s = min(h, w)
-            top, left = (h - s) // 2, (w - s) // 2
-            x = x[:, :, top:top + s, left:left + s]
-        if tuple(x.shape[-2:]) != self.image_size:
-            shrink = x.shape[-2] >= self.image_size[0]
-            x = F.interpolate(x, size=self.image_size, mode="area" if shrink else "bilinear",
-                              **({} if shrink else {"align_corners": False}))
-        x = (x * self.pixel_scale - self.pixel_shift).contiguous()
-        return x.to(self._vision_dtype())
+        vision encoder's size and dtype. Non-square images are center-cropped to a square first (as
+        dataset ingest does), then resized (area averaging when shrinking, bilinear when growing)."""
+        return self.processor.preprocess_images(images, dtype=self._vision_dtype())
 
     def _vision_dtype(self) -> torch.dtype:
         return next(self.vision.parameters()).dtype
 
     def prompts(self, instructions: Sequence[str]) -> list[str]:
-        return [self.config.prompt_template.format(instruction=str(s).strip()) for s in instructions]
+        return self.processor.prompts(instructions)
 
     def tokenize(self, instructions: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Instructions -> (input_ids, attention_mask), both (B, T) int64, right-padded, at most
         max_text_tokens long, on the model's device."""
-        if isinstance(instructions, str):
-            instructions = [instructions]
-        enc = self.tokenizer(self.prompts(instructions), padding=True, truncation=True,
-                             max_length=self.config.max_text_tokens, return_tensors="pt")
-        ids = enc["input_ids"].to(self.device, torch.long)
-        mask = enc["attention_mask"].to(self.device, torch.long)
-        return ids, mask
+        return self.processor.tokenize(instructions)
 
     def encode_actions(self, actions: np.ndarray) -> torch.Tensor:
         """(..., 7) float actions -> (..., 7) int64 bin-id labels (NaN -> IGNORE_INDEX)."""
@@ -527,8 +330,8 @@ class VLAModel(nn.Module):
     def final_hidden(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The LM's final hidden state at the last non-pad position of [image tokens; text] (or, with
-        config.text_first, [text; image tokens]) (B, D), plus, with config.spatial_readout or keypoints,
-        what the image tokens' final states say by position."""
+        config.text_first, [text; image tokens]) (B, D), plus, with config.keypoints, where the image
+        tokens' final states put each keypoint."""
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != self.image_size:
             raise ValueError(f"pixel_values must be (B, 3, {self.image_size[0]}, {self.image_size[1]}) (use "
                              f"preprocess_images), got {tuple(pixel_values.shape)}")
@@ -569,8 +372,6 @@ class VLAModel(nn.Module):
                                    position_ids=(full_mask.cumsum(1) - 1).clamp(min=0) if padded else None
                                    ).last_hidden_state
             out = hidden[torch.arange(b, device=x.device), last]
-        if self.spatial_readout is not None:  # + the image tokens' states, laid out by position
-            out = out + self.spatial_readout(hidden[:, image])
         if self.keypoint_logits is not None:  # + where each keypoint's softmax over the tokens puts it
             weights = self.keypoint_logits(hidden[:, image]).softmax(dim=1)  # (B, N, K)
             where = torch.einsum("bnk,nc->bkc", weights, self.token_grid.to(weights.dtype))  # (B, K, 2)
@@ -584,7 +385,7 @@ class VLAModel(nn.Module):
         tokenize; labels (optional): latent head (B, L) token ids in [0, |C|); action head (B, k, 7)
         (or (B, 7) when k = 1) bin ids; IGNORE_INDEX (-100) positions are skipped. actions (optional,
         with labels, action head): the true actions the labels were encoded from, same shape, NaN
-        where unknown; with config.expectation_loss > 0 the loss also holds the expected-action error."""
+        where unknown; the regression head is trained on them (else on the labels' bin values)."""
         h = self.final_hidden(pixel_values, input_ids, attention_mask)
         h = h.to((self.latent_head or self.action_head).net[1].weight.dtype)
         b, cfg = h.shape[0], self.config
@@ -610,8 +411,6 @@ class VLAModel(nn.Module):
                 out.loss = self._regression_error(logits, actions, labels) if regression else F.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
                 out.accuracy = ((predictions == labels) & valid).sum().float() / n
-            if actions is not None and self.action_head is not None and cfg.expectation_loss > 0:
-                out.loss = out.loss + cfg.expectation_loss * self._expectation_error(logits, actions, labels.shape)
         return out
 
     def regressed_actions(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -638,36 +437,15 @@ class VLAModel(nn.Module):
         err = outputs.float() - (target.nan_to_num() - self.bin_center) / self.bin_spread
         return err[valid].square().mean()
 
-    def expected_actions(self, logits: torch.Tensor) -> torch.Tensor:
-        """Action-head logits (B, k, 7, num_bins) -> (B, k, 7) float32 expected actions: each
-        dimension's bin values weighted by their softmax probabilities (needs the action bins)."""
-        if self.action_bins is None:
-            raise RuntimeError("this model has no action bins (set_action_bins): cannot turn bins into actions")
-        if self.config.action_head_type == "regression":
-            raise RuntimeError("this model's action head regresses actions (regressed_actions), it has no bins")
-        return (logits.float().softmax(dim=-1) * self.bin_values).sum(dim=-1)
-
-    def _expectation_error(self, logits: torch.Tensor, actions, shape: torch.Size) -> torch.Tensor:
-        """Mean squared error of the expected action on the continuous dimensions with a finite true
-        value, in units of each dimension's spread."""
-        target = torch.as_tensor(actions, device=logits.device, dtype=torch.float32).reshape(shape)
-        known = torch.isfinite(target) & self.bin_continuous
-        if not bool(known.any()):
-            return (logits * 0.0).sum()
-        err = (self.expected_actions(logits) - target.nan_to_num()) / self.bin_spread
-        return err[known].square().mean()
-
     def decode_actions(self, out: VLAOutput) -> np.ndarray:
-        """An action-head output -> (B, k, 7) float32 actions, read as config.action_decoding says."""
+        """An action-head output -> (B, k, 7) float32 actions: the bins head's argmax bins' values; the
+        regression head's values on the continuous dimensions, the nearest bin's on the others."""
         if self.action_bins is None:
             raise RuntimeError("this model has no action bins (set_action_bins): cannot turn bins into actions")
         actions = self.action_bins.decode(out.predictions.detach().cpu().numpy())
-        if self.config.action_head_type == "regression":  # continuous dimensions as regressed, the rest snapped
-            values = self.regressed_actions(out.logits.detach())
-        elif self.config.action_decoding == "expectation":
-            values = self.expected_actions(out.logits.detach())
-        else:
+        if self.config.action_head_type != "regression":
             return actions
+        values = self.regressed_actions(out.logits.detach())
         continuous = self.action_bins.continuous_dims
         actions[..., continuous] = values.cpu().numpy()[..., continuous]
         return actions
@@ -696,7 +474,7 @@ class VLAModel(nn.Module):
     @torch.inference_mode()
     def predict_actions(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """-> (bin ids (B, k, 7) int64 (argmax), actions (B, k, 7) float32 read as config.action_decoding says)."""
+        """-> (bin ids (B, k, 7) int64, actions (B, k, 7) float32 as decode_actions reads them)."""
         if self.action_head is None:
             raise RuntimeError("this model has a latent-action head, not an action head: finetune it first")
         if self.action_bins is None:
@@ -744,8 +522,8 @@ class VLAModel(nn.Module):
     def checkpoint_config(self) -> dict[str, Any]:
         """What config.json holds: policy_type, the VLA config, and the backbone configs."""
         return {"policy_type": POLICY_TYPE, **self.config.to_dict(),
-                "backbones": {"vision": _backbone_config_dict(self.vision),
-                              "language": _backbone_config_dict(self.language)}}
+                "backbones": {"vision": backbone_config_dict(self.vision),
+                              "language": backbone_config_dict(self.language)}}
 
     def save_pretrained(self, directory: str | Path, *, optimizer: torch.optim.Optimizer | None = None,
                         scheduler: Any = None, step: int = 0, extra: dict | None = None) -> Path:
@@ -777,22 +555,12 @@ class VLAModel(nn.Module):
 
         state, saved, _ = load_checkpoint(directory, device=str(map_location))
         path = _resolved(directory)
-        saved = dict(saved)
-        saved.pop("policy_type", None)
-        saved.setdefault("spatial_readout", 0)  # checkpoints from before the option had none
-        saved.setdefault("text_first", False)
-        saved.setdefault("keypoints", 0)
-        saved.setdefault("action_decoding", "argmax")
-        saved.setdefault("expectation_loss", 0.0)
-        saved.setdefault("action_head_type", "bins")
-        saved.setdefault("vision_film", False)
-        saved.setdefault("action_spread_floor", [0.0, 0.0])  # before the option: each dimension's own spread
-        backbones = saved.pop("backbones", None)
+        backbones = saved.get("backbones")
         if not isinstance(backbones, dict) or not {"vision", "language"} <= set(backbones):
             raise CheckpointError(f"{path}/config.json has no backbone configs: not a VLA checkpoint written by "
                                   f"VLAModel.save_pretrained")
         try:
-            saved_config = VLAConfig.from_dict(saved, check_backbones=False)
+            saved_config = _saved_config(saved)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path} does not hold a valid VLA config: {e}") from e
         if not (path / TOKENIZER_DIR).is_dir():
@@ -809,8 +577,8 @@ class VLAModel(nn.Module):
                 bins = ActionBins.load(path / BINS_FILE)
             except ValueError as e:
                 raise CheckpointError(str(e)) from e
-        vision = _model_from_config_dict(backbones["vision"], "vision")
-        language = _model_from_config_dict(backbones["language"], "language")
+        vision = backbone_from_config_dict(backbones["vision"], "vision")
+        language = backbone_from_config_dict(backbones["language"], "language")
         model = cls(saved_config, vision=vision, language=language, tokenizer=tokenizer, action_bins=bins)
         load_model_state(model, state, source=path)
         report = LoadReport(source=str(path), loaded=sorted(state))
@@ -838,9 +606,7 @@ class VLAModel(nn.Module):
         may then set training-only keys, or head keys only to the values the head already has."""
         from lapa_training.checkpoint import CONFIG_FILE
 
-        saved = json.loads((_resolved(pretrained) / CONFIG_FILE).read_text())
-        saved = {k: v for k, v in saved.items() if k not in ("policy_type", "backbones")}
-        config = VLAConfig.from_dict(saved, check_backbones=False).finetune(**overrides)
+        config = _saved_config(json.loads((_resolved(pretrained) / CONFIG_FILE).read_text())).finetune(**overrides)
         if not keep_head:
             return cls.from_pretrained(pretrained, config=config, replace_heads=True, map_location=map_location)
         model = cls.from_pretrained(pretrained, map_location=map_location)
@@ -858,6 +624,12 @@ class VLAModel(nn.Module):
         model.config = config.validate(check_backbones=False)
         model._apply_freezing()
         return model
+
+
+def _saved_config(saved: dict[str, Any]) -> VLAConfig:
+    """A checkpoint's config.json dict (any version) -> its VLAConfig."""
+    d = {k: v for k, v in migrate_vla_config(saved).items() if k not in ("policy_type", "backbones")}
+    return VLAConfig.from_dict(d, check_backbones=False)
 
 
 def _fill_resolved(config: VLAConfig, current: VLAConfig) -> VLAConfig:

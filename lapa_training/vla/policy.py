@@ -53,11 +53,6 @@ class VLAPolicy:
             raise PolicyLoadError(f"cannot load VLA checkpoint {path}: {e}") from e
         return cls(model, source=str(path))
 
-
-def load_vla_policy(path: Path, config: dict) -> VLAPolicy:
-    """The loader lapa_core.policy.load_policy uses for policy_type "lapa_vla" (entry point in setup.py)."""
-    return VLAPolicy.from_pretrained(path)
-
     # ---- Policy protocol -----------------------------------------------------------------
     def reset(self, instruction: str) -> None:
         """Start an episode: forget queued chunk steps; tokenize the instruction once."""
@@ -109,3 +104,8 @@ def _check_image(image) -> None:
         raise ValueError(f"image must be uint8 RGB (H, W, 3), got dtype {image.dtype}")
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image must be (H, W, 3) uint8 RGB, got shape {image.shape}")
+
+
+def load_vla_policy(path: Path, config: dict) -> VLAPolicy:
+    """The loader lapa_core.policy.load_policy uses for policy_type "lapa_vla" (entry point in setup.py)."""
+    return VLAPolicy.from_pretrained(path)
