@@ -27,11 +27,11 @@ same settings (those it and the stages before it read: STAGE_SETTINGS, and the V
 config/train/vla_tiny.yaml and actionvla_tiny.yaml from pretraining on; see stage_keys), so a second
 run reuses the work and a changed setting redoes only the stages it affects; a redone stage starts
 from empty folders. Every step of a stage is a `lapa` command, run as recorded in COMMANDS.md.
+`--quick` runs the same path at toy size in a few minutes (the test suite runs it).
 
 The package: settings.py (DemoSettings, the recipe files, seed_ranges, stage_keys), stages.py (the
 Demo and its stages), workers.py (where commands run: here, or side by side in worker processes),
 report.py (tables, RESULTS.md, COMMANDS.md, plots).
-`--quick` runs the same path at toy size in a few minutes (the test suite runs it).
 """
 
 from __future__ import annotations
