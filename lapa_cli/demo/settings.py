@@ -4,6 +4,7 @@ cache key (stage_keys)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -141,7 +142,12 @@ class Recipe:
         return cls(vla, actionvla, load_run_config(vla), load_run_config(actionvla))
 
     def file(self, objective: str) -> Path:
-        return self.actionvla_file if objective == "action" else self.vla_file
+        """The recipe file of a pretraining objective (vla_file for SCRATCH), relative to the working
+        directory when it lies under it: the command reads as run from the repository root."""
+        path = self.actionvla_file if objective == "action" else self.vla_file
+        with contextlib.suppress(ValueError):
+            return path.resolve().relative_to(Path.cwd().resolve())
+        return path
 
     def warmup_steps(self, steps: int) -> int:
         """ACTIONVLA's warm-up for a pretraining of `steps`: the file's share of the default steps."""

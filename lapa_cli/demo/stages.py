@@ -207,7 +207,7 @@ class Demo:
         s = self.s
         argv = ["train", "finetune"]
         if init is None:
-            model = ["--config", self.recipe.vla_file, *setting("model", "num_bins", s.num_bins)]
+            model = ["--config", self.recipe.file("latent"), *setting("model", "num_bins", s.num_bins)]
         else:
             argv += ["--init", init] + (["--keep-head"] if keep_head else [])
             model = [a for k, v in self.recipe.head_only(s.num_bins).items() for a in setting("model", k, v)]
