@@ -45,10 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lapa_training.vla.action_bins import ACTION_DIM, IGNORE_INDEX, ActionBins
-from lapa_training.vla.backbones import (EOS_TOKEN, PAD_TOKEN, VLABuildError, backbone_config_dict,  # noqa: F401
-                                         backbone_from_config_dict, byte_tokenizer, check_sequence_length,
-                                         check_vision, default_normalisation, load_language, load_tokenizer,
-                                         load_vision, prepare_tokenizer)
+from lapa_training.vla.backbones import (VLABuildError, backbone_config_dict, backbone_from_config_dict,
+                                         check_sequence_length, check_vision, default_normalisation, load_language,
+                                         load_tokenizer, load_vision, prepare_tokenizer)
+# importable from here as before the split (lapa_cli/train.py imports VLABuildError from this module)
+from lapa_training.vla.backbones import EOS_TOKEN, PAD_TOKEN, byte_tokenizer  # noqa: F401
 from lapa_training.vla.configuration_vla import (BYTE_TOKENIZER, HEAD_KEYS, POLICY_TYPE, RESOLVED_KEYS, TINY,
                                                  TRAINING_ONLY_KEYS, VLAConfig, migrate_vla_config)
 from lapa_training.vla.processor_vla import VLAProcessor, action_bin_tables

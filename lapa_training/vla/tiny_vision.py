@@ -8,11 +8,9 @@ as RT-1's FiLM-EfficientNet): the VLA computes them from the instruction (VLACon
 so the tower can look for what the instruction names.
 
 It plays the part of the paper's vision encoder at a size 2 CPU cores train in minutes. It is a
-CNN, not a tiny ViT, because that is what was measured to work: with the same LM, head and
-data, LAPA pretraining on 900 latent-labelled videos then finetuning on 6 labelled episodes
-reached a held-out direction cosine of 0.25 ± 0.05 with this tower and 0.04 ± 0.06 with a
-2-layer tiny SigLIP (docs/RESULTS.md). Convolutions share weights over positions and the
-coordinate planes say where each feature is, which a from-scratch ViT has to learn from data.
+CNN, not a tiny ViT, because a tiny ViT trained from scratch learnt far less at this scale
+(docs/DECISIONS.md): convolutions share weights over positions and the coordinate planes say
+where each feature is, which a from-scratch ViT has to learn from data.
 
 It is a transformers ``PreTrainedModel`` registered with ``AutoConfig``/``AutoModel`` under
 MODEL_TYPE, so a VLA checkpoint that contains it is rebuilt from its saved config like any
