@@ -37,13 +37,14 @@ SERVER = "lapa_policy_node.policy_server_node"
 
 @pytest.fixture(scope="module")
 def tiny_vla(tmp_path_factory) -> Path:
-    """A finetuned-stage VLA with random weights and bins fitted on random actions (about 1 s)."""
+    """A finetuned-stage VLA with random weights and bins fitted on random actions (about 1 s); a
+    random bins head asks for motion of the bins' size, where a random regression head barely moves."""
     import torch
 
     from lapa_training.vla import ActionBins, VLAConfig, VLAModel
 
     torch.manual_seed(0)
-    model = VLAModel(VLAConfig.tiny(image_size=64, stage="finetune", objective="action"))
+    model = VLAModel(VLAConfig.tiny(image_size=64, stage="finetune", objective="action", action_head_type="bins"))
     model.set_action_bins(ActionBins.fit(np.random.default_rng(0).normal(size=(5000, 7)) * 0.005))
     return Path(model.save_pretrained(tmp_path_factory.mktemp("tiny_vla") / "policy"))
 
