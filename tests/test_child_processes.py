@@ -35,11 +35,12 @@ def test_a_child_leads_its_own_group_knows_its_parent_and_starts_at_the_priority
 
 
 def test_stop_interrupts_and_kills_only_what_does_not_stop():
-    polite = spawn([sys.executable, "-c", "import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    pass"])
+    polite = spawn([sys.executable, "-c", "import time\ntry:\n    print('ready', flush=True)\n    time.sleep(60)\n"
+                                          "except KeyboardInterrupt:\n    pass"], stdout=subprocess.PIPE)
     stubborn = spawn([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
                                             "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
-    assert stubborn.stdout.readline().strip() == b"ready"
-    time.sleep(0.5)  # the polite one has its handler too
+    # each is where the signal must find it: inside its try block, or with SIGINT ignored
+    assert polite.stdout.readline().strip() == b"ready" and stubborn.stdout.readline().strip() == b"ready"
     t0 = time.monotonic()
     killed = stop([polite, stubborn], timeout=1.0)
     assert killed == [stubborn] and time.monotonic() - t0 < 10
