@@ -89,11 +89,15 @@ def register_policy_type(name: str, loader: PolicyLoader) -> None:
     _LOADERS[name] = loader
 
 
-def registered_policy_types() -> list[str]:
-    """Every policy type load_policy knows: registered ones and those installed as entry points."""
+def _installed_policy_types() -> set[str]:
     from importlib.metadata import entry_points
 
-    return sorted(set(_LOADERS) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    return {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def registered_policy_types() -> list[str]:
+    """Every policy type load_policy knows: registered ones and those installed as entry points."""
+    return sorted(set(_LOADERS) | _installed_policy_types())
 
 
 def _loader(kind: str, path: Path) -> PolicyLoader | None:
@@ -127,7 +131,9 @@ def load_policy(path: str | Path) -> Policy:
     loader = _loader(kind, path) if isinstance(kind, str) else None
     if loader is None:
         known = ", ".join(repr(k) for k in registered_policy_types())
-        raise PolicyLoadError(f"{config_file}: unknown policy_type {kind!r} (known: {known})")
+        hint = "" if _installed_policy_types() else \
+            f"; no {ENTRY_POINT_GROUP} entry points are installed: install this package (./setup.sh)"
+        raise PolicyLoadError(f"{config_file}: unknown policy_type {kind!r} (known: {known}){hint}")
     return loader(path, config)
 
 

@@ -77,3 +77,15 @@ def test_unknown_or_malformed_checkpoints_are_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"policy_type": "constant", "delta": [0.0] * 7, "bogus": 1}))
     with pytest.raises(PolicyLoadError, match="bogus"):
         load_policy(tmp_path)
+
+
+def test_an_uninstalled_package_is_named_as_the_cause(tmp_path, monkeypatch):
+    """Run from a source tree that was never installed, no entry point brings 'lapa_vla': say so."""
+    import lapa_core.policy as policy
+
+    monkeypatch.setattr(policy, "_installed_policy_types", set)
+    monkeypatch.setattr(policy, "_LOADERS", {"constant": policy._LOADERS["constant"]})
+    (tmp_path / "config.json").write_text(json.dumps({"policy_type": "lapa_vla"}))
+    with pytest.raises(PolicyLoadError, match=r"unknown policy_type 'lapa_vla' \(known: 'constant'\); no "
+                                              r"lapa_ros.policy_types entry points are installed"):
+        load_policy(tmp_path)
