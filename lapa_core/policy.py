@@ -103,6 +103,8 @@ def registered_policy_types() -> list[str]:
 def _loader(kind: str, path: Path) -> PolicyLoader | None:
     if kind in _LOADERS:
         return _LOADERS[kind]
+    if kind not in _installed_policy_types():
+        return None
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=kind):
