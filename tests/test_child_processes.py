@@ -35,15 +35,17 @@ def test_a_child_leads_its_own_group_knows_its_parent_and_starts_at_the_priority
 
 
 def test_stop_interrupts_and_kills_only_what_does_not_stop():
-    polite = spawn([sys.executable, "-c", "import time\ntry:\n    print('ready', flush=True)\n    time.sleep(60)\n"
+    # its own SIGINT handler: a test run started in the background (`cmd &`) ignores SIGINT, and children inherit that
+    polite = spawn([sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                                          "try:\n    print('ready', flush=True)\n    time.sleep(60)\n"
                                           "except KeyboardInterrupt:\n    pass"], stdout=subprocess.PIPE)
     stubborn = spawn([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
                                             "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
     # each is where the signal must find it: inside its try block, or with SIGINT ignored
     assert polite.stdout.readline().strip() == b"ready" and stubborn.stdout.readline().strip() == b"ready"
     t0 = time.monotonic()
-    killed = stop([polite, stubborn], timeout=1.0)
-    assert killed == [stubborn] and time.monotonic() - t0 < 10
+    killed = stop([polite, stubborn], timeout=5.0)  # time enough for the polite one on a loaded machine
+    assert killed == [stubborn] and time.monotonic() - t0 < 30
     assert polite.returncode == 0 and stubborn.returncode == -signal.SIGKILL
 
 
