@@ -2,6 +2,7 @@
 
     lapa data ingest bags/ videos/ --out runs/data/mix     # build (or --append to) a dataset
     lapa data info runs/data/mix                           # what is in it
+    lapa data info bags/arm_demo --urdf robot.urdf         # a bag's topics, rates and action sources
     lapa data generate --out bags/sim --episodes 50        # simulated demos, in-process (fast)
     lapa data collect --out bags/ros --episodes 5          # simulated demos through ROS nodes
 
@@ -28,7 +29,8 @@ def add_ingest_parser(sub) -> None:
                     "and write one dataset (docs/DATASET_FORMAT.md): frames resized once, 7-D end-effector "
                     "actions on a fixed control rate, instructions, train/val/test split by episode.")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                   help="bag directory, folder (searched for bags and videos), video file or dataset")
+                   help="bag directory or .mcap/.db3 file, folder (searched for bags and videos), video file "
+                        "or dataset")
     p.add_argument("--out", type=Path, required=True, help="dataset directory to write")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace the dataset at --out")
@@ -44,17 +46,28 @@ def add_ingest_parser(sub) -> None:
     topics.add_argument("--pose-topic", help="geometry_msgs/PoseStamped TCP pose (default /ee_pose)")
     topics.add_argument("--gripper-topic", help="std_msgs/Float64 gripper opening command (default /gripper/command)")
     topics.add_argument("--instruction-topic", help="std_msgs/String instruction (default /lapa/instruction)")
+    topics.add_argument("--joint-state-topic", help="sensor_msgs/JointState (default /joint_states)")
     frames = p.add_argument_group("frames and actions")
-    frames.add_argument("--actions", choices=("auto", "twist", "pose", "none"), default="auto",
-                        help="where bag actions come from: auto (twists, else EE poses, else action-free), "
-                             "or force one; none ingests bags as action-free video")
+    frames.add_argument("--actions", choices=("auto", "twist", "pose", "tf", "joints", "none"), default="auto",
+                        help="where bag actions come from: auto (the first the bag has of twist commands, an EE "
+                             "pose topic, the TF tree, joint states + --urdf; else action-free), or force one; none "
+                             "ingests bags as action-free video")
     frames.add_argument("--base-frame", default="panda_link0", help="robot base frame of actions (default panda_link0)")
-    frames.add_argument("--tcp-frame", default="panda_hand_tcp", help="TCP frame twists may be given in")
+    frames.add_argument("--tcp-frame", default="panda_hand_tcp",
+                        help="TCP frame: the end of the TF or URDF chain, and a frame twists may be given in "
+                             "(default panda_hand_tcp)")
+    frames.add_argument("--urdf", type=Path, metavar="FILE",
+                        help="the robot's URDF: actions from joint states by forward kinematics to --tcp-frame, "
+                             "and --gripper-joint limits")
+    frames.add_argument("--gripper-joint", metavar="NAME",
+                        help="a finger joint of the joint states as the gripper, when the bag has no gripper "
+                             "command topic (0 open at its upper limit .. 1 closed at its lower limit)")
     frames.add_argument("--stale-timeout", type=float, default=0.25,
                         help="seconds after which a twist command counts as zero (default 0.25, as MoveIt Servo)")
-    frames.add_argument("--gripper-open", type=float, default=1.0, help="gripper command value for open (default 1)")
-    frames.add_argument("--gripper-closed", type=float, default=0.0,
-                        help="gripper command value for closed (default 0)")
+    frames.add_argument("--gripper-open", type=float,
+                        help="gripper value for open (default 1 on the command topic, the joint's upper limit)")
+    frames.add_argument("--gripper-closed", type=float,
+                        help="gripper value for closed (default 0 on the command topic, the joint's lower limit)")
     frames.add_argument("--window-s", type=float,
                         help="LAQ window in seconds (default 0.6 for bags, 2.4 for videos)")
     frames.add_argument("--window-frames", type=int, default=6,
@@ -84,12 +97,22 @@ def run_ingest(args) -> int:
         raise UserError(f"--window-s must be positive, not {args.window_s}")
     if args.window_frames < 1:
         raise UserError(f"--window-frames must be at least 1, not {args.window_frames}")
-    if args.gripper_open == args.gripper_closed:
+    if args.gripper_open is not None and args.gripper_open == args.gripper_closed:
         raise UserError("--gripper-open and --gripper-closed must differ")
+    if args.urdf is not None:  # a bad URDF or frame fails here once, not once per bag
+        from lapa_training.data.bag_reader import load_robot
+
+        robot = load_robot(str(args.urdf))
+        if args.actions in ("auto", "joints"):
+            robot.chain_joints(args.base_frame, args.tcp_frame)
+        if args.gripper_joint:
+            robot.joint_limits(args.gripper_joint)
     if args.instructions is not None and not args.instructions.is_file():
         raise UserError(f"instructions file not found: {args.instructions}")
     bag = BagOptions(image_topic=args.image_topic, twist_topic=args.twist_topic, pose_topic=args.pose_topic,
                      gripper_topic=args.gripper_topic, instruction_topic=args.instruction_topic, actions=args.actions,
+                     joint_topic=args.joint_state_topic, urdf=str(args.urdf) if args.urdf else None,
+                     gripper_joint=args.gripper_joint,
                      rate_hz=args.rate,
                      stale_timeout_s=args.stale_timeout, base_frame=args.base_frame, tcp_frame=args.tcp_frame,
                      gripper_open=args.gripper_open, gripper_closed=args.gripper_closed)
@@ -110,16 +133,33 @@ def run_ingest(args) -> int:
 
 # ---------------------------------------------------------------- info
 def add_info_parser(sub) -> None:
-    p = sub.add_parser("info", help="summarize a dataset", description="Summarize a dataset: episodes, frames, "
-                       "splits, tasks, instructions, sources, disk size, action statistics.")
-    p.add_argument("dataset", type=Path, help="dataset directory")
+    p = sub.add_parser("info", help="summarize a dataset or a bag",
+                       description="Summarize a dataset (episodes, frames, splits, tasks, instructions, sources, disk "
+                                   "size, action statistics) or a bag (topics, types, rates, and the image, action "
+                                   "and gripper sources ingest would use).")
+    p.add_argument("dataset", type=Path, metavar="PATH", help="dataset directory, bag directory or .mcap/.db3 file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    bag = p.add_argument_group("for a bag (as lapa data ingest takes them)")
+    bag.add_argument("--urdf", type=Path, metavar="FILE", help="the robot's URDF, to check actions from joint states")
+    bag.add_argument("--base-frame", default="panda_link0", help="robot base frame (default panda_link0)")
+    bag.add_argument("--tcp-frame", default="panda_hand_tcp", help="TCP frame (default panda_hand_tcp)")
+    bag.add_argument("--gripper-joint", metavar="NAME", help="a finger joint as the gripper")
 
 
 def run_info(args) -> int:
-    from lapa_training.data.dataset import Dataset, summarize
+    from lapa_training.data.dataset import Dataset, is_dataset, summarize
 
-    summary = summarize(Dataset(args.dataset))
+    path = args.dataset
+    is_bag = (path.is_dir() and (path / "metadata.yaml").is_file()) or (path.is_file() and path.suffix in (".mcap", ".db3"))
+    if is_bag and not is_dataset(path):
+        from lapa_training.data.bag_info import describe_bag, format_bag_info
+        from lapa_training.data.bag_reader import BagOptions
+
+        info = describe_bag(path, BagOptions(urdf=str(args.urdf) if args.urdf else None, base_frame=args.base_frame,
+                                             tcp_frame=args.tcp_frame, gripper_joint=args.gripper_joint))
+        print(json.dumps(info, indent=2) if args.json else format_bag_info(info))
+        return 0
+    summary = summarize(Dataset(path))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -404,7 +404,8 @@ def test_bad_bags_are_named(tmp_path):
 
     no_meta = shutil.copytree(good, tmp_path / "no_meta")
     (no_meta / "metadata.yaml").unlink()
-    with pytest.raises(IngestError, match=r"no_meta: missing metadata.yaml"):
+    next(no_meta.glob("*.mcap")).rename(no_meta / "no_meta_0.mcap")  # as `ros2 bag record` names it
+    with pytest.raises(IngestError, match=r"no_meta: missing metadata.yaml.*ros2 bag reindex"):
         ingest([no_meta], tmp_path / "ds", quiet())
 
     with pytest.raises(IngestError, match=r"no topic '/nope'.*the bag has: .*/camera/image_raw \(sensor_msgs/Image"):
@@ -579,3 +580,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lapa data: error: ") and message in err, err
     assert "Traceback" not in err and not (tmp_path / "ds").exists()
+
+
+def test_failed_first_source_with_source_size_frames_is_dropped_cleanly(tmp_path):
+    """--image-size 0: the writer learns the frame shape from the first frame; a source that fails before
+    giving one is undone without error, and the next is ingested."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a_broken.mp4").write_bytes(b"not a video" * 100)
+    write_bag(tmp_path / "in" / "b_good", robot_episode(n=3, size=4)[0])
+    report = ingest([tmp_path / "in"], tmp_path / "ds", quiet(image_size=0, skip_bad=True))
+    assert report.episodes_added == 1 and len(report.skipped) == 1
+    assert Dataset(tmp_path / "ds").frames.shape == (3, 4, 4, 3)

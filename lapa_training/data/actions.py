@@ -1,4 +1,4 @@
-"""7-D end-effector delta actions (see bag_format.ACTION_NAMES) from commanded twists or EE poses.
+"""7-D end-effector delta actions (see bag_format.ACTION_NAMES) from commanded twists, EE poses or transforms.
 
 Pure numpy, no ROS. Times are int64 nanoseconds; every function takes the resampled control grid
 ``grid_ns`` (N,) and returns one row per step k = 0 .. N-2, the step from t_k to t_{k+1}. All
@@ -159,16 +159,40 @@ def pose_deltas(grid_ns: np.ndarray, pose_ns: np.ndarray, position: np.ndarray, 
     rotation = rpy of R_{k+1} @ R_k^T. Steps touching a time outside the poses are NaN.
     """
     pos, quat = interpolate_poses(grid_ns, pose_ns, position, quat_wxyz, max_outside_ns)
-    out = np.full((max(len(grid_ns) - 1, 0), 6), np.nan)
+    valid = np.isfinite(quat).all(axis=1)
+    mats = np.tile(np.eye(4), (len(pos), 1, 1))
+    mats[:, :3, :3] = quat_to_matrix(np.where(valid[:, None], quat, [1.0, 0.0, 0.0, 0.0]))
+    mats[:, :3, 3] = pos
+    mats[~valid] = np.nan
+    return transform_deltas(mats)
+
+
+def transform_deltas(base_T_tcp: np.ndarray) -> np.ndarray:
+    """(dx, dy, dz, droll, dpitch, dyaw) per step (N-1, 6) from TCP poses (N, 4, 4) at the grid times.
+
+    translation = p_{k+1} - p_k, rotation = rpy of R_{k+1} @ R_k^T; NaN where either pose is NaN.
+    """
+    mats = np.asarray(base_T_tcp, dtype=np.float64).reshape(-1, 4, 4)
+    out = np.full((max(len(mats) - 1, 0), 6), np.nan)
     if len(out) == 0:
         return out
-    valid = np.isfinite(quat).all(axis=1)
+    valid = np.isfinite(mats).all(axis=(1, 2))
     ok = valid[:-1] & valid[1:]
-    rot = quat_to_matrix(np.where(valid[:, None], quat, [1.0, 0.0, 0.0, 0.0]))
-    delta = rot[1:] @ np.transpose(rot[:-1], (0, 2, 1))
-    out[:, :3] = pos[1:] - pos[:-1]
-    out[:, 3:] = matrix_to_rpy(delta)
+    rot = np.where(valid[:, None, None], mats[:, :3, :3], np.eye(3))
+    out[:, :3] = mats[1:, :3, 3] - mats[:-1, :3, 3]
+    out[:, 3:] = matrix_to_rpy(rot[1:] @ np.transpose(rot[:-1], (0, 2, 1)))
     out[~ok] = np.nan
+    return out
+
+
+def invert_transforms(mats: np.ndarray) -> np.ndarray:
+    """Inverses of rigid transforms (n, 4, 4): [R^T, -R^T p]; NaN stays NaN."""
+    mats = np.asarray(mats, dtype=np.float64)
+    out = np.tile(np.eye(4), (len(mats), 1, 1))
+    rot_t = np.transpose(mats[:, :3, :3], (0, 2, 1))
+    out[:, :3, :3] = rot_t
+    out[:, :3, 3] = -np.einsum("nij,nj->ni", rot_t, mats[:, :3, 3])
+    out[~np.isfinite(mats).all(axis=(1, 2))] = np.nan
     return out
 
 

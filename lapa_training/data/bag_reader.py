@@ -9,7 +9,12 @@ Reads bags that lapa-ros records (bag_format.py) as well as plain ``ros2 bag rec
   order are re-ordered within a window of REORDER_WINDOW messages (later ones are dropped and
   counted). Gaps between images longer than gap_periods control periods are reported.
 - Images are deserialized and decoded only when they become a stored frame, each once.
-- Actions: see actions.py (twists first, else EE poses, else none: an action-free episode).
+- Actions (actions.py): the first source the bag has, in this order (or the one --actions names):
+  commanded twists; an end-effector pose topic; the TF tree between the base and TCP frames
+  (tf_tree.py); joint states + the robot's URDF (joint_states.py, kinematics.py). With none of them
+  the episode is action-free. Steps with no source data near enough keep NaN actions, and a warning says so.
+- Gripper: the gripper command topic, else a finger joint of /joint_states (--gripper-joint).
+- A bag is a rosbag2 directory, or a single .mcap/.db3 file as other writers leave it.
 
     episode = read_bag(Path("bags/pick_place_000003"), BagOptions(rate_hz=10), sink)
     # sink.add_frame(rgb) / sink.repeat_frame() got one call per grid step
@@ -17,6 +22,7 @@ Reads bags that lapa-ros records (bag_format.py) as well as plain ``ros2 bag rec
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 from dataclasses import dataclass, field
@@ -28,14 +34,22 @@ import numpy as np
 from lapa_training.data import actions as act
 from lapa_training.data import bag_format, cdr
 from lapa_training.data.errors import IncompleteEpisode, IngestError
+from lapa_training.data.joint_states import JointStateHistory
+from lapa_training.data.kinematics import RobotModel
+from lapa_training.data.tf_tree import TransformError, TransformHistory
 from lapa_training.data.images import IMAGE_TYPE, IMAGE_TYPES, compressed_msg_to_rgb, raw_image_to_rgb
 
 TWIST_TYPES = ("geometry_msgs/msg/TwistStamped", "geometry_msgs/msg/Twist")
 POSE_TYPES = ("geometry_msgs/msg/PoseStamped",)
+TF_TYPES = ("tf2_msgs/msg/TFMessage",)
+JOINT_TYPES = ("sensor_msgs/msg/JointState",)
+TF_TOPIC, TF_STATIC_TOPIC = "/tf", "/tf_static"
 GRIPPER_TYPES = ("std_msgs/msg/Float64", "std_msgs/msg/Float32")
 STRING_TYPES = ("std_msgs/msg/String",)
 INSTRUCTION_TXT = "instruction.txt"
-ACTION_SOURCES = ("auto", "twist", "pose", "none")
+ACTION_SOURCES = ("auto", "twist", "pose", "tf", "joints", "none")
+BAG_FILE_SUFFIXES = (".mcap", ".db3")
+CLOCK_MISMATCH_S = 0.5  # header stamps of two topics this far apart (relative to receive time): unsynchronised clocks
 REORDER_WINDOW = 16  # images; a camera's stamps are at most this many messages out of arrival order
 
 
@@ -57,14 +71,19 @@ class BagOptions:
     pose_topic: str | None = None
     gripper_topic: str | None = None
     instruction_topic: str | None = None
-    actions: str = "auto"  # auto: twists, else poses, else none; or force 'twist', 'pose' or 'none'
+    joint_topic: str | None = None
+    tf_topic: str = TF_TOPIC
+    tf_static_topic: str = TF_STATIC_TOPIC
+    actions: str = "auto"  # auto: the first of ACTION_SOURCES[1:-1] the bag has; or force one of them
+    urdf: str | None = None  # the robot's URDF, for actions from joint states and a finger joint's limits
+    gripper_joint: str | None = None  # a finger joint of /joint_states as the gripper, when there is no command topic
     rate_hz: float = 10.0  # control rate of the stored frames and actions
     window_s: float = 0.6  # LAQ window; recorded per episode as round(window_s * rate_hz) frames
     stale_timeout_s: float = 0.25  # a twist older than this counts as zero (MoveIt Servo)
     base_frame: str = bag_format.BASE_FRAME
     tcp_frame: str = bag_format.TCP_FRAME
-    gripper_open: float = 1.0  # gripper command value meaning fully open
-    gripper_closed: float = 0.0  # ... and fully closed
+    gripper_open: float | None = None  # value meaning fully open (None: 1 on the command topic, the joint's upper limit)
+    gripper_closed: float | None = None  # ... fully closed (None: 0 on the command topic, the joint's lower limit)
     stamp_tolerance_s: float = 0.001
     gap_periods: float = 3.0  # report image gaps longer than this many control periods
     instructions: Mapping[str, str] | None = None  # bag directory name -> instruction (--instructions)
@@ -180,6 +199,20 @@ def _pick_image_topic(path: Path, topics: Mapping[str, tuple[str, int]], request
 
 
 # ---------------------------------------------------------------- helpers
+def ros2_type_name(msgtype: str | None) -> str:
+    """'pkg/msg/Type' also for the 'pkg/Type' that some MCAP writers put in their schemas."""
+    if not msgtype:
+        return "?"
+    parts = msgtype.split("/")
+    return f"{parts[0]}/msg/{parts[1]}" if len(parts) == 2 else msgtype
+
+
+def bag_topics(reader) -> dict[str, tuple[str, int]]:
+    """topic -> (type, message count) of an open bag."""
+    return {name: (ros2_type_name(info.msgtype), info.msgcount) for name, info in reader.topics.items()}
+
+
+
 def _header_ns(header, receive_ns: int) -> int:
     stamp = int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
     return stamp if stamp else receive_ns
@@ -243,12 +276,14 @@ class _Resampler:
 
 
 # ---------------------------------------------------------------- reading
-def _open_reader(path: Path):
+def open_reader(path: Path):
     from rosbags.rosbag2 import Reader
 
-    if not path.is_dir():
-        raise IngestError(f"{path}: not a bag directory")
-    if not (path / "metadata.yaml").is_file():
+    if path.is_file() and path.suffix in BAG_FILE_SUFFIXES:
+        pass  # a single storage file, as writers other than rosbag2 leave it: rosbags reads its own index
+    elif not path.is_dir():
+        raise IngestError(f"{path}: not a bag directory or .mcap/.db3 file")
+    elif not (path / "metadata.yaml").is_file():
         files = [p.name for p in path.iterdir() if p.suffix in (".mcap", ".db3")]
         hint = f" (it has {', '.join(files)}; `ros2 bag reindex {path}` rebuilds the metadata)" if files else ""
         raise IngestError(f"{path}: missing metadata.yaml, not a complete rosbag2 bag{hint}")
@@ -268,7 +303,7 @@ def _checked_messages(reader, connections, path: Path):
         raise IngestError(f"{path}: corrupt or truncated bag ({type(e).__name__}: {e})") from e
 
 
-def _storage_name(reader) -> str:
+def storage_name(reader) -> str:
     storages = getattr(reader.storage, "storages", [])
     name = type(storages[0]).__name__ if storages else ""
     return {"McapReader": "mcap", "Sqlite3Reader": "sqlite3"}.get(name, name or "unknown")
@@ -286,7 +321,7 @@ def read_bag(path: str | Path, options: BagOptions, sink: FrameSink) -> BagEpiso
         raise IncompleteEpisode(f"{path}: incomplete episode (still recording or interrupted); skipped")
     if options.rate_hz <= 0:
         raise IngestError(f"bad control rate {options.rate_hz} Hz")
-    reader = _open_reader(path)
+    reader = open_reader(path)
     try:
         return _read_open_bag(path, reader, options, sink)
     finally:
@@ -298,43 +333,37 @@ def read_bag(path: str | Path, options: BagOptions, sink: FrameSink) -> BagEpiso
 
 def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> BagEpisode:
     ts = bag_format.typestore()
-    meta = episode_metadata(path, getattr(reader.storage.metadata, "custom", None))
+    meta = episode_metadata(path, getattr(getattr(reader.storage, "metadata", None), "custom", None))
     if meta.get("status") == bag_format.STATUS_RECORDING:
         raise IncompleteEpisode(f"{path}: incomplete episode (status 'recording'); skipped")
-    topics = {name: (info.msgtype or "?", info.msgcount) for name, info in reader.topics.items()}
-    image_topic = _pick_image_topic(path, topics, options.image_topic)
-    twist_topic = _pick_topic(path, topics, options.twist_topic, bag_format.TWIST_TOPIC, TWIST_TYPES,
-                              "twist commands", "--twist-topic")
-    pose_topic = _pick_topic(path, topics, options.pose_topic, bag_format.EE_POSE_TOPIC, POSE_TYPES,
-                             "end-effector poses", "--pose-topic")
-    gripper_topic = _pick_topic(path, topics, options.gripper_topic, bag_format.GRIPPER_TOPIC, GRIPPER_TYPES,
-                                "gripper commands", "--gripper-topic")
-    instruction_topic = _pick_topic(path, topics, options.instruction_topic, bag_format.INSTRUCTION_TOPIC,
-                                    STRING_TYPES, "instruction", "--instruction-topic")
-    if options.actions not in ACTION_SOURCES:
-        raise IngestError(f"unknown action source '{options.actions}'; use one of {', '.join(ACTION_SOURCES)}")
-    if options.actions == "none":
-        twist_topic = pose_topic = gripper_topic = None
-    elif options.actions == "pose":
-        twist_topic = None
-    for wanted, topic, option in (("twist", twist_topic, "--twist-topic"), ("pose", pose_topic, "--pose-topic")):
-        if options.actions == wanted and (topic is None or topics[topic][1] == 0):
-            raise IngestError(f"{path}: actions from {wanted}s requested but there are no {wanted} messages "
-                              f"(set {option}); the bag has: {_describe_topics(topics)}")
+    topics = bag_topics(reader)
+    found = find_sources(path, topics, options)
+    image_topic = found.image
     if topics[image_topic][1] == 0:
         raise IngestError(f"{path}: image topic '{image_topic}' has no messages")
+    robot = load_robot(options.urdf) if options.urdf and ("joints" in found.actions or options.gripper_joint) else None
 
     # Instruction fallbacks, known before reading, so a missing instruction fails fast
     fallback_instruction, fallback_source = _instruction_without_topic(path, meta, options)
-    if not fallback_instruction and instruction_topic is None and not options.allow_empty_instruction:
+    if not fallback_instruction and found.instruction is None and not options.allow_empty_instruction:
         raise IngestError(f"{path}: empty instruction: no instruction topic, no lapa.instruction in metadata.yaml "
                           f"or episode.json, no {INSTRUCTION_TXT}, not in --instructions")
 
-    roles = {image_topic: "image", twist_topic: "twist", pose_topic: "pose", gripper_topic: "gripper",
-             instruction_topic: "instruction"}
+    roles = {image_topic: "image", found.instruction: "instruction"}
+    if "twist" in found.actions:
+        roles[found.twist] = "twist"
+    if "twist" in found.actions or "pose" in found.actions:
+        roles[found.pose] = "pose"  # also what rotates twists given in the TCP frame
+    if "tf" in found.actions:
+        roles.update({found.tf: "tf", found.tf_static: "tf_static"})
+    if "joints" in found.actions or (found.gripper == "joint"):
+        roles[found.joints] = "joints"
+    if found.gripper == "topic" and found.actions:
+        roles[found.gripper_topic] = "gripper"
     roles.pop(None, None)
     conns = [c for c in reader.connections if c.topic in roles]
     role_of = {c.id: roles[c.topic] for c in conns}
+    type_of = {c.id: ros2_type_name(c.msgtype) for c in conns}
     image_type = topics[image_topic][0]
 
     # ---- single pass
@@ -371,44 +400,64 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
     twist_ns, twist_frames, twist_vals = [], [], []
     pose_ns, pose_frames, pose_vals = [], [], []
     grip_ns, grip_vals = [], []
+    tf = TransformHistory()
+    joints = JointStateHistory()
+    clock = _ClockOffsets()
     topic_instructions: list[str] = []
     for conn, receive_ns, raw in _checked_messages(reader, conns, path):
-        role = role_of[conn.id]
+        role, msgtype = role_of[conn.id], type_of[conn.id]
         if role == "image":
             try:
                 stamp = cdr.header_stamp_ns(raw) or receive_ns
             except Exception as e:
-                raise IngestError(f"{path}: cannot parse {conn.msgtype} on {conn.topic} "
+                raise IngestError(f"{path}: cannot parse {msgtype} on {conn.topic} "
                                   f"({type(e).__name__}: {e})") from e
+            clock.add(conn.topic, stamp, receive_ns)
             grid.push(stamp, raw)  # decoded (once) only if it becomes a stored frame
             continue
         try:
             if role == "twist":
-                if conn.msgtype == "geometry_msgs/msg/TwistStamped":
+                if msgtype == "geometry_msgs/msg/TwistStamped":
                     stamp, frame_id, values = cdr.twist_stamped(raw)
                 else:  # plain Twist: no header, so receive time and the base frame
-                    tw = ts.deserialize_cdr(raw, conn.msgtype)
+                    tw = ts.deserialize_cdr(raw, msgtype)
                     stamp, frame_id = 0, ""
                     values = (tw.linear.x, tw.linear.y, tw.linear.z, tw.angular.x, tw.angular.y, tw.angular.z)
                 twist_ns.append(stamp or receive_ns)
                 twist_frames.append(frame_id)
                 twist_vals.append(values)
+                if stamp:
+                    clock.add(conn.topic, stamp, receive_ns)
             elif role == "gripper":
                 grip_ns.append(receive_ns)
-                grip_vals.append(cdr.float64(raw) if conn.msgtype == "std_msgs/msg/Float64"
-                                 else float(ts.deserialize_cdr(raw, conn.msgtype).data))
+                grip_vals.append(cdr.float64(raw) if msgtype == "std_msgs/msg/Float64"
+                                 else float(ts.deserialize_cdr(raw, msgtype).data))
             elif role == "pose":
-                msg = ts.deserialize_cdr(raw, conn.msgtype)
+                msg = ts.deserialize_cdr(raw, msgtype)
                 pose_ns.append(_header_ns(msg.header, receive_ns))
+                clock.add(conn.topic, pose_ns[-1], receive_ns)
                 pose_frames.append(msg.header.frame_id)
                 p, q = msg.pose.position, msg.pose.orientation
                 pose_vals.append((p.x, p.y, p.z, q.w, q.x, q.y, q.z))
+            elif role in ("tf", "tf_static"):
+                for t in ts.deserialize_cdr(raw, msgtype).transforms:
+                    stamp = _header_ns(t.header, receive_ns)
+                    if role == "tf":
+                        clock.add(conn.topic, stamp, receive_ns)
+                    p, q = t.transform.translation, t.transform.rotation
+                    tf.add(t.header.frame_id, t.child_frame_id, stamp, (p.x, p.y, p.z), (q.w, q.x, q.y, q.z),
+                           static=role == "tf_static")
+            elif role == "joints":
+                msg = ts.deserialize_cdr(raw, msgtype)
+                stamp = _header_ns(msg.header, receive_ns)
+                clock.add(conn.topic, stamp, receive_ns)
+                joints.add(stamp, msg.name, msg.position)
             elif role == "instruction":
-                text = ts.deserialize_cdr(raw, conn.msgtype).data.strip()
+                text = ts.deserialize_cdr(raw, msgtype).data.strip()
                 if text:
                     topic_instructions.append(text)
         except Exception as e:  # a message that does not parse: damaged bag or wrong type definition
-            raise IngestError(f"{path}: cannot parse {conn.msgtype} on {conn.topic} "
+            raise IngestError(f"{path}: cannot parse {msgtype} on {conn.topic} "
                               f"({type(e).__name__}: {e})") from e
     grid_ns = grid.finish()
     if len(grid_ns) == 0:
@@ -425,63 +474,76 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
 
     # ---- instruction
     if topic_instructions:
-        instruction, instruction_source = topic_instructions[0], f"topic {instruction_topic}"
+        instruction, instruction_source = topic_instructions[0], f"topic {found.instruction}"
         if len(set(topic_instructions)) > 1:
-            warnings.append(f"{path}: {len(set(topic_instructions))} different instructions on {instruction_topic}; "
+            warnings.append(f"{path}: {len(set(topic_instructions))} different instructions on {found.instruction}; "
                             "using the first")
     else:
         instruction, instruction_source = fallback_instruction, fallback_source
     if not instruction and not options.allow_empty_instruction:
-        raise IngestError(f"{path}: empty instruction (topic {instruction_topic} has no text, and there is no "
+        raise IngestError(f"{path}: empty instruction (topic {found.instruction} has no text, and there is no "
                           f"lapa.instruction, episode.json, {INSTRUCTION_TXT} or --instructions entry)")
 
-    # ---- actions
+    # ---- actions: the first source that gives them (only one is tried when --actions names it)
     actions = np.full((len(grid_ns), bag_format.ACTION_DIM), np.nan, dtype=np.float64)
-    action_source = None
+    max_outside_ns = int(round(options.stale_timeout_s * 1e9))
+    hold_ns = period_ns // 2  # measured states (TF, joints) are held at most this long past their ends: no false zeros
     pose_arr = np.array(pose_vals, dtype=np.float64).reshape(-1, 7)
     pose_ns_arr = np.array(pose_ns, dtype=np.int64)
-    max_outside_ns = int(round(options.stale_timeout_s * 1e9))
-    if pose_frames and any(f not in ("", options.base_frame) for f in set(pose_frames)):
-        bad = sorted(set(pose_frames) - {"", options.base_frame})
-        raise IngestError(f"{path}: poses on {pose_topic} are in frame {bad[0]}, not the base frame "
-                          f"'{options.base_frame}' (set --base-frame)")
-    if twist_vals:
-        vals = np.array(twist_vals, dtype=np.float64)
-        t_ns = np.array(twist_ns, dtype=np.int64)
-        frames = np.array(twist_frames, dtype=object)
-        in_tcp = frames == options.tcp_frame
-        unknown = sorted(set(frames[~in_tcp]) - {"", options.base_frame})
-        if unknown:
-            raise IngestError(f"{path}: twists on {twist_topic} are in frame '{unknown[0]}'; only the base frame "
-                              f"'{options.base_frame}' and the TCP frame '{options.tcp_frame}' are supported "
-                              "(set --base-frame / --tcp-frame)")
-        if in_tcp.any():
-            if not len(pose_arr):
-                raise IngestError(f"{path}: twists on {twist_topic} are in the TCP frame '{options.tcp_frame}' but "
-                                  "the bag has no end-effector poses to rotate them into the base frame "
-                                  "(set --pose-topic)")
-            for cols in (slice(0, 3), slice(3, 6)):
-                vals[in_tcp, cols] = act.rotate_to_base(vals[in_tcp, cols], t_ns[in_tcp], pose_ns_arr,
-                                                        pose_arr[:, 3:], max_outside_ns)
-        actions[:-1, :6] = act.twist_deltas(grid_ns, t_ns, vals[:, :3], vals[:, 3:], options.stale_timeout_s)
-        action_source = "twist"
-    elif len(pose_arr):
-        actions[:-1, :6] = act.pose_deltas(grid_ns, pose_ns_arr, pose_arr[:, :3], pose_arr[:, 3:], max_outside_ns)
-        action_source = "pose"
-    elif twist_topic or pose_topic:
-        warnings.append(f"{path}: action topics present but empty; episode is action-free")
-    if action_source is not None:
-        if options.gripper_open == options.gripper_closed:
-            raise IngestError("--gripper-open and --gripper-closed must differ")
-        actions[:-1, 6] = act.gripper_closure(grid_ns, np.array(grip_ns, dtype=np.int64), np.array(grip_vals),
-                                              options.gripper_open, options.gripper_closed)
+    failures: list[str] = []
+    action_source = None
+    for source in found.actions:
+        topic = {"twist": found.twist, "pose": found.pose, "tf": found.tf, "joints": found.joints}[source]
+        try:
+            clock.check(path, image_topic, topic)
+            if source == "twist":
+                deltas = _twist_deltas(path, found, options, grid_ns, twist_ns, twist_frames, twist_vals,
+                                       pose_ns_arr, pose_arr, max_outside_ns)
+            elif source == "pose":
+                deltas = _pose_deltas(path, found, options, grid_ns, pose_ns_arr, pose_frames, pose_arr,
+                                      max_outside_ns)
+            elif source == "tf":
+                try:
+                    deltas = act.transform_deltas(tf.lookup(options.base_frame, options.tcp_frame, grid_ns,
+                                                            hold_ns))
+                except TransformError as e:
+                    raise IngestError(f"{path}: no actions from {found.tf}: {e} (set --base-frame / --tcp-frame)") \
+                        from e
+            else:
+                deltas = _joint_deltas(path, found, options, robot, joints, grid_ns, hold_ns)
+        except IngestError as e:
+            if options.actions != "auto" or source in ("twist", "pose"):
+                raise  # a twist or pose topic is there on purpose: its problem is the user's to fix
+            failures.append(str(e))
+            continue
+        actions[:-1, :6] = deltas
+        action_source = source
+        break
+    if action_source is None:
+        if failures:
+            warnings.append(f"{path}: episode is action-free: " + "; ".join(failures))
+        elif found.note:
+            warnings.append(f"{path}: episode is action-free: {found.note}")
+    else:
+        missing = int(np.isnan(actions[:-1, :6]).any(axis=1).sum())
+        if missing:
+            warnings.append(f"{path}: {missing} of {len(grid_ns) - 1} steps have no {action_source} data within "
+                            f"{options.stale_timeout_s:g} s (it starts late, ends early or has gaps); they are "
+                            "stored without actions")
+        actions[:-1, 6], gripper_warning = _gripper(path, found, options, robot, joints, grid_ns,
+                                                    grip_ns, grip_vals, hold_ns)
+        if gripper_warning:
+            warnings.append(gripper_warning)
 
     provenance = {
-        "kind": "bag", "source": str(path.resolve()), "storage": _storage_name(reader),
-        "topics": {"image": image_topic, "twist": twist_topic, "pose": pose_topic, "gripper": gripper_topic,
-                   "instruction": instruction_topic},
+        "kind": "bag", "source": str(path.resolve()), "storage": storage_name(reader),
+        "topics": {"image": image_topic, "twist": found.twist, "pose": found.pose, "tf": found.tf,
+                   "tf_static": found.tf_static, "joints": found.joints, "gripper": found.gripper_topic,
+                   "instruction": found.instruction},
         "encoding": encoding[0] if encoding else None, "native_size": native_size or None,
-        "action_source": action_source, "instruction_source": instruction_source,
+        "action_source": action_source, "gripper_source": found.gripper if action_source else None,
+        "urdf": str(Path(options.urdf).resolve()) if robot is not None else None,
+        "instruction_source": instruction_source,
         "start_time_ns": int(grid_ns[0]), "num_images": grid.count, "late_images_dropped": grid.late,
         "image_gaps": [{"at_s": round((t - int(grid_ns[0])) * 1e-9, 4), "length_s": round(g * 1e-9, 4)}
                        for t, g in grid.gaps[:20]],
@@ -496,18 +558,190 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
                       provenance=provenance, warnings=warnings)
 
 
+# ---------------------------------------------------------------- action sources
+@dataclass
+class FoundSources:
+    """The topics of one bag and the action and gripper sources they offer, before any message is read."""
+
+    image: str
+    twist: str | None
+    pose: str | None
+    tf: str | None
+    tf_static: str | None
+    joints: str | None
+    gripper_topic: str | None
+    instruction: str | None
+    actions: list[str]  # the sources to try, in order
+    gripper: str | None  # 'topic', 'joint' or None
+    note: str = ""  # why there is no action source, when there is none
+
+
+def find_sources(path: Path, topics: Mapping[str, tuple[str, int]], options: BagOptions) -> FoundSources:
+    """Pick topics by option or default and list the action sources the bag has, in the order to try them."""
+    if options.actions not in ACTION_SOURCES:
+        raise IngestError(f"unknown action source '{options.actions}'; use one of {', '.join(ACTION_SOURCES)}")
+
+    def pick(requested, default, types, role, option):
+        return _pick_topic(path, topics, requested, default, types, role, option)
+
+    found = FoundSources(
+        image=_pick_image_topic(path, topics, options.image_topic),
+        twist=pick(options.twist_topic, bag_format.TWIST_TOPIC, TWIST_TYPES, "twist commands", "--twist-topic"),
+        pose=pick(options.pose_topic, bag_format.EE_POSE_TOPIC, POSE_TYPES, "end-effector poses", "--pose-topic"),
+        tf=_pick_topic(path, topics, None, options.tf_topic, TF_TYPES, "transforms", "--tf-topic"),
+        tf_static=_pick_topic(path, topics, None, options.tf_static_topic, TF_TYPES, "static transforms",
+                              "--tf-topic"),
+        joints=pick(options.joint_topic, bag_format.JOINT_STATE_TOPIC, JOINT_TYPES, "joint states",
+                    "--joint-state-topic"),
+        gripper_topic=pick(options.gripper_topic, bag_format.GRIPPER_TOPIC, GRIPPER_TYPES, "gripper commands",
+                           "--gripper-topic"),
+        instruction=pick(options.instruction_topic, bag_format.INSTRUCTION_TOPIC, STRING_TYPES, "instruction",
+                         "--instruction-topic"),
+        actions=[], gripper=None)
+
+    def has(topic):
+        return topic is not None and topics[topic][1] > 0
+
+    available = {"twist": has(found.twist), "pose": has(found.pose), "tf": has(found.tf),
+                 "joints": has(found.joints) and options.urdf is not None}
+    if options.actions == "auto":
+        found.actions = [s for s in ACTION_SOURCES[1:-1] if available[s]]
+        if not found.actions and has(found.joints):
+            found.note = f"it has {found.joints} but no --urdf to compute the TCP pose from them"
+        elif not found.actions:
+            found.note = "no twist, end-effector pose, /tf or joint-state messages"
+    elif options.actions != "none":
+        wanted = options.actions
+        if not available[wanted]:
+            why = {"twist": "no twist messages (set --twist-topic)", "pose": "no pose messages (set --pose-topic)",
+                   "tf": f"no messages on {options.tf_topic}",
+                   "joints": "no joint-state messages (set --joint-state-topic)" if options.urdf
+                   else "no --urdf to compute the TCP pose from joint states"}[wanted]
+            label = {"twist": "twists", "pose": "poses", "tf": "TF", "joints": "joint states"}[wanted]
+            raise IngestError(f"{path}: actions from {label} requested but there are {why}; "
+                              f"the bag has: {_describe_topics(topics)}")
+        found.actions = [wanted]
+    if has(found.gripper_topic):
+        found.gripper = "topic"
+    elif options.gripper_joint:
+        if not has(found.joints):
+            raise IngestError(f"{path}: --gripper-joint {options.gripper_joint} but no joint-state messages "
+                              f"(set --joint-state-topic); the bag has: {_describe_topics(topics)}")
+        found.gripper = "joint"
+    return found
+
+
+def _twist_deltas(path, found, options, grid_ns, twist_ns, twist_frames, twist_vals, pose_ns_arr, pose_arr,
+                  max_outside_ns) -> np.ndarray:
+    vals = np.array(twist_vals, dtype=np.float64).reshape(-1, 6)
+    t_ns = np.array(twist_ns, dtype=np.int64)
+    frames = np.array(twist_frames, dtype=object)
+    in_tcp = frames == options.tcp_frame
+    unknown = sorted(set(frames[~in_tcp]) - {"", options.base_frame})
+    if unknown:
+        raise IngestError(f"{path}: twists on {found.twist} are in frame '{unknown[0]}'; only the base frame "
+                          f"'{options.base_frame}' and the TCP frame '{options.tcp_frame}' are supported "
+                          "(set --base-frame / --tcp-frame)")
+    if in_tcp.any():
+        if not len(pose_arr):
+            raise IngestError(f"{path}: twists on {found.twist} are in the TCP frame '{options.tcp_frame}' but "
+                              "the bag has no end-effector poses to rotate them into the base frame "
+                              "(set --pose-topic)")
+        for cols in (slice(0, 3), slice(3, 6)):
+            vals[in_tcp, cols] = act.rotate_to_base(vals[in_tcp, cols], t_ns[in_tcp], pose_ns_arr,
+                                                    pose_arr[:, 3:], max_outside_ns)
+    return act.twist_deltas(grid_ns, t_ns, vals[:, :3], vals[:, 3:], options.stale_timeout_s)
+
+
+def _pose_deltas(path, found, options, grid_ns, pose_ns_arr, pose_frames, pose_arr, max_outside_ns) -> np.ndarray:
+    bad = sorted(set(pose_frames) - {"", options.base_frame})
+    if bad:
+        raise IngestError(f"{path}: poses on {found.pose} are in frame {bad[0]}, not the base frame "
+                          f"'{options.base_frame}' (set --base-frame)")
+    return act.pose_deltas(grid_ns, pose_ns_arr, pose_arr[:, :3], pose_arr[:, 3:], max_outside_ns)
+
+
+def _joint_deltas(path, found, options, robot, joints, grid_ns, max_outside_ns) -> np.ndarray:
+    names = robot.chain_joints(options.base_frame, options.tcp_frame)
+    try:
+        q = joints.positions_at(names, grid_ns, max_outside_ns)
+    except KeyError as e:
+        raise IngestError(f"{path}: joint '{e.args[0]}' of the chain {options.base_frame} -> {options.tcp_frame} "
+                          f"is never in {found.joints} (it has: {', '.join(joints.names) or 'no positions'})") from e
+    return act.transform_deltas(robot.transforms(options.base_frame, options.tcp_frame, q))
+
+
+def _gripper(path, found, options, robot, joints, grid_ns, grip_ns, grip_vals, max_outside_ns):
+    """(closure per step (N-1,), warning or None) from the command topic or a finger joint."""
+    if found.gripper == "topic":
+        open_value = 1.0 if options.gripper_open is None else options.gripper_open
+        closed_value = 0.0 if options.gripper_closed is None else options.gripper_closed
+        if open_value == closed_value:
+            raise IngestError("--gripper-open and --gripper-closed must differ")
+        return act.gripper_closure(grid_ns, np.array(grip_ns, dtype=np.int64), np.array(grip_vals),
+                                   open_value, closed_value), None
+    if found.gripper == "joint":
+        joint = options.gripper_joint
+        open_value, closed_value = options.gripper_open, options.gripper_closed
+        if open_value is None or closed_value is None:
+            if robot is None:
+                raise IngestError(f"{path}: --gripper-joint {joint} needs --urdf for its limits "
+                                  "(or --gripper-open and --gripper-closed in joint units)")
+            lower, upper = robot.joint_limits(joint)
+            open_value = upper if open_value is None else open_value
+            closed_value = lower if closed_value is None else closed_value
+        if open_value == closed_value:
+            raise IngestError("--gripper-open and --gripper-closed must differ")
+        try:
+            position = joints.positions_at([joint], grid_ns[1:], max_outside_ns)[joint]
+        except KeyError as e:
+            raise IngestError(f"{path}: gripper joint '{joint}' is never in {found.joints} "
+                              f"(it has: {', '.join(joints.names) or 'no positions'})") from e
+        # the finger's position at the end of each step stands for the command during it
+        return np.clip((open_value - position) / (open_value - closed_value), 0.0, 1.0), None
+    return np.full(len(grid_ns) - 1, np.nan), (
+        f"{path}: no gripper source (no {found.gripper_topic or bag_format.GRIPPER_TOPIC} messages, no "
+        "--gripper-joint); the gripper action is unknown (NaN) in every step")
+
+
+class _ClockOffsets:
+    """Median header stamp minus receive time per topic, to catch topics stamped by unsynchronised clocks."""
+
+    def __init__(self):
+        self._offsets: dict[str, list[int]] = {}
+
+    def add(self, topic: str, stamp_ns: int, receive_ns: int) -> None:
+        offsets = self._offsets.setdefault(topic, [])
+        if len(offsets) < 1000:
+            offsets.append(stamp_ns - receive_ns)
+
+    def check(self, path: Path, image_topic: str, other: str | None) -> None:
+        if other is None or not self._offsets.get(other) or not self._offsets.get(image_topic):
+            return
+        a, b = (float(np.median(self._offsets[t])) * 1e-9 for t in (image_topic, other))
+        if abs(a - b) > CLOCK_MISMATCH_S:
+            raise IngestError(f"{path}: header stamps on {image_topic} and {other} disagree by {abs(a - b):.2f} s "
+                              "relative to the times the bag received them: their clocks are not synchronised")
+
+
+@functools.lru_cache(maxsize=4)
+def load_robot(urdf: str) -> RobotModel:
+    """The robot model of a URDF file, parsed once per ingest."""
+    return RobotModel.from_urdf(urdf)
+
+
 def _instruction_without_topic(path: Path, meta: Mapping[str, Any], options: BagOptions) -> tuple[str, str | None]:
     """(instruction, where it came from) from metadata, episode.json, instruction.txt or --instructions."""
     text = meta.get("instruction")
     if isinstance(text, str) and text.strip():
         return text.strip(), "metadata"
-    side = path / INSTRUCTION_TXT
+    side = path / INSTRUCTION_TXT if path.is_dir() else path.with_suffix(".txt")
     if side.is_file():
         text = side.read_text().strip()
         if text:
             return text, INSTRUCTION_TXT
     if options.instructions:
-        for key in (path.name, str(path), str(path.resolve())):
+        for key in (path.name, path.stem, str(path), str(path.resolve())):
             text = options.instructions.get(key)
             if text and text.strip():
                 return text.strip(), "instructions file"

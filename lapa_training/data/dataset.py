@@ -145,6 +145,8 @@ class GrowableArrayFile:
     def truncate(self, rows: int) -> None:
         """Drop every row from index rows on (used to undo a failed episode)."""
         self._write_pending()
+        if self.row_shape is None:  # no row written yet (e.g. --image-size 0 and the first source failed)
+            return
         self._file.truncate(NPY_HEADER_BYTES + rows * self.row_bytes)
         self._file.seek(0, os.SEEK_END)
         self.rows = rows

@@ -4,8 +4,8 @@
     report = ingest(["bags/", "videos/"], "runs/data/mix", IngestOptions(image_size=128))
     print(report.summary())
 
-Inputs may be bag directories (with metadata.yaml), folders searched recursively for bags and
-videos, single video files, or existing datasets (their episodes are copied: a merge). Bags under a
+Inputs may be bag directories (with metadata.yaml), single-file bags (.mcap, .db3), folders searched
+recursively for bags and videos, single video files, or existing datasets (their episodes are copied: a merge). Bags under a
 ``.recording/`` staging directory, or whose episode.json says "status": "recording", are skipped
 with a warning. A bad input (corrupt bag, missing topic, unreadable video, no instruction, ...)
 stops the run with an IngestError naming it, and nothing is written; with skip_bad it is skipped
@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from lapa_training.data import bag_format
-from lapa_training.data.bag_reader import BagOptions, is_incomplete, read_bag
+from lapa_training.data.bag_reader import BAG_FILE_SUFFIXES, BagOptions, is_incomplete, read_bag
 from lapa_training.data.dataset import Dataset, DatasetWriter, is_dataset, iter_chunks
 from lapa_training.data.errors import IncompleteEpisode, IngestError
 from lapa_training.data.video_reader import VIDEO_SUFFIXES, VideoOptions, caption_for, find_captions, \
@@ -82,27 +82,48 @@ class Source:
 
 
 # ---------------------------------------------------------------- discovery
-def discover_sources(inputs: Iterable[str | Path], exclude: Path | None = None) -> list[Source]:
-    """Every bag, video and dataset under the inputs, in a stable (sorted) order."""
+def discover_sources(inputs: Iterable[str | Path], exclude: Path | None = None,
+                     bad: list[tuple[str, str]] | None = None) -> list[Source]:
+    """Every bag, video and dataset under the inputs, in a stable (sorted) order.
+
+    A bad input (missing, of an unknown kind, a folder with nothing to ingest) raises an IngestError,
+    or, when a list is given as bad, is appended to it as (path, reason) and skipped.
+    """
     sources: list[Source] = []
     exclude = exclude.resolve() if exclude else None
     for raw in inputs:
         root = Path(raw)
-        if not root.exists():
-            raise IngestError(f"{root}: no such file or directory")
-        if root.is_file():
-            if root.suffix.lower() in VIDEO_SUFFIXES:
-                sources.append(Source("video", root, root.parent))
-            elif root.suffix in (".mcap", ".db3"):
-                raise IngestError(f"{root}: give the bag directory (the one with metadata.yaml), not its storage file")
-            else:
-                raise IngestError(f"{root}: not a bag directory, video ({', '.join(VIDEO_SUFFIXES)}) or dataset")
-            continue
-        found = list(_walk(root, root, exclude))
-        if not found:
-            raise IngestError(f"{root}: no bags, videos or datasets found in it")
-        sources.extend(found)
+        try:
+            sources.extend(_sources_of(root, exclude))
+        except IngestError as e:
+            if bad is None:
+                raise
+            bad.append((str(root), str(e)))
     return sources
+
+
+def _sources_of(root: Path, exclude: Path | None) -> list[Source]:
+    if not root.exists():
+        raise IngestError(f"{root}: no such file or directory")
+    if root.is_file():
+        if root.suffix.lower() in VIDEO_SUFFIXES:
+            return [Source("video", root, root.parent)]
+        if root.suffix in BAG_FILE_SUFFIXES:
+            if (root.parent / "metadata.yaml").is_file():
+                raise IngestError(f"{root}: give the bag directory (the one with metadata.yaml), not its storage file")
+            return [Source("incomplete" if is_incomplete(root) else "bag", root, root.parent)]
+        raise IngestError(f"{root}: not a bag (directory, .mcap or .db3), video ({', '.join(VIDEO_SUFFIXES)}) "
+                          "or dataset")
+    found = list(_walk(root, root, exclude))
+    if not found:
+        raise IngestError(f"{root}: no bags, videos or datasets found in it")
+    return found
+
+
+def _is_rosbag2_file(path: Path) -> bool:
+    """A storage file named as rosbag2 names them in its bag directory (<name>_<n>.mcap); given alone, it is read."""
+    stem, _, index = path.stem.rpartition("_")
+    return bool(stem) and index.isdigit()
 
 
 def _walk(folder: Path, root: Path, exclude: Path | None) -> Iterable[Source]:
@@ -115,9 +136,12 @@ def _walk(folder: Path, root: Path, exclude: Path | None) -> Iterable[Source]:
         entries = sorted(folder.iterdir())
     except OSError as e:
         raise IngestError(f"{folder}: cannot list the folder ({e.strerror})") from e
-    if (folder / "metadata.yaml").is_file() or any(p.suffix in (".mcap", ".db3") and p.is_file() for p in entries):
+    storage_files = [p for p in entries if p.suffix in BAG_FILE_SUFFIXES and p.is_file()]
+    if (folder / "metadata.yaml").is_file() or (storage_files and all(map(_is_rosbag2_file, storage_files))):
         yield Source("incomplete" if is_incomplete(folder) else "bag", folder, root)
         return
+    for p in storage_files:  # single-file bags, as writers other than rosbag2 leave them
+        yield Source("incomplete" if is_incomplete(p) else "bag", p, root)
     for p in entries:
         if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."):
             yield Source("video", p, root)
@@ -152,7 +176,9 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, options: IngestOptions
         else:
             tqdm.write(f"warning: {message}", file=sys.stderr)
 
-    sources = discover_sources(inputs, exclude=out)
+    sources = discover_sources(inputs, exclude=out, bad=report.skipped if options.skip_bad else None)
+    for path, reason in report.skipped:
+        warn(f"skipping bad input: {reason}")
     instructions = load_captions(options.instructions_file) if options.instructions_file else None
     bag_options = _bag_options(options, instructions)
     video_options = VideoOptions(window_s=options.window_s or VIDEO_WINDOW_S, window_frames=options.window_frames,
