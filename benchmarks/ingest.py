@@ -1,9 +1,14 @@
 """Ingest speed against a bare rosbags read of the same bag.
 
-    .venv/bin/python benchmarks/ingest.py [--frames 600] [--size 128] [--storage mcap] [--repeats 5]
+    .venv/bin/python benchmarks/ingest.py [--frames 600] [--size 128] [--storage mcap] [--repeats 9]
+                                          [--sources twist,tf,joints]
 
-Writes a synthetic episode bag (rgb8 frames + TwistStamped + gripper at 10 Hz, like `lapa data
-generate`), then times
+For each action source, writes a synthetic episode bag: rgb8 frames + gripper at 10 Hz, and
+  twist:  TwistStamped commands at 10 Hz (as `lapa data generate` writes them);
+  tf:     /tf at 50 Hz (the Panda's 7 joint transforms) + /tf_static (hand and TCP), as
+          robot_state_publisher publishes them;
+  joints: /joint_states at 50 Hz (7 arm + 2 finger joints), ingested with urdf/lapa_panda.urdf;
+then times
   baseline: open the bag with rosbags and deserialize every message (nothing else), and
   ingest:   the full `lapa data ingest` path to a dataset at native size (decode, resample,
             actions, frames written to disk, metadata),
@@ -28,10 +33,16 @@ import numpy as np
 
 from lapa_training.data import bag_format
 from lapa_training.data.bag_format import typestore
+from lapa_training.data.bag_reader import BagOptions
 from lapa_training.data.ingest import IngestOptions, ingest
 
 
-def write_bag(path: Path, frames: int, size: int, storage: str) -> None:
+ROOT = Path(__file__).resolve().parents[1]
+URDF = ROOT / "urdf" / "lapa_panda.urdf"
+STATE_RATE = 5  # TF and joint-state messages per frame (50 Hz at 10 Hz frames)
+
+
+def write_bag(path: Path, frames: int, size: int, storage: str, source: str) -> None:
     from rosbags.rosbag2 import StoragePlugin, Writer
 
     ts = typestore()
@@ -47,22 +58,69 @@ def write_bag(path: Path, frames: int, size: int, storage: str) -> None:
     with Writer(path, version=9, storage_plugin=plugin) as w:
         w.set_custom_data("lapa.instruction", "push the red block left")
         img = w.add_connection(bag_format.IMAGE_TOPIC, "sensor_msgs/msg/Image", typestore=ts)
-        tw = w.add_connection(bag_format.TWIST_TOPIC, "geometry_msgs/msg/TwistStamped", typestore=ts)
         gr = w.add_connection(bag_format.GRIPPER_TOPIC, "std_msgs/msg/Float64", typestore=ts)
         vec = t["geometry_msgs/msg/Vector3"]
         t0 = 1_700_000_000 * 10**9
+        if source != "twist":
+            _write_states(w, ts, source, t0, frames, rng)
+        tw = w.add_connection(bag_format.TWIST_TOPIC, "geometry_msgs/msg/TwistStamped", typestore=ts) \
+            if source == "twist" else None
         for k in range(frames):
             t_ns = t0 + k * 100_000_000
             msg = t["sensor_msgs/msg/Image"](header=header(t_ns, "camera"), height=size, width=size, encoding="rgb8",
                                              is_bigendian=0, step=3 * size, data=pixels[k % 16].reshape(-1))
             w.write(img, t_ns, ts.serialize_cdr(msg, "sensor_msgs/msg/Image"))
-            v = rng.normal(size=6) * 0.05
-            twist = t["geometry_msgs/msg/TwistStamped"](
-                header=header(t_ns, bag_format.BASE_FRAME),
-                twist=t["geometry_msgs/msg/Twist"](linear=vec(x=v[0], y=v[1], z=v[2]),
-                                                   angular=vec(x=v[3], y=v[4], z=v[5])))
-            w.write(tw, t_ns, ts.serialize_cdr(twist, "geometry_msgs/msg/TwistStamped"))
+            if tw is not None:
+                v = rng.normal(size=6) * 0.05
+                twist = t["geometry_msgs/msg/TwistStamped"](
+                    header=header(t_ns, bag_format.BASE_FRAME),
+                    twist=t["geometry_msgs/msg/Twist"](linear=vec(x=v[0], y=v[1], z=v[2]),
+                                                       angular=vec(x=v[3], y=v[4], z=v[5])))
+                w.write(tw, t_ns, ts.serialize_cdr(twist, "geometry_msgs/msg/TwistStamped"))
             w.write(gr, t_ns, ts.serialize_cdr(t["std_msgs/msg/Float64"](data=float(k % 2)), "std_msgs/msg/Float64"))
+
+
+def _write_states(w, ts, source: str, t0: int, frames: int, rng) -> None:
+    """/tf + /tf_static or /joint_states of a random joint walk, STATE_RATE messages per frame."""
+    t = ts.types
+    steps = frames * STATE_RATE
+    q = np.cumsum(rng.normal(size=(steps, 9)) * 0.002, axis=0)
+    q[:, 7:] = 0.02 + 0.01 * np.sin(np.arange(steps) / 20)[:, None]
+
+    def stamp(t_ns):
+        return t["builtin_interfaces/msg/Time"](sec=t_ns // 10**9, nanosec=t_ns % 10**9)
+
+    def transform(t_ns, parent, child, xyz, angle):
+        half = angle / 2
+        return t["geometry_msgs/msg/TransformStamped"](
+            header=t["std_msgs/msg/Header"](stamp=stamp(t_ns), frame_id=parent), child_frame_id=child,
+            transform=t["geometry_msgs/msg/Transform"](
+                translation=t["geometry_msgs/msg/Vector3"](x=xyz[0], y=xyz[1], z=xyz[2]),
+                rotation=t["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=float(np.sin(half)),
+                                                          w=float(np.cos(half)))))
+
+    names = [f"panda_joint{i}" for i in range(1, 8)] + ["panda_finger_joint1", "panda_finger_joint2"]
+    if source == "tf":
+        static = w.add_connection("/tf_static", "tf2_msgs/msg/TFMessage", typestore=ts)
+        msg = t["tf2_msgs/msg/TFMessage"](transforms=[transform(t0, "panda_link7", "panda_hand", (0, 0, 0.107), 0.0),
+                                                      transform(t0, "panda_hand", "panda_hand_tcp", (0, 0, 0.1034),
+                                                                0.0)])
+        w.write(static, t0, ts.serialize_cdr(msg, "tf2_msgs/msg/TFMessage"))
+        conn = w.add_connection("/tf", "tf2_msgs/msg/TFMessage", typestore=ts)
+        links = [f"panda_link{i}" for i in range(8)]
+        for i in range(steps):
+            t_ns = t0 + i * 100_000_000 // STATE_RATE
+            msg = t["tf2_msgs/msg/TFMessage"](transforms=[
+                transform(t_ns, a, b, (0.0, 0.0, 0.1), float(q[i, j])) for j, (a, b) in enumerate(zip(links, links[1:]))])
+            w.write(conn, t_ns, ts.serialize_cdr(msg, "tf2_msgs/msg/TFMessage"))
+    else:
+        conn = w.add_connection(bag_format.JOINT_STATE_TOPIC, "sensor_msgs/msg/JointState", typestore=ts)
+        for i in range(steps):
+            t_ns = t0 + i * 100_000_000 // STATE_RATE
+            msg = t["sensor_msgs/msg/JointState"](
+                header=t["std_msgs/msg/Header"](stamp=stamp(t_ns), frame_id=""), name=names,
+                position=q[i].copy(), velocity=np.zeros(9), effort=np.zeros(0))
+            w.write(conn, t_ns, ts.serialize_cdr(msg, "sensor_msgs/msg/JointState"))
 
 
 def bare_read(path: Path) -> int:
@@ -78,10 +136,12 @@ def bare_read(path: Path) -> int:
     return n
 
 
-def run_ingest(bag: Path, out_root: Path, size: int) -> int:
+def run_ingest(bag: Path, out_root: Path, size: int, source: str) -> int:
     """A full ingest into a new dataset directory (removing old ones is not part of the timing)."""
     out = out_root / f"dataset_{len(list(out_root.iterdir())) if out_root.exists() else 0}"
-    report = ingest([bag], out, IngestOptions(image_size=size, progress=False, warn=lambda m: None))
+    bag_options = BagOptions(actions=source, urdf=str(URDF) if source == "joints" else None)
+    report = ingest([bag], out, IngestOptions(image_size=size, bag=bag_options, progress=False, warn=lambda m: None))
+    assert report.episodes_with_actions == 1, f"no actions from {source}"
     return report.frames_added
 
 
@@ -102,30 +162,38 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128, help="square image size of the bag (px)")
     ap.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--sources", default="twist,tf,joints", help="action sources to measure, comma-separated")
     args = ap.parse_args()
+    for source in args.sources.split(","):
+        measure(args, source)
+
+
+def measure(args, source: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lapa-bench-ingest-"))
     try:
         bag, out = tmp / "episode", tmp / "datasets"
-        write_bag(bag, args.frames, args.size, args.storage)
+        write_bag(bag, args.frames, args.size, args.storage, source)
         os.sync()  # no write-back of the new bag during the measurements
         out.mkdir()
         bare_read(bag)  # warm the page cache and the typestore for both
-        run_ingest(bag, out, args.size)
+        run_ingest(bag, out, args.size, source)
         (t_base, n_base), (t_ingest, n_ingest) = interleaved_best(
-            args.repeats, (bare_read, bag), (run_ingest, bag, out, args.size))
+            args.repeats, (bare_read, bag), (run_ingest, bag, out, args.size, source))
         assert n_base == n_ingest == args.frames, (n_base, n_ingest)
         fps_base, fps_ingest = n_base / t_base, n_ingest / t_ingest
         ratio = fps_ingest / fps_base
         mb = sum(p.stat().st_size for p in bag.iterdir()) / 2**20
-        print(f"bag: {args.frames} rgb8 {args.size}x{args.size} frames + twists + gripper, {args.storage}, "
-              f"{mb:.1f} MiB")
-        print(f"bare rosbags read + deserialize: {fps_base:9.0f} frames/s  ({t_base * 1e3:7.1f} ms)")
-        print(f"full ingest to dataset:          {fps_ingest:9.0f} frames/s  ({t_ingest * 1e3:7.1f} ms)")
-        print(f"ratio ingest / bare read: {ratio:.2f}  (goal >= 0.8: {'met' if ratio >= 0.8 else 'MISSED'})")
+        what = {"twist": "twists", "tf": f"/tf at {10 * STATE_RATE} Hz",
+                "joints": f"/joint_states at {10 * STATE_RATE} Hz + URDF"}[source]
+        print(f"[{source}] bag: {args.frames} rgb8 {args.size}x{args.size} frames + {what} + gripper, "
+              f"{args.storage}, {mb:.1f} MiB")
+        print(f"[{source}] bare rosbags read + deserialize: {fps_base:9.0f} frames/s  ({t_base * 1e3:7.1f} ms)")
+        print(f"[{source}] full ingest to dataset:          {fps_ingest:9.0f} frames/s  ({t_ingest * 1e3:7.1f} ms)")
+        print(f"[{source}] ratio ingest / bare read: {ratio:.2f}  (goal >= 0.8: {'met' if ratio >= 0.8 else 'MISSED'})")
         if ratio < 0.8:
             profiler = cProfile.Profile()
             profiler.enable()
-            run_ingest(bag, out, args.size)
+            run_ingest(bag, out, args.size, source)
             profiler.disable()
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)

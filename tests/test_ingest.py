@@ -142,6 +142,25 @@ def test_cdr_readers_match_typestore(little):
     assert (stamp, frame) == (T0 + 5, "a_frame_of_odd_length")
     assert values == (0.1, -0.2, 0.3, -0.4, 0.5, -0.6)
     assert cdr.float64(bytes(TS.serialize_cdr(float64(0.625), "std_msgs/msg/Float64", little_endian=little))) == 0.625
+    vec, quat = M["geometry_msgs/msg/Vector3"], M["geometry_msgs/msg/Quaternion"]
+    tfs = M["tf2_msgs/msg/TFMessage"](transforms=[M["geometry_msgs/msg/TransformStamped"](
+        header=header(T0 + i, parent), child_frame_id=child, transform=M["geometry_msgs/msg/Transform"](
+            translation=vec(x=0.5 * i, y=-1.0, z=2.0), rotation=quat(x=0.1, y=0.2, z=0.3, w=0.9)))
+        for i, (parent, child) in enumerate([("base", "link_one"), ("link_one", "a_b"), ("odd", "tool0_")])])
+    got = cdr.tf_message(bytes(TS.serialize_cdr(tfs, "tf2_msgs/msg/TFMessage", little_endian=little)))
+    assert got == [(T0 + i, parent, child, (0.5 * i, -1.0, 2.0, 0.1, 0.2, 0.3, 0.9))
+                   for i, (parent, child) in enumerate([("base", "link_one"), ("link_one", "a_b"), ("odd", "tool0_")])]
+    js = M["sensor_msgs/msg/JointState"](header=header(T0 + 9, "x"), name=["j1", "joint_22", "j333"],
+                                         position=np.array([0.1, -0.2, 0.3]), velocity=np.zeros(0),
+                                         effort=np.ones(3))
+    for frame in ("x", "longer_frame", "x"):  # the second "x" reads its names from the cache
+        js.header.frame_id = frame
+        stamp, names, positions = cdr.joint_state(bytes(TS.serialize_cdr(js, "sensor_msgs/msg/JointState",
+                                                                          little_endian=little)))
+        assert (stamp, names, positions.tolist()) == (T0 + 9, ("j1", "joint_22", "j333"), [0.1, -0.2, 0.3])
+    js.name = ["j1", "joint_23", "j333"]
+    assert cdr.joint_state(bytes(TS.serialize_cdr(js, "sensor_msgs/msg/JointState", little_endian=little)))[1] == \
+        ("j1", "joint_23", "j333")
 
 
 # ---------------------------------------------------------------- round trips

@@ -440,18 +440,16 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
                 p, q = msg.pose.position, msg.pose.orientation
                 pose_vals.append((p.x, p.y, p.z, q.w, q.x, q.y, q.z))
             elif role in ("tf", "tf_static"):
-                for t in ts.deserialize_cdr(raw, msgtype).transforms:
-                    stamp = _header_ns(t.header, receive_ns)
-                    if role == "tf":
-                        clock.add(conn.topic, stamp, receive_ns)
-                    p, q = t.transform.translation, t.transform.rotation
-                    tf.add(t.header.frame_id, t.child_frame_id, stamp, (p.x, p.y, p.z), (q.w, q.x, q.y, q.z),
-                           static=role == "tf_static")
+                transforms = cdr.tf_message(raw)
+                if transforms and not all(t[0] for t in transforms):  # a zero stamp: the receive time
+                    transforms = [(t[0] or receive_ns, *t[1:]) for t in transforms]
+                if role == "tf" and transforms:
+                    clock.add(conn.topic, transforms[0][0], receive_ns)
+                tf.add_transforms(transforms, static=role == "tf_static")
             elif role == "joints":
-                msg = ts.deserialize_cdr(raw, msgtype)
-                stamp = _header_ns(msg.header, receive_ns)
-                clock.add(conn.topic, stamp, receive_ns)
-                joints.add(stamp, msg.name, msg.position)
+                stamp, names, positions = cdr.joint_state(raw)
+                clock.add(conn.topic, stamp or receive_ns, receive_ns)
+                joints.add(stamp or receive_ns, names, positions)
             elif role == "instruction":
                 text = ts.deserialize_cdr(raw, msgtype).data.strip()
                 if text:

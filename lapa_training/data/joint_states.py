@@ -18,24 +18,41 @@ import numpy as np
 
 class JointStateHistory:
     def __init__(self):
-        self._stamps: dict[str, list[int]] = defaultdict(list)
-        self._positions: dict[str, list[float]] = defaultdict(list)
+        self._messages: dict[tuple[str, ...], tuple[list[int], list[np.ndarray]]] = {}  # names -> stamps, positions
+        self._series: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
         self.messages = 0
         self.without_positions = 0  # messages with names but no (or too few) positions
 
     def add(self, stamp_ns: int, names, positions) -> None:
         self.messages += 1
-        names = list(names)
+        names = tuple(names)
         if len(positions) != len(names):
             self.without_positions += 1  # JointState allows empty position arrays (effort-only publishers)
             return
-        for name, value in zip(names, positions):
-            self._stamps[name].append(int(stamp_ns))
-            self._positions[name].append(float(value))
+        stamps, values = self._messages.setdefault(names, ([], []))
+        stamps.append(int(stamp_ns))
+        values.append(np.asarray(positions, dtype=np.float64))
+        self._series = None
+
+    def _by_joint(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """joint -> (stamps sorted, positions), merged over every publisher's name list."""
+        if self._series is None:
+            parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+            for names, (stamps, values) in self._messages.items():
+                stamps_arr, values_arr = np.asarray(stamps, dtype=np.int64), np.stack(values)
+                for i, name in enumerate(names):
+                    parts.setdefault(name, []).append((stamps_arr, values_arr[:, i]))
+            self._series = {}
+            for name, chunks in parts.items():
+                stamps = np.concatenate([c[0] for c in chunks])
+                values = np.concatenate([c[1] for c in chunks])
+                order = np.argsort(stamps, kind="stable")
+                self._series[name] = (stamps[order], values[order])
+        return self._series
 
     @property
     def names(self) -> list[str]:
-        return sorted(self._stamps)
+        return sorted(self._by_joint())
 
     def positions_at(self, names, t_ns: np.ndarray, max_outside_ns: int) -> dict[str, np.ndarray]:
         """Each joint's position (N,) at times t_ns; NaN more than max_outside_ns before its first or after its last sample.
@@ -43,14 +60,12 @@ class JointStateHistory:
         Raises KeyError naming the first joint that never has a position.
         """
         t_ns = np.asarray(t_ns, dtype=np.int64)
+        series = self._by_joint()
         out = {}
         for name in names:
-            if name not in self._stamps:
+            if name not in series:
                 raise KeyError(name)
-            stamps = np.asarray(self._stamps[name], dtype=np.int64)
-            values = np.asarray(self._positions[name], dtype=np.float64)
-            order = np.argsort(stamps, kind="stable")
-            stamps, values = stamps[order], values[order]
+            stamps, values = series[name]
             q = np.interp((t_ns - stamps[0]).astype(np.float64), (stamps - stamps[0]).astype(np.float64), values)
             q[(t_ns < stamps[0] - max_outside_ns) | (t_ns > stamps[-1] + max_outside_ns)] = np.nan
             out[name] = q

@@ -26,19 +26,29 @@ class TransformError(ValueError):
 class TransformHistory:
     def __init__(self):
         self._stamps: dict[tuple[str, str], list[int]] = defaultdict(list)
-        self._values: dict[tuple[str, str], list[tuple[float, ...]]] = defaultdict(list)
+        self._values: dict[tuple[str, str], list[tuple[float, ...]]] = defaultdict(list)  # x y z qx qy qz qw
         self._static: dict[tuple[str, str], tuple[float, ...]] = {}
         self._parents: dict[str, set[str]] = defaultdict(set)
+        self._edges: set[tuple[str, str]] = set()
 
     def add(self, parent: str, child: str, stamp_ns: int, translation, quat_wxyz, static: bool) -> None:
-        parent, child = parent.lstrip("/"), child.lstrip("/")  # tf2 ignores a leading slash too
-        self._parents[child].add(parent)
-        value = (*map(float, translation), *map(float, quat_wxyz))
-        if static:
-            self._static[(parent, child)] = value
-        else:
-            self._stamps[(parent, child)].append(int(stamp_ns))
-            self._values[(parent, child)].append(value)
+        w, x, y, z = map(float, quat_wxyz)
+        self.add_transforms([(int(stamp_ns), parent, child, (*map(float, translation), x, y, z, w))], static)
+
+    def add_transforms(self, transforms, static: bool) -> None:
+        """transforms: [(stamp [ns], parent, child, (x, y, z, qx, qy, qz, qw)), ...] as cdr.tf_message gives them."""
+        for stamp, parent, child, value in transforms:
+            if parent[:1] == "/" or child[:1] == "/":  # tf2 ignores a leading slash too
+                parent, child = parent.lstrip("/"), child.lstrip("/")
+            key = (parent, child)
+            if key not in self._edges:
+                self._edges.add(key)
+                self._parents[child].add(parent)
+            if static:
+                self._static[key] = value
+            else:
+                self._stamps[key].append(stamp)
+                self._values[key].append(value)
 
     @property
     def frames(self) -> set[str]:
@@ -82,10 +92,10 @@ class TransformHistory:
         if key in self._stamps:
             values = np.array(self._values[key])
             pos, quat = act.interpolate_poses(t_ns, np.array(self._stamps[key], dtype=np.int64), values[:, :3],
-                                              values[:, 3:], max_outside_ns)
+                                              values[:, [6, 3, 4, 5]], max_outside_ns)
         else:
             value = np.array(self._static[key])
-            pos, quat = np.tile(value[:3], (len(t_ns), 1)), np.tile(value[3:], (len(t_ns), 1))
+            pos, quat = np.tile(value[:3], (len(t_ns), 1)), np.tile(value[[6, 3, 4, 5]], (len(t_ns), 1))
         valid = np.isfinite(quat).all(axis=1)
         out[:, :3, :3] = act.quat_to_matrix(np.where(valid[:, None], quat, [1.0, 0.0, 0.0, 0.0]))
         out[:, :3, 3] = pos
