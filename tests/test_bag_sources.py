@@ -325,3 +325,48 @@ def test_skip_bad_skips_an_input_with_nothing_in_it(motion, tmp_path):
     report = ingest([tmp_path / "empty", tmp_path / "missing", bag], tmp_path / "ds", quiet(skip_bad=True))
     assert report.episodes_added == 1 and [p for p, _ in report.skipped] == [str(tmp_path / "empty"),
                                                                           str(tmp_path / "missing")]
+
+
+def test_unsynchronised_clocks_are_refused(motion, tmp_path):
+    """Joint states stamped by a clock 5 s ahead of the camera's: refused when forced, action-free in auto."""
+    msgs = episode_messages(motion, "joints")
+    for m in msgs:
+        if m[0] == "/joint_states":
+            m[3]["header"] = _header(m[2] + 5 * 10**9)
+    bag = write_mcap_ros2(tmp_path / "clocks.mcap", msgs)
+    with pytest.raises(IngestError, match=r"header stamps on /camera/image_raw and /joint_states disagree by 5.00 s"):
+        ingest([bag], tmp_path / "ds", quiet(bag=BagOptions(actions="joints", urdf=str(URDF))))
+    warnings: list[str] = []
+    report = ingest([bag], tmp_path / "ds", quiet(bag=BagOptions(urdf=str(URDF)), warn=warnings.append))
+    assert report.episodes_with_actions == 0 and any("not synchronised" in w for w in warnings), warnings
+
+
+def test_dropped_transforms(motion, tmp_path):
+    """/tf drops out for 0.4 s mid-episode: the steps it spans have no actions (never zeros), the rest are exact."""
+    gap = (T0 + 5 * SUBSTEPS * SAMPLE_NS, T0 + 9 * SUBSTEPS * SAMPLE_NS)
+    msgs = [m for m in episode_messages(motion, "tf") if not (m[0] == "/tf" and gap[0] < m[2] - 500_000 < gap[1])]
+    warnings: list[str] = []
+    ingest([write_mcap_ros2(tmp_path / "drop.mcap", msgs)], tmp_path / "ds", quiet(warn=warnings.append))
+    actions = np.asarray(Dataset(tmp_path / "ds").actions, np.float64)[:-1]
+    lost = np.isnan(actions[:, :6]).any(axis=1)
+    assert lost.tolist() == [5 <= k < 9 for k in range(STEPS)]
+    assert np.abs(actions[~lost, :6] - motion["expected"][~lost]).max() <= 1e-6
+    assert any("4 of 14 steps have no tf data" in w for w in warnings), warnings
+
+
+def test_joint_state_history_merges_publishers_and_refuses_gaps():
+    from lapa_training.data.joint_states import JointStateHistory
+
+    h = JointStateHistory()
+    ms = 1_000_000
+    h.add(0, ["a", "b"], [0.0, 1.0])
+    h.add(100 * ms, ["a", "b"], [1.0, 2.0])
+    h.add(50 * ms, ["c"], [5.0])  # another publisher, another joint
+    h.add(500 * ms, ["a", "b"], [2.0, 3.0])
+    h.add(600 * ms, ["a"], [])  # an effort-only message: no positions
+    q = h.positions_at(["a", "c"], np.array([50, 300, 520, 560]) * ms, max_outside_ns=30 * ms, max_gap_ns=250 * ms)
+    assert q["a"][0] == 0.5 and np.isnan(q["a"][1]) and q["a"][2] == 2.0 and np.isnan(q["a"][3])
+    assert q["c"][0] == 5.0 and np.isnan(q["c"][1:]).all()
+    assert h.names == ["a", "b", "c"] and h.without_positions == 1
+    with pytest.raises(KeyError, match="d"):
+        h.positions_at(["d"], np.zeros(1, np.int64), 0)

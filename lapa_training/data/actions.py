@@ -125,11 +125,12 @@ def twist_deltas(grid_ns: np.ndarray, cmd_ns: np.ndarray, linear: np.ndarray, an
 
 # ---------------------------------------------------------------- poses
 def interpolate_poses(t_ns: np.ndarray, pose_ns: np.ndarray, position: np.ndarray, quat_wxyz: np.ndarray,
-                      max_outside_ns: int) -> tuple[np.ndarray, np.ndarray]:
+                      max_outside_ns: int, max_gap_ns: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pose at times t_ns: position interpolated linearly, orientation by slerp.
 
     Times before the first or after the last pose are clamped to it when within max_outside_ns,
-    otherwise NaN. Returns positions (n, 3) and quaternions (n, 4, w x y z).
+    otherwise NaN; so are times inside a gap between poses longer than max_gap_ns (when given).
+    Returns positions (n, 3) and quaternions (n, 4, w x y z).
     """
     order = np.argsort(pose_ns, kind="stable")
     pose_ns = np.asarray(pose_ns, dtype=np.int64)[order]
@@ -144,6 +145,8 @@ def interpolate_poses(t_ns: np.ndarray, pose_ns: np.ndarray, position: np.ndarra
         lo = hi - 1
     span = (pose_ns[hi] - pose_ns[lo]).astype(np.float64)
     u = np.clip(np.where(span > 0, (t - pose_ns[lo]) / np.where(span > 0, span, 1.0), 0.0), 0.0, 1.0)
+    if max_gap_ns is not None:
+        outside |= (span > max_gap_ns) & (t > pose_ns[lo]) & (t < pose_ns[hi])
     pos = position[lo] + u[:, None] * (position[hi] - position[lo])
     quat = slerp(quat_wxyz[lo], quat_wxyz[hi], u)
     pos[outside] = np.nan

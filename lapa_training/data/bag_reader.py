@@ -485,7 +485,9 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
     # ---- actions: the first source that gives them (only one is tried when --actions names it)
     actions = np.full((len(grid_ns), bag_format.ACTION_DIM), np.nan, dtype=np.float64)
     max_outside_ns = int(round(options.stale_timeout_s * 1e9))
-    hold_ns = period_ns // 2  # measured states (TF, joints) are held at most this long past their ends: no false zeros
+    # measured states (TF, joints) are held at most half a period past their ends and interpolated across
+    # gaps up to the stale timeout: longer, and the steps have no actions rather than made-up ones
+    hold_ns = period_ns // 2
     pose_arr = np.array(pose_vals, dtype=np.float64).reshape(-1, 7)
     pose_ns_arr = np.array(pose_ns, dtype=np.int64)
     failures: list[str] = []
@@ -503,12 +505,12 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
             elif source == "tf":
                 try:
                     deltas = act.transform_deltas(tf.lookup(options.base_frame, options.tcp_frame, grid_ns,
-                                                            hold_ns))
+                                                            hold_ns, max_outside_ns))
                 except TransformError as e:
                     raise IngestError(f"{path}: no actions from {found.tf}: {e} (set --base-frame / --tcp-frame)") \
                         from e
             else:
-                deltas = _joint_deltas(path, found, options, robot, joints, grid_ns, hold_ns)
+                deltas = _joint_deltas(path, found, options, robot, joints, grid_ns, hold_ns, max_outside_ns)
         except IngestError as e:
             if options.actions != "auto" or source in ("twist", "pose"):
                 raise  # a twist or pose topic is there on purpose: its problem is the user's to fix
@@ -659,10 +661,10 @@ def _pose_deltas(path, found, options, grid_ns, pose_ns_arr, pose_frames, pose_a
     return act.pose_deltas(grid_ns, pose_ns_arr, pose_arr[:, :3], pose_arr[:, 3:], max_outside_ns)
 
 
-def _joint_deltas(path, found, options, robot, joints, grid_ns, max_outside_ns) -> np.ndarray:
+def _joint_deltas(path, found, options, robot, joints, grid_ns, hold_ns, max_gap_ns) -> np.ndarray:
     names = robot.chain_joints(options.base_frame, options.tcp_frame)
     try:
-        q = joints.positions_at(names, grid_ns, max_outside_ns)
+        q = joints.positions_at(names, grid_ns, hold_ns, max_gap_ns)
     except KeyError as e:
         raise IngestError(f"{path}: joint '{e.args[0]}' of the chain {options.base_frame} -> {options.tcp_frame} "
                           f"is never in {found.joints} (it has: {', '.join(joints.names) or 'no positions'})") from e

@@ -54,8 +54,10 @@ class JointStateHistory:
     def names(self) -> list[str]:
         return sorted(self._by_joint())
 
-    def positions_at(self, names, t_ns: np.ndarray, max_outside_ns: int) -> dict[str, np.ndarray]:
-        """Each joint's position (N,) at times t_ns; NaN more than max_outside_ns before its first or after its last sample.
+    def positions_at(self, names, t_ns: np.ndarray, max_outside_ns: int,
+                     max_gap_ns: int | None = None) -> dict[str, np.ndarray]:
+        """Each joint's position (N,) at times t_ns; NaN more than max_outside_ns before its first or after its
+        last sample, and inside a gap between samples longer than max_gap_ns (when given).
 
         Raises KeyError naming the first joint that never has a position.
         """
@@ -68,5 +70,9 @@ class JointStateHistory:
             stamps, values = series[name]
             q = np.interp((t_ns - stamps[0]).astype(np.float64), (stamps - stamps[0]).astype(np.float64), values)
             q[(t_ns < stamps[0] - max_outside_ns) | (t_ns > stamps[-1] + max_outside_ns)] = np.nan
+            if max_gap_ns is not None and len(stamps) > 1:
+                hi = np.clip(np.searchsorted(stamps, t_ns, side="right"), 1, len(stamps) - 1)
+                inside = (t_ns > stamps[hi - 1]) & (t_ns < stamps[hi])
+                q[inside & (stamps[hi] - stamps[hi - 1] > max_gap_ns)] = np.nan
             out[name] = q
         return out

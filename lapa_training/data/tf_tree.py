@@ -3,7 +3,8 @@
 Like tf2's buffer, each edge parent -> child is interpolated on its own (position linearly, rotation by
 slerp) and the edges along the path are composed; static edges hold for all time. Unlike tf2, the
 whole bag is known up front, so lookups are vectorised over all grid times at once. A time before
-an edge's first or after its last transform counts when within max_outside_ns, else gives NaN.
+an edge's first or after its last transform counts when within max_outside_ns, else gives NaN, and
+so does a time inside a gap between two transforms longer than max_gap_ns (dropped messages).
 
     tree = TransformHistory()
     tree.add("panda_link0", "panda_link1", stamp_ns, (x, y, z), (qw, qx, qy, qz), static=False)
@@ -84,7 +85,7 @@ class TransformHistory:
         common = next(frame for frame in up if frame in down)
         return up[:up.index(common)], down[:down.index(common)]
 
-    def _edge(self, child: str, t_ns: np.ndarray, max_outside_ns: int) -> np.ndarray:
+    def _edge(self, child: str, t_ns: np.ndarray, max_outside_ns: int, max_gap_ns: int | None) -> np.ndarray:
         """parent_T_child (N, 4, 4) of the edge into child, at times t_ns."""
         parent = next(iter(self._parents[child]))
         key = (parent, child)
@@ -92,7 +93,7 @@ class TransformHistory:
         if key in self._stamps:
             values = np.array(self._values[key])
             pos, quat = act.interpolate_poses(t_ns, np.array(self._stamps[key], dtype=np.int64), values[:, :3],
-                                              values[:, [6, 3, 4, 5]], max_outside_ns)
+                                              values[:, [6, 3, 4, 5]], max_outside_ns, max_gap_ns)
         else:
             value = np.array(self._static[key])
             pos, quat = np.tile(value[:3], (len(t_ns), 1)), np.tile(value[[6, 3, 4, 5]], (len(t_ns), 1))
@@ -102,15 +103,17 @@ class TransformHistory:
         out[~valid] = np.nan
         return out
 
-    def lookup(self, base: str, tip: str, t_ns: np.ndarray, max_outside_ns: int) -> np.ndarray:
-        """base_T_tip (N, 4, 4) at times t_ns; NaN where an edge of the chain has no transform near enough."""
+    def lookup(self, base: str, tip: str, t_ns: np.ndarray, max_outside_ns: int,
+               max_gap_ns: int | None = None) -> np.ndarray:
+        """base_T_tip (N, 4, 4) at times t_ns; NaN where an edge of the chain has no transform near enough
+        (past its ends by more than max_outside_ns, or inside a gap longer than max_gap_ns)."""
         t_ns = np.asarray(t_ns, dtype=np.int64)
         up, down = self.chain(base, tip)
 
         def from_ancestor(path: list[str]) -> np.ndarray:
             out = np.tile(np.eye(4), (len(t_ns), 1, 1))
             for child in reversed(path):  # the ancestor's child first
-                out = out @ self._edge(child, t_ns, max_outside_ns)
+                out = out @ self._edge(child, t_ns, max_outside_ns, max_gap_ns)
             return out
 
         return act.invert_transforms(from_ancestor(up)) @ from_ancestor(down)
