@@ -47,4 +47,6 @@ else
 fi
 
 VIRTUAL_ENV=$VENV PATH=$VENV/bin:$PATH bash tools/build_interfaces.sh "$VENV"
+# tf2_msgs/TFMessage, which the PyPI wheels lack, so the recorder can record /tf (a ROS install has it)
+VIRTUAL_ENV=$VENV PATH=$VENV/bin:$PATH bash tools/build_interfaces.sh --package tools/interfaces/tf2_msgs "$VENV"
 say "done: activate with 'source .venv/bin/activate', then try 'lapa --help'"

@@ -105,6 +105,8 @@ SIM_ARM = NodeParams("lapa_sim_arm", "sim_arm.yaml", (
     Param("command_timeout", 0.25, "halt when no twist for this long (s)", between=(0.01, 10.0)),
     Param("max_linear_speed", 0.25, "TCP speed limit (m/s)", between=(0.0, 1.0)),
     Param("max_angular_speed", 1.2, "TCP angular speed limit (rad/s)", between=(0.0, 3.0)),
+    Param("publish_tf", False, "publish the links on /tf and /tf_static at state_rate, as robot_state_publisher "
+          "does (leave off when it runs)"),
 ))
 
 RECORDER = NodeParams("lapa_recorder", "recorder.yaml", (
@@ -121,6 +123,9 @@ RECORDER = NodeParams("lapa_recorder", "recorder.yaml", (
     Param("gripper_topic", "/gripper/command", "gripper command (opening 0 closed .. 1 open); empty = not recorded"),
     Param("joint_state_topic", "/joint_states", "joint states; empty = not recorded"),
     Param("ee_pose_topic", "/ee_pose", "end-effector pose in the base frame; empty = not recorded"),
+    Param("tf_topic", "/tf", "transforms (tf2_msgs/TFMessage); empty = not recorded"),
+    Param("tf_static_topic", "/tf_static",
+          "static transforms, written at the start of every episode; empty = not recorded"),
 ))
 
 NODES = {spec.node: spec for spec in (POLICY_SERVER, SIM_ARM, RECORDER)}

@@ -8,8 +8,10 @@ Publishes
     ~/status    std_msgs/String (JSON, latched): recording or idle, episode, instruction, counts
 
 Records the camera image topic(s) (sensor-data QoS), camera info, the commanded end-effector twist
-(MoveIt Servo's input) and gripper command, joint states, the EE pose, and the instruction (as a
-std_msgs/String on /lapa/instruction plus the bag metadata). Messages are taken as serialized CDR
+(MoveIt Servo's input) and gripper command, joint states, the EE pose, /tf and /tf_static, and the
+instruction (as a std_msgs/String on /lapa/instruction plus the bag metadata). Static transforms
+are published once, when their publisher starts: the recorder keeps the latest of each publisher and
+writes them at the start of every episode, so each bag holds its whole TF tree. Messages are taken as serialized CDR
 straight from DDS and written without a deserialize/serialize round trip. An empty topic parameter
 switches that stream off.
 
@@ -48,6 +50,8 @@ STREAMS = {
     "gripper_topic": (Float64, "std_msgs/msg/Float64", "reliable"),
     "joint_state_topic": (JointState, "sensor_msgs/msg/JointState", "reliable"),
     "ee_pose_topic": (PoseStamped, "geometry_msgs/msg/PoseStamped", "reliable"),
+    "tf_topic": (None, "tf2_msgs/msg/TFMessage", "reliable"),
+    "tf_static_topic": (None, "tf2_msgs/msg/TFMessage", "latched"),
 }
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -65,7 +69,7 @@ class RecorderNode(Node):
             value = p[param]
             for topic in (value if isinstance(value, list) else [value]):
                 if topic:
-                    self.streams[validate_topic(self, param, topic)] = (cls, msgtype, qos)
+                    self.streams[validate_topic(self, param, topic)] = (cls or _tf_message(param), msgtype, qos)
         if not self.streams:
             raise ConfigError("every topic parameter is empty: nothing to record")
         try:
@@ -76,8 +80,12 @@ class RecorderNode(Node):
         self.writer: EpisodeBagWriter | None = None
         self._started = 0.0
         self._instruction = ""
+        self._latched: dict[str, dict[bytes, bytes]] = {}  # latched topic -> the messages that stay valid
         for topic, (cls, _, qos) in self.streams.items():
-            profile = qos_profile_sensor_data if qos == "sensor" else 10
+            profile = {"sensor": qos_profile_sensor_data, "reliable": 10,
+                       "latched": QoSProfile(depth=100, durability=DurabilityPolicy.TRANSIENT_LOCAL)}[qos]
+            if qos == "latched":
+                self._latched[topic] = {}
             self.create_subscription(cls, topic, lambda data, t=topic: self._on_message(t, data), profile, raw=True)
 
         from lapa_interfaces.srv import StartEpisode, StopEpisode  # built by setup.sh into the venv
@@ -118,8 +126,12 @@ class RecorderNode(Node):
             for topic, (_, msgtype, qos) in self.streams.items():
                 writer.add_topic(topic, msgtype, qos)
             writer.add_topic(bag_format.INSTRUCTION_TOPIC, "std_msgs/msg/String", "latched")
-            writer.write_msg(bag_format.INSTRUCTION_TOPIC, self.get_clock().now().nanoseconds,
+            now = self.get_clock().now().nanoseconds
+            writer.write_msg(bag_format.INSTRUCTION_TOPIC, now,
                              bag_format.typestore().types["std_msgs/msg/String"](data=instruction))
+            for topic, messages in self._latched.items():  # e.g. /tf_static, sent long before this episode
+                for data in messages.values():
+                    writer.write(topic, now, data)
         except (EpisodeWriterError, OSError) as e:
             response.message = str(e)
             return response
@@ -171,6 +183,12 @@ class RecorderNode(Node):
 
     # ------------------------------------------------------------------ data
     def _on_message(self, topic: str, data: bytes) -> None:
+        latched = self._latched.get(topic)
+        if latched is not None:  # the newest message per set of frames: a static publisher re-sending replaces itself
+            key = _child_frames(data)
+            if latched.get(key) == data:
+                return  # a latched message delivered again (e.g. to a new subscription): already written
+            latched[key] = data
         if self.writer is not None:
             self.writer.write(topic, self.get_clock().now().nanoseconds, data)
 
@@ -197,6 +215,26 @@ class RecorderNode(Node):
             self.get_logger().warn(f"shutting down while recording '{self.writer.name}': saving it "
                                    "(success unknown)")
             self._finish(None, stopped_by="shutdown")
+
+
+def _tf_message(param: str):
+    try:
+        from tf2_msgs.msg import TFMessage
+    except ImportError:
+        raise ConfigError(f"parameter '{param}': tf2_msgs is not installed (./setup.sh builds it into the venv; "
+                          "on ROS 2, install ros-<distro>-tf2-msgs), or set it to '' to record no transforms") \
+            from None
+    return TFMessage
+
+
+def _child_frames(data: bytes) -> bytes:
+    """The child frame ids of a TFMessage's CDR, as a key: a static publisher re-sends the same frames."""
+    from lapa_training.data import cdr
+
+    try:
+        return "\0".join(sorted(t[2] for t in cdr.tf_message(data))).encode()
+    except Exception:  # not parseable: keep it under its own bytes
+        return bytes(data)
 
 
 def main(args=None) -> int:

@@ -7,6 +7,8 @@ Publishes
     <image_topic>, <camera_info_topic>  sensor_msgs/Image (rgb8) + CameraInfo, sensor-data QoS
     /joint_states                        sensor_msgs/JointState
     <ee_pose_topic>                      geometry_msgs/PoseStamped of the TCP in the base frame
+    /tf, /tf_static                      tf2_msgs/TFMessage of the links (publish_tf: where no
+                                         robot_state_publisher runs)
     ~/object_poses                       geometry_msgs/PoseArray of the blocks (for scripted experts)
     ~/episode                            std_msgs/String (JSON: task, seed, instruction; latched)
     ~/success                            std_msgs/Bool, whether the episode's goal holds now
@@ -67,6 +69,7 @@ class SimArmNode(Node):
 
         self.create_service(ResetEpisode, "~/reset", self._on_reset)
 
+        self._tf = _LinkTransforms(self, self.env) if p["publish_tf"] else None
         self._last_tick = time.monotonic()
         self._sim_seconds = 0.0
         self._wall_start = self._last_tick
@@ -157,6 +160,8 @@ class SimArmNode(Node):
         objects.poses = [_pose(p, q) for p, q in zip(obs.block_pos, obs.block_quat)]
         self.objects_pub.publish(objects)
         self.success_pub.publish(Bool(data=obs.success))
+        if self._tf is not None:
+            self._tf.publish(stamp)
 
     def _publish_camera(self) -> None:
         rgb = self.env.render("front")
@@ -175,6 +180,62 @@ class SimArmNode(Node):
                 "target_color": ep.color, "pad_color": ep.pad_color, "direction": ep.direction,
                 "block_colors": ep.block_colors}
         self.episode_pub.publish(String(data=json.dumps(info)))
+
+
+class _LinkTransforms:
+    """/tf and /tf_static of the arm's links from the simulator, as robot_state_publisher publishes them:
+    the edges of fixed joints once on /tf_static (latched), the others on /tf."""
+
+    def __init__(self, node: Node, env: TabletopEnv):
+        import mujoco
+
+        from lapa_policy_node.runtime import ConfigError
+
+        try:
+            from tf2_msgs.msg import TFMessage
+        except ImportError:
+            raise ConfigError("parameter 'publish_tf': tf2_msgs is not installed (./setup.sh builds it into the "
+                              "venv; on ROS 2, install ros-<distro>-tf2-msgs)") from None
+        self._mujoco, self._msg = mujoco, TFMessage
+        self.model, self.env = env.model, env
+        self.data = mujoco.MjData(env.model)  # a scratch copy: the simulation's own data stays untouched
+        m = env.model
+        base = m.body(scene.BASE_FRAME).id
+        below = {base}
+        self.edges = []  # (parent id, child id, static)
+        for b in range(m.nbody):  # MuJoCo orders bodies parents first
+            if int(m.body_parentid[b]) in below and b != base:
+                below.add(b)
+                self.edges.append((int(m.body_parentid[b]), b, int(m.body_jntnum[b]) == 0))
+        self.pub = node.create_publisher(TFMessage, "/tf", 100)
+        self.static_pub = node.create_publisher(
+            TFMessage, "/tf_static", QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        self.static_pub.publish(TFMessage(transforms=self._transforms(node.get_clock().now().to_msg(), True)))
+
+    def _transforms(self, stamp, static: bool) -> list:
+        from geometry_msgs.msg import TransformStamped
+
+        self.data.qpos[:] = self.env.data.qpos
+        self._mujoco.mj_kinematics(self.model, self.data)  # link poses of the current joint positions
+        out = []
+        for parent, child, fixed in self.edges:
+            if fixed != static:
+                continue
+            r_p, r_c = self.data.xmat[parent].reshape(3, 3), self.data.xmat[child].reshape(3, 3)
+            rot = r_p.T @ r_c
+            pos = r_p.T @ (self.data.xpos[child] - self.data.xpos[parent])
+            t = TransformStamped()
+            t.header.stamp, t.header.frame_id, t.child_frame_id = stamp, self.model.body(parent).name, \
+                self.model.body(child).name
+            t.transform.translation.x, t.transform.translation.y, t.transform.translation.z = map(float, pos)
+            w, x, y, z = transforms3d.quaternions.mat2quat(rot)
+            t.transform.rotation.w, t.transform.rotation.x = float(w), float(x)
+            t.transform.rotation.y, t.transform.rotation.z = float(y), float(z)
+            out.append(t)
+        return out
+
+    def publish(self, stamp) -> None:
+        self.pub.publish(self._msg(transforms=self._transforms(stamp, False)))
 
 
 def _pose(pos, quat_wxyz) -> Pose:

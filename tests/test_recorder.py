@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,7 +21,7 @@ RECORDER = "lapa_policy_node.recorder_node"
 
 @pytest.fixture(scope="module")
 def sim(ros):
-    proc = NodeProcess(SIM, {"image_width": 64, "image_height": 64, "camera_rate": 10.0})
+    proc = NodeProcess(SIM, {"image_width": 64, "image_height": 64, "camera_rate": 10.0, "publish_tf": True})
     yield proc
     assert proc.stop() == 0, proc.output()
 
@@ -70,8 +71,10 @@ def test_teleop_episode_is_recorded_as_a_complete_bag(tmp_path, sim, teleop, sto
     assert counts[bag_format.TWIST_TOPIC] >= ep.steps - 2  # every command the teleop sent, give or take the edges
     assert counts[bag_format.IMAGE_TOPIC] >= 0.7 * ep.steps  # 10 Hz camera over the same time as 10 Hz commands
     for topic in (bag_format.JOINT_STATE_TOPIC, bag_format.EE_POSE_TOPIC, bag_format.GRIPPER_TOPIC,
-                  bag_format.CAMERA_INFO_TOPIC):
+                  bag_format.CAMERA_INFO_TOPIC, "/tf"):
         assert counts[topic] > 0, topic
+    assert counts["/tf_static"] >= 1  # published once when the arm started, before this episode: kept and written
+    _ingest_from_every_source(bag, tmp_path)
     meta = json.loads((bag / bag_format.EPISODE_JSON).read_text())
     assert meta["instruction"] == ep.instruction and meta["success"] is True and meta["status"] == "complete"
     assert meta["task"] == "reach" and meta["seed"] == 3 and meta["robot"] == "panda"
@@ -79,6 +82,28 @@ def test_teleop_episode_is_recorded_as_a_complete_bag(tmp_path, sim, teleop, sto
     assert info["storage_identifier"] == storage
     custom = info["custom_data"]
     assert custom["lapa.instruction"] == ep.instruction and custom["lapa.success"] == "true"
+
+
+def _ingest_from_every_source(bag, tmp_path):
+    """The recorded bag gives actions from twists, EE poses, /tf and joint states + URDF; the two measured
+    kinematic sources (the simulator's link poses, its joint angles through the URDF) agree."""
+    import numpy as np
+
+    from lapa_training.data.bag_reader import BagOptions
+    from lapa_training.data.dataset import Dataset
+    from lapa_training.data.ingest import IngestOptions, ingest
+
+    urdf = str(Path(__file__).resolve().parents[1] / "urdf" / "lapa_panda.urdf")
+    actions = {}
+    for source in ("twist", "pose", "tf", "joints"):
+        out = tmp_path / f"ds_{source}"
+        ingest([bag], out, IngestOptions(image_size=0, progress=False, warn=lambda m: None,
+                                         bag=BagOptions(actions=source, urdf=urdf)))
+        actions[source] = np.asarray(Dataset(out).actions, np.float64)[:-1]
+        assert np.isfinite(actions[source][1:]).all(), source  # (step 0 may start before the first command)
+    tf, joints = actions["tf"], actions["joints"]
+    assert np.abs(tf[:, :6] - joints[:, :6]).max() < 1e-4
+    assert np.abs(tf[:, :3]).sum() > 0.05  # the arm moved
 
 
 def test_episode_control_services_refuse_mistakes_and_discard_leaves_nothing(tmp_path, ros, teleop):

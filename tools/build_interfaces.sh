@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Build lapa_interfaces (ros2_ws/src/lapa_interfaces) and install it INTO a Python
-# venv that holds the ROS 2 Kilted PyPI wheels (ros-kilted-*), so that
+# Build an interface package (default lapa_interfaces, ros2_ws/src/lapa_interfaces) and install
+# it INTO a Python venv that holds the ROS 2 Kilted PyPI wheels (ros-kilted-*), so that
 # `from lapa_interfaces.action import FollowInstruction` works in that venv.
 #
 # Usage:
-#   tools/build_interfaces.sh [--force] [--clean] [-v] [VENV]
+#   tools/build_interfaces.sh [--force] [--clean] [-v] [--package DIR] [VENV]
 #
 #   VENV      venv to build against and install into; default: $VIRTUAL_ENV
+#   --package DIR  the interface package to build (its package.xml names it), e.g.
+#             tools/interfaces/tf2_msgs (the upstream definitions the PyPI wheels lack)
 #   --force   rebuild even if the installed package is up to date
 #   --clean   uninstall lapa_interfaces from the venv (files, stamp, build dir) and exit
 #   -v        stream the cmake output instead of writing it to a log file
@@ -35,12 +37,14 @@ FORCE=0
 CLEAN=0
 VERBOSE=0
 VENV_ARG=""
+PKG_ARG=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --force) FORCE=1 ;;
+        --package) shift; [ $# -gt 0 ] || die "--package needs a directory"; PKG_ARG=$1 ;;
         --clean) CLEAN=1 ;;
         -v|--verbose) VERBOSE=1 ;;
-        -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) die "unknown option: $1 (see --help)" ;;
         *) [ -z "$VENV_ARG" ] || die "more than one venv given: '$VENV_ARG' and '$1'"
            VENV_ARG=$1 ;;
@@ -50,8 +54,15 @@ done
 
 SCRIPT_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 REPO_ROOT=$(cd "$(dirname "$SCRIPT_PATH")/.." && pwd)
-PKG_NAME=lapa_interfaces
-PKG_SRC=$REPO_ROOT/ros2_ws/src/$PKG_NAME
+if [ -n "$PKG_ARG" ]; then
+    [ -f "$PKG_ARG/package.xml" ] || die "interface package not found: $PKG_ARG (no package.xml)"
+    PKG_SRC=$(cd "$PKG_ARG" && pwd)
+    PKG_NAME=$(sed -n 's:.*<name>\([^<]*\)</name>.*:\1:p' "$PKG_SRC/package.xml" | head -n1)
+    [ -n "$PKG_NAME" ] || die "$PKG_SRC/package.xml has no <name>"
+else
+    PKG_NAME=lapa_interfaces
+    PKG_SRC=$REPO_ROOT/ros2_ws/src/$PKG_NAME
+fi
 
 # --- the venv ----------------------------------------------------------------
 VENV=${VENV_ARG:-${VIRTUAL_ENV:-}}
@@ -235,13 +246,13 @@ uninstall_previous
 run cmake --install "$BUILD_DIR"
 
 # --- check that it imports and its C typesupport loads, then stamp ---------
-(cd / && "$PY" - <<'EOF') || die "$PKG_NAME was installed but does not import; see $LOG"
-from lapa_interfaces.action import FollowInstruction
-from lapa_interfaces.msg import LatentAction
-for t in (FollowInstruction, LatentAction):
-    t.__class__.__import_type_support__()
-FollowInstruction.Goal(instruction="x")
-LatentAction(tokens=[1, 2], codebook_size=8)
+(cd / && "$PY" - "$PKG_NAME" "$PKG_SRC" <<'EOF') || die "$PKG_NAME was installed but does not import; see $LOG"
+import importlib, pathlib, sys
+name, src = sys.argv[1], pathlib.Path(sys.argv[2])
+for kind in ("msg", "srv", "action"):  # every interface imports, with its C typesupport
+    for f in sorted((src / kind).glob(f"*.{kind}")):
+        t = getattr(importlib.import_module(f"{name}.{kind}"), f.stem)
+        t.__class__.__import_type_support__()
 EOF
 
 { echo "hash $HASH"; sed '/^$/d' "$BUILD_DIR/install_manifest.txt" | LC_ALL=C sort -u; } > "$STAMP.tmp"
