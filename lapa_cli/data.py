@@ -59,6 +59,9 @@ def add_ingest_parser(sub) -> None:
     frames.add_argument("--urdf", type=Path, metavar="FILE",
                         help="the robot's URDF: actions from joint states by forward kinematics to --tcp-frame, "
                              "and --gripper-joint limits")
+    frames.add_argument("--gripper-action", metavar="NAME",
+                        help="a control_msgs/GripperCommand action whose goals the bag recorded (default: the "
+                             "bag's only one), when it has no gripper command topic")
     frames.add_argument("--gripper-joint", metavar="NAME",
                         help="a finger joint of the joint states as the gripper, when the bag has no gripper "
                              "command topic (0 open at its upper limit .. 1 closed at its lower limit)")
@@ -112,7 +115,7 @@ def run_ingest(args) -> int:
     bag = BagOptions(image_topic=args.image_topic, twist_topic=args.twist_topic, pose_topic=args.pose_topic,
                      gripper_topic=args.gripper_topic, instruction_topic=args.instruction_topic, actions=args.actions,
                      joint_topic=args.joint_state_topic, urdf=str(args.urdf) if args.urdf else None,
-                     gripper_joint=args.gripper_joint,
+                     gripper_joint=args.gripper_joint, gripper_action=args.gripper_action,
                      rate_hz=args.rate,
                      stale_timeout_s=args.stale_timeout, base_frame=args.base_frame, tcp_frame=args.tcp_frame,
                      gripper_open=args.gripper_open, gripper_closed=args.gripper_closed)

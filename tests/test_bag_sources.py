@@ -370,3 +370,70 @@ def test_joint_state_history_merges_publishers_and_refuses_gaps():
     assert h.names == ["a", "b", "c"] and h.without_positions == 1
     with pytest.raises(KeyError, match="d"):
         h.positions_at(["d"], np.zeros(1, np.int64), 0)
+
+
+# ---------------------------------------------------------------- the gripper through control_msgs/GripperCommand
+SEP = "=" * 80 + "\n"
+# as rosbag2 stores the definition of the type on <action>/_action/send_goal/_service_event (fields as in
+# ros-controls/control_msgs GripperCommand.action and ros2/rcl_interfaces ServiceEventInfo.msg)
+SEND_GOAL_EVENT_DEF = (
+    "service_msgs/ServiceEventInfo info\n"
+    "control_msgs/action/GripperCommand_SendGoal_Request[<=1] request\n"
+    "control_msgs/action/GripperCommand_SendGoal_Response[<=1] response\n"
+    + SEP + "MSG: service_msgs/ServiceEventInfo\nuint8 REQUEST_SENT=0\nuint8 REQUEST_RECEIVED=1\n"
+    "uint8 RESPONSE_SENT=2\nuint8 RESPONSE_RECEIVED=3\nuint8 event_type\nbuiltin_interfaces/Time stamp\n"
+    "char[16] client_gid\nint64 sequence_number\n"
+    + SEP + "MSG: builtin_interfaces/Time\nint32 sec\nuint32 nanosec\n"
+    + SEP + "MSG: control_msgs/action/GripperCommand_SendGoal_Request\nunique_identifier_msgs/UUID goal_id\n"
+    "control_msgs/action/GripperCommand_Goal goal\n"
+    + SEP + "MSG: unique_identifier_msgs/UUID\nuint8[16] uuid\n"
+    + SEP + "MSG: control_msgs/action/GripperCommand_Goal\ncontrol_msgs/GripperCommand command\n"
+    + SEP + "MSG: control_msgs/GripperCommand\nfloat64 position\nfloat64 max_effort\n"
+    + SEP + "MSG: control_msgs/action/GripperCommand_SendGoal_Response\nbool accepted\nbuiltin_interfaces/Time stamp\n")
+EVENT_TYPE = "control_msgs/action/GripperCommand_SendGoal_Event"
+
+
+def test_gripper_from_gripper_command_goals(motion, tmp_path, capsys):
+    """Goals of a GripperCommand action (0.04 open .. 0 closed per finger), each reported by the client and the
+    server; control_msgs is not in our typestore, so its types come from the definition stored in the bag."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    store = get_typestore(Stores.ROS2_KILTED)  # the writer's own store, not ingest's
+    store.register({k: v for k, v in get_types_from_msg(SEND_GOAL_EVENT_DEF, EVENT_TYPE).items()
+                    if k not in store.types})
+    T = store.types
+    topic = "/gripper_controller/gripper_cmd" + "/_action/send_goal/_service_event"
+    bag = tmp_path / "goals"
+    with Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        conns = {}
+        msgs = [m for m in episode_messages(motion, "tf") if m[0] != "/gripper/command"]
+        for t_topic, typename, t, msg in sorted(msgs, key=lambda m: m[2]):
+            if t_topic not in conns:
+                conns[t_topic] = w.add_connection(t_topic, typename, typestore=TS)
+            w.write(conns[t_topic], t, TS.serialize_cdr(_to_rosbags(typename, msg), typename))
+        events = w.add_connection(topic, EVENT_TYPE, msgdef=SEND_GOAL_EVENT_DEF, rihs01="RIHS01_" + "0" * 64)
+        for k, opening in enumerate(motion["openings"]):
+            if k and opening == motion["openings"][k - 1]:
+                continue  # a goal when the command changes, as a teleop sends them
+            t = T0 + k * SUBSTEPS * SAMPLE_NS + 1_000_000
+            for event_type, delay in ((0, 0), (1, 300_000)):  # REQUEST_SENT by the client, REQUEST_RECEIVED
+                ev = T[EVENT_TYPE](
+                    info=T["service_msgs/msg/ServiceEventInfo"](
+                        event_type=event_type, stamp=T["builtin_interfaces/msg/Time"](sec=(t + delay) // 10**9,
+                                                                                      nanosec=(t + delay) % 10**9),
+                        client_gid=np.arange(16, dtype=np.uint8), sequence_number=k),
+                    request=[T["control_msgs/action/GripperCommand_SendGoal_Request"](
+                        goal_id=T["unique_identifier_msgs/msg/UUID"](uuid=np.full(16, k, np.uint8)),
+                        goal=T["control_msgs/action/GripperCommand_Goal"](
+                            command=T["control_msgs/msg/GripperCommand"](position=0.04 * opening, max_effort=20.0)))],
+                    response=[])
+                w.write(events, t + delay, store.serialize_cdr(ev, EVENT_TYPE))
+    with pytest.raises(IngestError, match="GripperCommand goals on .* need the positions that mean open and closed"):
+        ingest([bag], tmp_path / "ds", quiet())
+    actions, episode = ingested_actions(bag, tmp_path / "ds", gripper_open=0.04, gripper_closed=0.0)
+    assert episode["provenance"]["gripper_source"] == "action"
+    assert np.array_equal(actions[:-1, 6], 1.0 - np.array(motion["openings"]))
+    actions, _ = ingested_actions(bag, tmp_path / "ds2", urdf=str(URDF), gripper_joint="panda_finger_joint1")
+    assert np.array_equal(actions[:-1, 6], 1.0 - np.array(motion["openings"]))  # scaled by the URDF's limits
+    assert lapa_main(["data", "info", str(bag)]) == 0
+    assert "gripper: GripperCommand goals on /gripper_controller/gripper_cmd/_action" in capsys.readouterr().out

@@ -79,8 +79,8 @@ def describe_bag(path: str | Path, options: BagOptions | None = None) -> dict[st
             entry["detail"] = getattr(found, source)
         sources.append(entry)
     info.update(image=found.image, actions=sources, note=found.note,
-                gripper={"topic": f"topic {found.gripper_topic}", "joint": f"joint {options.gripper_joint}"}.get(
-                    found.gripper or ""))
+                gripper={"topic": f"topic {found.gripper_topic}", "joint": f"joint {options.gripper_joint}",
+                         "action": f"GripperCommand goals on {found.gripper_action}"}.get(found.gripper or ""))
     return info
 
 

@@ -13,7 +13,10 @@ Reads bags that lapa-ros records (bag_format.py) as well as plain ``ros2 bag rec
   commanded twists; an end-effector pose topic; the TF tree between the base and TCP frames
   (tf_tree.py); joint states + the robot's URDF (joint_states.py, kinematics.py). With none of them
   the episode is action-free. Steps with no source data near enough keep NaN actions, and a warning says so.
-- Gripper: the gripper command topic, else a finger joint of /joint_states (--gripper-joint).
+- Gripper: the gripper command topic, else the goals of a control_msgs/GripperCommand action (its
+  send_goal service events, as `ros2 bag record` records an action with introspection on), else a
+  finger joint of /joint_states (--gripper-joint). Message types the typestore lacks are registered
+  from the definitions stored in the bag.
 - A bag is a rosbag2 directory, or a single .mcap/.db3 file as other writers leave it.
 
     episode = read_bag(Path("bags/pick_place_000003"), BagOptions(rate_hz=10), sink)
@@ -44,6 +47,8 @@ POSE_TYPES = ("geometry_msgs/msg/PoseStamped",)
 TF_TYPES = ("tf2_msgs/msg/TFMessage",)
 JOINT_TYPES = ("sensor_msgs/msg/JointState",)
 TF_TOPIC, TF_STATIC_TOPIC = "/tf", "/tf_static"
+SEND_GOAL_EVENTS = "/_action/send_goal/_service_event"  # the topic of an action's goal requests, after its name
+GRIPPER_GOAL_EVENT = "GripperCommand_SendGoal_Event"  # control_msgs/action/..., the type on that topic
 GRIPPER_TYPES = ("std_msgs/msg/Float64", "std_msgs/msg/Float32")
 STRING_TYPES = ("std_msgs/msg/String",)
 INSTRUCTION_TXT = "instruction.txt"
@@ -76,6 +81,7 @@ class BagOptions:
     tf_static_topic: str = TF_STATIC_TOPIC
     actions: str = "auto"  # auto: the first of ACTION_SOURCES[1:-1] the bag has; or force one of them
     urdf: str | None = None  # the robot's URDF, for actions from joint states and a finger joint's limits
+    gripper_action: str | None = None  # a control_msgs/GripperCommand action's name (None: the bag's only one)
     gripper_joint: str | None = None  # a finger joint of /joint_states as the gripper, when there is no command topic
     rate_hz: float = 10.0  # control rate of the stored frames and actions
     window_s: float = 0.6  # LAQ window; recorded per episode as round(window_s * rate_hz) frames
@@ -213,9 +219,12 @@ def bag_topics(reader) -> dict[str, tuple[str, int]]:
 
 
 
+def _stamp_ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
 def _header_ns(header, receive_ns: int) -> int:
-    stamp = int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
-    return stamp if stamp else receive_ns
+    return _stamp_ns(header.stamp) or receive_ns
 
 
 class _Resampler:
@@ -360,10 +369,14 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
         roles[found.joints] = "joints"
     if found.gripper == "topic" and found.actions:
         roles[found.gripper_topic] = "gripper"
+    if found.gripper == "action" and found.actions:
+        roles[found.gripper_action] = "gripper_action"
     roles.pop(None, None)
     conns = [c for c in reader.connections if c.topic in roles]
     role_of = {c.id: roles[c.topic] for c in conns}
     type_of = {c.id: ros2_type_name(c.msgtype) for c in conns}
+    if "gripper_action" in role_of.values():
+        ts = bag_typestore(path, reader, set(type_of.values()))
     image_type = topics[image_topic][0]
 
     # ---- single pass
@@ -400,6 +413,7 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
     twist_ns, twist_frames, twist_vals = [], [], []
     pose_ns, pose_frames, pose_vals = [], [], []
     grip_ns, grip_vals = [], []
+    goals_seen: set[tuple[bytes, int]] = set()
     tf = TransformHistory()
     joints = JointStateHistory()
     clock = _ClockOffsets()
@@ -432,6 +446,13 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
                 grip_ns.append(receive_ns)
                 grip_vals.append(cdr.float64(raw) if msgtype == "std_msgs/msg/Float64"
                                  else float(ts.deserialize_cdr(raw, msgtype).data))
+            elif role == "gripper_action":
+                event = ts.deserialize_cdr(raw, msgtype)
+                key = (bytes(event.info.client_gid), int(event.info.sequence_number))
+                if event.request and key not in goals_seen:  # client and server may both report a goal
+                    goals_seen.add(key)
+                    grip_ns.append(_stamp_ns(event.info.stamp) or receive_ns)
+                    grip_vals.append(float(event.request[0].goal.command.position))
             elif role == "pose":
                 msg = ts.deserialize_cdr(raw, msgtype)
                 pose_ns.append(_header_ns(msg.header, receive_ns))
@@ -538,7 +559,8 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
     provenance = {
         "kind": "bag", "source": str(path.resolve()), "storage": storage_name(reader),
         "topics": {"image": image_topic, "twist": found.twist, "pose": found.pose, "tf": found.tf,
-                   "tf_static": found.tf_static, "joints": found.joints, "gripper": found.gripper_topic,
+                   "tf_static": found.tf_static, "joints": found.joints,
+                   "gripper": found.gripper_action if found.gripper == "action" else found.gripper_topic,
                    "instruction": found.instruction},
         "encoding": encoding[0] if encoding else None, "native_size": native_size or None,
         "action_source": action_source, "gripper_source": found.gripper if action_source else None,
@@ -572,7 +594,8 @@ class FoundSources:
     gripper_topic: str | None
     instruction: str | None
     actions: list[str]  # the sources to try, in order
-    gripper: str | None  # 'topic', 'joint' or None
+    gripper: str | None  # 'topic', 'action', 'joint' or None
+    gripper_action: str | None = None  # the send_goal event topic of a GripperCommand action
     note: str = ""  # why there is no action source, when there is none
 
 
@@ -621,14 +644,60 @@ def find_sources(path: Path, topics: Mapping[str, tuple[str, int]], options: Bag
             raise IngestError(f"{path}: actions from {label} requested but there are {why}; "
                               f"the bag has: {_describe_topics(topics)}")
         found.actions = [wanted]
+    found.gripper_action = _pick_gripper_action(path, topics, options.gripper_action)
     if has(found.gripper_topic):
         found.gripper = "topic"
+    elif has(found.gripper_action):
+        found.gripper = "action"
     elif options.gripper_joint:
         if not has(found.joints):
             raise IngestError(f"{path}: --gripper-joint {options.gripper_joint} but no joint-state messages "
                               f"(set --joint-state-topic); the bag has: {_describe_topics(topics)}")
         found.gripper = "joint"
     return found
+
+
+def _pick_gripper_action(path: Path, topics: Mapping[str, tuple[str, int]], requested: str | None) -> str | None:
+    """The send_goal event topic of the GripperCommand action named, else of the bag's only one."""
+    candidates = sorted(t for t, (typ, _) in topics.items()
+                        if t.endswith(SEND_GOAL_EVENTS) and typ.endswith(GRIPPER_GOAL_EVENT))
+    if requested:
+        topic = requested.rstrip("/") + SEND_GOAL_EVENTS
+        if topic not in candidates:
+            raise IngestError(f"{path}: no goals of a GripperCommand action '{requested}' (no {topic}); "
+                              f"the bag has: {_describe_topics(topics)}")
+        return topic
+    if len(candidates) > 1:
+        raise IngestError(f"{path}: several GripperCommand actions "
+                          f"({', '.join(t[:-len(SEND_GOAL_EVENTS)] for t in candidates)}); choose one with --gripper-action")
+    return candidates[0] if candidates else None
+
+
+def bag_typestore(path: Path, reader, types: set[str]):
+    """The typestore for the given message types: the shared one, or a copy completed from the definitions
+    stored in the bag (control_msgs, users' own messages) when it lacks some."""
+    from rosbags.typesys import Stores, get_types_from_idl, get_types_from_msg, get_typestore
+
+    shared = bag_format.typestore()
+    missing = {t for t in types if t not in shared.types}
+    if not missing:
+        return shared
+    store = get_typestore(Stores.ROS2_KILTED)
+    for conn in reader.connections:
+        name = ros2_type_name(conn.msgtype)
+        if name not in missing or name in store.types:
+            continue
+        fmt = getattr(getattr(conn.msgdef, "format", None), "name", "")
+        text = getattr(conn.msgdef, "data", "")
+        try:
+            found = get_types_from_idl(text) if fmt == "IDL" else get_types_from_msg(text, name) if text else {}
+            store.register({k: v for k, v in found.items() if k not in store.types})
+        except Exception as e:
+            raise IngestError(f"{path}: the definition of {name} stored in the bag does not parse ({e})") from e
+    still = sorted(t for t in missing if t not in store.types)
+    if still:
+        raise IngestError(f"{path}: the bag stores no definition of {', '.join(still)} (recorded by an old rosbag2?)")
+    return store
 
 
 def _twist_deltas(path, found, options, grid_ns, twist_ns, twist_frames, twist_vals, pose_ns_arr, pose_arr,
@@ -680,6 +749,19 @@ def _gripper(path, found, options, robot, joints, grid_ns, grip_ns, grip_vals, m
             raise IngestError("--gripper-open and --gripper-closed must differ")
         return act.gripper_closure(grid_ns, np.array(grip_ns, dtype=np.int64), np.array(grip_vals),
                                    open_value, closed_value), None
+    if found.gripper == "action":
+        open_value, closed_value = options.gripper_open, options.gripper_closed
+        if (open_value is None or closed_value is None) and options.gripper_joint and robot is not None:
+            lower, upper = robot.joint_limits(options.gripper_joint)  # the position the controller commands
+            open_value = upper if open_value is None else open_value
+            closed_value = lower if closed_value is None else closed_value
+        if open_value is None or closed_value is None:
+            raise IngestError(f"{path}: GripperCommand goals on {found.gripper_action} need the positions that mean "
+                              "open and closed: --gripper-open and --gripper-closed, or --gripper-joint with --urdf")
+        if open_value == closed_value:
+            raise IngestError("--gripper-open and --gripper-closed must differ")
+        return act.gripper_closure(grid_ns, np.array(grip_ns, dtype=np.int64), np.array(grip_vals),
+                                   open_value, closed_value), None
     if found.gripper == "joint":
         joint = options.gripper_joint
         open_value, closed_value = options.gripper_open, options.gripper_closed
@@ -701,7 +783,7 @@ def _gripper(path, found, options, robot, joints, grid_ns, grip_ns, grip_vals, m
         return np.clip((open_value - position) / (open_value - closed_value), 0.0, 1.0), None
     return np.full(len(grid_ns) - 1, np.nan), (
         f"{path}: no gripper source (no {found.gripper_topic or bag_format.GRIPPER_TOPIC} messages, no "
-        "--gripper-joint); the gripper action is unknown (NaN) in every step")
+        "GripperCommand goals, no --gripper-joint); the gripper action is unknown (NaN) in every step")
 
 
 class _ClockOffsets:
