@@ -39,8 +39,10 @@ def add_ingest_parser(sub) -> None:
                    help="square frame size in px (center-crop, then INTER_AREA); 0 keeps the source size (default 128)")
     p.add_argument("--rate", type=float, default=10.0, help="control rate of bag frames and actions in Hz (default 10)")
     topics = p.add_argument_group("bag topics (defaults: lapa-ros / MoveIt Servo names, when the bag has them)")
-    topics.add_argument("--image-topic", help="sensor_msgs/Image or CompressedImage (default /camera/image_raw, "
-                                              "else the bag's only image topic)")
+    topics.add_argument("--image-topic", action="append", metavar="TOPIC",
+                        help="sensor_msgs/Image or CompressedImage (default /camera/image_raw, else the bag's only "
+                             "image topic); give it several times to store several cameras (trainers pick one with "
+                             "--set data.camera=TOPIC, the first by default)")
     topics.add_argument("--twist-topic",
                         help="geometry_msgs/TwistStamped commands (default /servo_node/delta_twist_cmds)")
     topics.add_argument("--pose-topic", help="geometry_msgs/PoseStamped TCP pose (default /ee_pose)")
@@ -112,7 +114,9 @@ def run_ingest(args) -> int:
             robot.joint_limits(args.gripper_joint)
     if args.instructions is not None and not args.instructions.is_file():
         raise UserError(f"instructions file not found: {args.instructions}")
-    bag = BagOptions(image_topic=args.image_topic, twist_topic=args.twist_topic, pose_topic=args.pose_topic,
+    image_topics = args.image_topic or [None]
+    bag = BagOptions(image_topic=image_topics[0], extra_image_topics=tuple(image_topics[1:]),
+                     twist_topic=args.twist_topic, pose_topic=args.pose_topic,
                      gripper_topic=args.gripper_topic, instruction_topic=args.instruction_topic, actions=args.actions,
                      joint_topic=args.joint_state_topic, urdf=str(args.urdf) if args.urdf else None,
                      gripper_joint=args.gripper_joint, gripper_action=args.gripper_action,
@@ -184,6 +188,7 @@ def format_summary(s: dict) -> str:
         f"tasks        {_counts(s['tasks'])}",
         f"instructions {s['instructions']} ({s['distinct_instructions']} distinct)",
         f"sources      {_counts(s['sources'])}",
+        *([f"cameras      {', '.join(s['cameras'])} (pick one with --set data.camera=NAME)"] if s.get("cameras") else []),
         "actions      " + f"{'':8s}{'count':>9s}{'mean':>11s}{'std':>11s}{'min':>11s}{'max':>11s}",
     ]
     for name, st in s["action_stats"].items():

@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--overwrite", action="store_true", help="replace existing labels of that name")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--camera", metavar="NAME", help="the camera to label, in datasets ingested with several "
+                                                    "(default: the first)")
 
 
 def run(args) -> int:
@@ -47,7 +49,7 @@ def run(args) -> int:
         for data in args.data:
             out = label_dataset(model, data, name=args.name, window_frames=window, batch_size=args.batch_size,
                                 device=device, overwrite=args.overwrite, source=str(checkpoint.resolve()),
-                                progress=not args.quiet)
+                                progress=not args.quiet, camera=args.camera)
             print(f"labelled {data} -> {out}")
     except (CheckpointError, LabelError, IngestError) as e:
         raise UserError(str(e)) from None

@@ -437,3 +437,46 @@ def test_gripper_from_gripper_command_goals(motion, tmp_path, capsys):
     assert np.array_equal(actions[:-1, 6], 1.0 - np.array(motion["openings"]))  # scaled by the URDF's limits
     assert lapa_main(["data", "info", str(bag)]) == 0
     assert "gripper: GripperCommand goals on /gripper_controller/gripper_cmd/_action" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- several cameras
+def test_several_cameras_are_stored_at_the_first_cameras_times(motion, tmp_path, capsys):
+    """A wrist camera at 15 Hz that starts 0.15 s after the front one: each stored row is its newest image
+    at the front camera's frame time; trainers and labelling pick a camera by name."""
+    msgs = episode_messages(motion, "tf")
+    wrist_t = [T0 + 150_000_000 + j * 66_666_667 for j in range(22)]
+    for j, t in enumerate(wrist_t):  # image j is filled with the value j
+        msgs.append(("/wrist/image_raw", "sensor_msgs/msg/Image", t + 4_000_000,
+                     {"header": _header(t, "wrist"), "height": 8, "width": 8, "encoding": "rgb8",
+                      "is_bigendian": 0, "step": 24, "data": bytes([j]) * 192}))
+    bag = write_mcap_ros2(tmp_path / "two_cams.mcap", msgs)
+    warnings: list[str] = []
+    ingest([bag], tmp_path / "ds", quiet(bag=BagOptions(image_topic="/camera/image_raw",
+                                                        extra_image_topics=("/wrist/image_raw",)),
+                                         warn=warnings.append))
+    front, wrist = Dataset(tmp_path / "ds"), Dataset(tmp_path / "ds", camera="/wrist/image_raw")
+    assert front.cameras == ["/camera/image_raw", "/wrist/image_raw"] and wrist.camera == "/wrist/image_raw"
+    assert np.array_equal(np.asarray(front.frames), np.stack(motion["images"]))
+    grid = [T0 + k * SUBSTEPS * SAMPLE_NS for k in range(STEPS + 1)]
+    expected = [max([j for j, t in enumerate(wrist_t) if t <= g + 1_000_000], default=0) for g in grid]
+    assert [int(f[0, 0, 0]) for f in np.asarray(wrist.frames)] == expected
+    assert wrist.frames.shape == (STEPS + 1, 8, 8, 3) and len(wrist.actions) == len(front.actions)
+    assert any("starts 2 frame(s) after /camera/image_raw" in w for w in warnings), warnings
+    with pytest.raises(IngestError, match=r"no camera '/nope' \(cameras: /camera/image_raw, /wrist/image_raw\)"):
+        Dataset(tmp_path / "ds", camera="/nope")
+    # a merge keeps both cameras; a dataset of one camera does not merge into it
+    ingest([tmp_path / "ds"], tmp_path / "merged", quiet(bag=BagOptions(image_topic="/camera/image_raw",
+                                                                        extra_image_topics=("/wrist/image_raw",))))
+    assert np.array_equal(np.asarray(Dataset(tmp_path / "merged", camera="/wrist/image_raw").frames),
+                          np.asarray(wrist.frames))
+    with pytest.raises(IngestError, match="merge needs the same cameras"):
+        ingest([tmp_path / "ds"], tmp_path / "one", quiet())
+    # the same from the command line; info lists the cameras
+    assert lapa_main(["data", "ingest", str(bag), "--out", str(tmp_path / "cli"), "--image-size", "0",
+                      "--image-topic", "/camera/image_raw", "--image-topic", "/wrist/image_raw"]) == 0
+    assert lapa_main(["data", "info", str(tmp_path / "cli")]) == 0
+    assert "cameras      /camera/image_raw, /wrist/image_raw" in capsys.readouterr().out
+    # trainers choose the camera with data.camera; a wrong name is a one-line error
+    assert lapa_main(["train", "laq", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "laq"),
+                      "--set", "data.camera=/nope"]) == 2
+    assert "no camera '/nope'" in capsys.readouterr().err

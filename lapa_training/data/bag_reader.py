@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import heapq
 import json
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -60,11 +61,11 @@ REORDER_WINDOW = 16  # images; a camera's stamps are at most this many messages 
 
 
 class FrameSink(Protocol):
-    """Where frames go as they are resampled (DatasetWriter implements it)."""
+    """Where frames go as they are resampled (DatasetWriter implements it); camera names another camera's."""
 
-    def add_frame(self, rgb: np.ndarray) -> None: ...
+    def add_frame(self, rgb: np.ndarray, camera: str | None = None) -> None: ...
 
-    def repeat_frame(self) -> None: ...
+    def repeat_frame(self, camera: str | None = None) -> None: ...
 
 
 @dataclass
@@ -72,6 +73,7 @@ class BagOptions:
     """How to read a bag. Topics left None use bag_format's defaults when the bag has them."""
 
     image_topic: str | None = None  # None: the default topic, else the bag's only image topic
+    extra_image_topics: tuple[str, ...] = ()  # more cameras, stored at the first one's frame times
     twist_topic: str | None = None
     pose_topic: str | None = None
     gripper_topic: str | None = None
@@ -235,8 +237,9 @@ class _Resampler:
     the same image as the previous grid step. finish() flushes and returns the grid (int64 ns).
     """
 
-    def __init__(self, period_ns: int, tol_ns: int, gap_ns: int, emit: Callable[[Any, bool], None]):
-        self.period_ns, self.tol_ns, self.gap_ns, self.emit = period_ns, tol_ns, gap_ns, emit
+    def __init__(self, period_ns: int, tol_ns: int, gap_ns: int, emit: Callable[[Any, bool], None],
+                 on_step: Callable[[int], None] | None = None):
+        self.period_ns, self.tol_ns, self.gap_ns, self.emit, self.on_step = period_ns, tol_ns, gap_ns, emit, on_step
         self.heap: list[tuple[int, int, Any]] = []
         self.seq = 0
         self.t0: int | None = None
@@ -272,6 +275,8 @@ class _Resampler:
     def _emit(self) -> None:
         self.emit(self.candidate, self.candidate_seq == self.emitted_seq)
         self.emitted_seq = self.candidate_seq
+        if self.on_step is not None:
+            self.on_step(self.t0 + self.k * self.period_ns)
         self.k += 1
 
     def finish(self) -> np.ndarray:
@@ -282,6 +287,62 @@ class _Resampler:
         while self.t0 + self.k * self.period_ns <= self.last_stamp:
             self._emit()
         return self.t0 + np.arange(self.k, dtype=np.int64) * self.period_ns
+
+
+class _FollowerCamera:
+    """Another camera's images at the first camera's grid times: for each t_k, its newest image stamped
+    <= t_k + tol (before its first image, the first one stands in, and is counted).
+
+    push(stamp, payload) its images as they come, at(t_k) each grid time as the first camera's grid
+    reaches it, finish() at the end; emit(payload, repeat) gets one call per grid time, in order.
+    """
+
+    def __init__(self, tol_ns: int, emit: Callable[[Any, bool], None]):
+        self.tol_ns, self.emit = tol_ns, emit
+        self.heap: list[tuple[int, int, Any]] = []
+        self.seq = 0
+        self.accepted: deque[tuple[int, int, Any]] = deque()  # in stamp order, from the candidate on
+        self.pending: deque[int] = deque()  # grid times not emitted yet
+        self.last_stamp: int | None = None
+        self.emitted_seq = -1
+        self.count = self.late = self.before_first = 0
+
+    def push(self, stamp: int, payload: Any) -> None:
+        heapq.heappush(self.heap, (stamp, self.seq, payload))
+        self.seq += 1
+        if len(self.heap) > REORDER_WINDOW:
+            self._accept(*heapq.heappop(self.heap))
+
+    def _accept(self, stamp: int, seq: int, payload: Any) -> None:
+        if self.last_stamp is not None and stamp < self.last_stamp:
+            self.late += 1
+            return
+        self.accepted.append((stamp, seq, payload))
+        self.last_stamp = stamp
+        self.count += 1
+        self._drain(final=False)
+
+    def at(self, t_ns: int) -> None:
+        self.pending.append(t_ns)
+        self._drain(final=False)
+
+    def _drain(self, final: bool) -> None:
+        while self.pending and self.accepted:
+            limit = self.pending[0] + self.tol_ns
+            if not final and self.accepted[-1][0] <= limit:
+                return  # a later image may still be the one for this time
+            while len(self.accepted) > 1 and self.accepted[1][0] <= limit:
+                self.accepted.popleft()
+            stamp, seq, payload = self.accepted[0]
+            self.before_first += stamp > limit
+            self.emit(payload, seq == self.emitted_seq)
+            self.emitted_seq = seq
+            self.pending.popleft()
+
+    def finish(self) -> None:
+        while self.heap:
+            self._accept(*heapq.heappop(self.heap))
+        self._drain(final=True)
 
 
 # ---------------------------------------------------------------- reading
@@ -358,7 +419,7 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
         raise IngestError(f"{path}: empty instruction: no instruction topic, no lapa.instruction in metadata.yaml "
                           f"or episode.json, no {INSTRUCTION_TXT}, not in --instructions")
 
-    roles = {image_topic: "image", found.instruction: "instruction"}
+    roles = {image_topic: "image", found.instruction: "instruction", **{t: "camera" for t in found.cameras}}
     if "twist" in found.actions:
         roles[found.twist] = "twist"
     if "twist" in found.actions or "pose" in found.actions:
@@ -377,14 +438,14 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
     type_of = {c.id: ros2_type_name(c.msgtype) for c in conns}
     if "gripper_action" in role_of.values():
         ts = bag_typestore(path, reader, set(type_of.values()))
-    image_type = topics[image_topic][0]
 
     # ---- single pass
     period_ns = int(round(1e9 / options.rate_hz))
-    encoding: list[str] = []
-    native_size: list[int] = []
+    tol_ns = int(round(options.stamp_tolerance_s * 1e9))
+    seen: dict[str, dict[str, Any]] = {}  # camera topic -> encoding and native size of its first decoded image
 
-    def decode(raw: bytes) -> np.ndarray:
+    def decode(raw: bytes, topic: str) -> np.ndarray:
+        image_type = topics[topic][0]
         try:
             if image_type == IMAGE_TYPE:
                 f = cdr.image(raw)
@@ -394,22 +455,24 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
                 msg = ts.deserialize_cdr(raw, image_type)
                 rgb, kind = compressed_msg_to_rgb(msg), f"compressed {msg.format}"
         except IngestError as e:
-            raise IngestError(f"{path}: topic {image_topic}: {e}") from e
+            raise IngestError(f"{path}: topic {topic}: {e}") from e
         except Exception as e:
-            raise IngestError(f"{path}: cannot parse {image_type} on {image_topic} ({type(e).__name__}: {e})") from e
-        if not encoding:
-            encoding.append(kind)
-            native_size.extend([int(rgb.shape[1]), int(rgb.shape[0])])
+            raise IngestError(f"{path}: cannot parse {image_type} on {topic} ({type(e).__name__}: {e})") from e
+        if topic not in seen:
+            seen[topic] = {"encoding": kind, "native_size": [int(rgb.shape[1]), int(rgb.shape[0])]}
         return rgb
 
-    def emit(raw: bytes, repeat: bool) -> None:
-        if repeat:
-            sink.repeat_frame()
-        else:
-            sink.add_frame(decode(raw))
+    def emitter(topic: str | None):
+        def emit(raw: bytes, repeat: bool) -> None:
+            if repeat:
+                sink.repeat_frame(camera=topic)
+            else:
+                sink.add_frame(decode(raw, topic or image_topic), camera=topic)
+        return emit
 
-    grid = _Resampler(period_ns, int(round(options.stamp_tolerance_s * 1e9)),
-                      int(round(options.gap_periods * period_ns)), emit)
+    followers = {t: _FollowerCamera(tol_ns, emitter(t)) for t in found.cameras}
+    grid = _Resampler(period_ns, tol_ns, int(round(options.gap_periods * period_ns)), emitter(None),
+                      on_step=(lambda t_ns: [f.at(t_ns) for f in followers.values()]) if followers else None)
     twist_ns, twist_frames, twist_vals = [], [], []
     pose_ns, pose_frames, pose_vals = [], [], []
     grip_ns, grip_vals = [], []
@@ -428,6 +491,13 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
                                   f"({type(e).__name__}: {e})") from e
             clock.add(conn.topic, stamp, receive_ns)
             grid.push(stamp, raw)  # decoded (once) only if it becomes a stored frame
+            continue
+        if role == "camera":
+            try:
+                stamp = cdr.header_stamp_ns(raw) or receive_ns
+            except Exception as e:
+                raise IngestError(f"{path}: cannot parse {msgtype} on {conn.topic} ({type(e).__name__}: {e})") from e
+            followers[conn.topic].push(stamp, raw)
             continue
         try:
             if role == "twist":
@@ -483,6 +553,16 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
         raise IngestError(f"{path}: no readable images on '{image_topic}'")
 
     warnings: list[str] = []
+    for topic, follower in followers.items():
+        follower.finish()
+        if follower.count == 0:
+            raise IngestError(f"{path}: camera {topic} has no images")
+        if follower.before_first:
+            warnings.append(f"{path}: camera {topic} starts {follower.before_first} frame(s) after {image_topic}; "
+                            "its first image stands in for them")
+        if follower.late:
+            warnings.append(f"{path}: {follower.late} images on {topic} arrived more than {REORDER_WINDOW} messages "
+                            "out of stamp order and were dropped")
     if grid.late:
         warnings.append(f"{path}: {grid.late} images arrived more than {REORDER_WINDOW} messages out of stamp "
                         "order and were dropped")
@@ -562,7 +642,9 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
                    "tf_static": found.tf_static, "joints": found.joints,
                    "gripper": found.gripper_action if found.gripper == "action" else found.gripper_topic,
                    "instruction": found.instruction},
-        "encoding": encoding[0] if encoding else None, "native_size": native_size or None,
+        "encoding": seen.get(image_topic, {}).get("encoding"), "native_size": seen.get(image_topic, {}).get("native_size"),
+        "cameras": {t: {**seen.get(t, {}), "num_images": f.count, "late_images_dropped": f.late,
+                        "frames_before_first_image": f.before_first} for t, f in followers.items()} or None,
         "action_source": action_source, "gripper_source": found.gripper if action_source else None,
         "urdf": str(Path(options.urdf).resolve()) if robot is not None else None,
         "instruction_source": instruction_source,
@@ -586,6 +668,7 @@ class FoundSources:
     """The topics of one bag and the action and gripper sources they offer, before any message is read."""
 
     image: str
+    cameras: list[str]  # the other cameras' topics
     twist: str | None
     pose: str | None
     tf: str | None
@@ -609,6 +692,8 @@ def find_sources(path: Path, topics: Mapping[str, tuple[str, int]], options: Bag
 
     found = FoundSources(
         image=_pick_image_topic(path, topics, options.image_topic),
+        cameras=[_pick_topic(path, topics, t, None, IMAGE_TYPES, "images", "--image-topic")
+                 for t in options.extra_image_topics],
         twist=pick(options.twist_topic, bag_format.TWIST_TOPIC, TWIST_TYPES, "twist commands", "--twist-topic"),
         pose=pick(options.pose_topic, bag_format.EE_POSE_TOPIC, POSE_TYPES, "end-effector poses", "--pose-topic"),
         tf=_pick_topic(path, topics, None, options.tf_topic, TF_TYPES, "transforms", "--tf-topic"),

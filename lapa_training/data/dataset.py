@@ -9,6 +9,8 @@ A dataset is a directory:
     timestamps.npy      float64 (N,) seconds since the first frame of the frame's episode
     episode_index.npy   int32 (N,) episode of each frame
     episodes.jsonl      one JSON record per episode (start, length, instruction, split, provenance, ...)
+    frames.<camera>.npy the other cameras of a dataset ingested with several (meta.json "cameras"),
+                        uint8 (N, H, W, 3) each, row i taken at the same time as frames.npy's row i
 
 The .npy files are standard NumPy files (np.load(..., mmap_mode="r") works) with a fixed 128-byte
 header, so DatasetWriter can grow them frame by frame and rewrite the row count at the end: the
@@ -17,6 +19,7 @@ whole dataset never has to fit in memory.
     ds = Dataset("runs/data/sim")                  # read-only memory maps
     ds.frames[i], ds.actions[i], ds.episodes[e]["instruction"]
     pairs = ds.pairs("train")                       # (M, 2) frame indices (i, i + window) in one episode
+    Dataset("runs/data/arm", camera="/wrist/image_raw").frames   # another camera's frames, same rows
 """
 
 from __future__ import annotations
@@ -204,6 +207,14 @@ def parse_split(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
+def camera_file(name: str, index: int) -> str:
+    """The frames file of a dataset's camera: frames.npy for the first, frames.<name>.npy for the others."""
+    if index == 0:
+        return FRAMES_NPY
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name.strip("/")) or f"camera{index}"
+    return f"frames.{safe}.npy"
+
+
 # ---------------------------------------------------------------- writing
 class DatasetWriter:
     """Builds a dataset episode by episode, frames streamed to disk as they come.
@@ -218,11 +229,14 @@ class DatasetWriter:
         w.repeat_frame()                # the previous frame again (a camera frame held over two steps)
         w.end_episode(actions, timestamps_s, record)
         w.close()
+
+    cameras: the names of several cameras (the first goes to frames.npy); add_frame and repeat_frame then
+    take camera=name for the others, and every camera has as many rows as frames.npy per episode.
     """
 
     def __init__(self, root: str | Path, *, image_size: int = 128, control_rate: float = 10.0,
                  mode: str = "create", split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                 seed: int = 0, run_info: dict[str, Any] | None = None):
+                 seed: int = 0, run_info: dict[str, Any] | None = None, cameras: list[str] | None = None):
         self.root = Path(root).resolve()
         self.image_size = int(image_size)
         self.split_fractions = tuple(split_fractions)
@@ -249,6 +263,10 @@ class DatasetWriter:
                                   f"cannot append at --image-size {self.image_size}")
             self.image_size = self.frame_shape[0] if self.image_size else 0
             self.episodes = read_episodes(self.root)
+            held = [c["name"] for c in self.meta.get("cameras", [])]
+            if held != list(cameras or []) and (held or len(cameras or []) > 1):
+                raise IngestError(f"{self.root} holds cameras {held or 'one camera'}; cannot append "
+                                  f"{list(cameras or []) or 'one camera'} (give the same --image-topic list)")
         else:
             self.dir = self.root.parent / f".{self.root.name}.incomplete"
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -266,7 +284,14 @@ class DatasetWriter:
         self.actions = GrowableArrayFile(self.dir / ACTIONS_NPY, np.float32, (bag_format.ACTION_DIM,))
         self.timestamps = GrowableArrayFile(self.dir / TIMESTAMPS_NPY, np.float64, ())
         self.episode_index = GrowableArrayFile(self.dir / EPISODE_INDEX_NPY, np.int32, ())
-        self._files = (self.frames, self.actions, self.timestamps, self.episode_index)
+        self.cameras = list(cameras or []) if len(cameras or []) > 1 else []
+        shapes = {c["name"]: c.get("frame_shape") for c in self.meta.get("cameras", [])}
+        self.extra: dict[str, GrowableArrayFile] = {
+            name: GrowableArrayFile(self.dir / camera_file(name, i), np.uint8,
+                                    tuple(shapes[name]) if shapes.get(name) else self.frame_shape, batch_bytes=1 << 20)
+            for i, name in enumerate(self.cameras) if i > 0}
+        self._last_extra: dict[str, np.ndarray] = {}
+        self._files = (self.frames, self.actions, self.timestamps, self.episode_index, *self.extra.values())
         self._start_counts = (len(self.episodes), self.frames.rows)
         self._episode_start: int | None = None
         self._last_frame: np.ndarray | None = None
@@ -283,13 +308,17 @@ class DatasetWriter:
         self._episode_start = self.frames.rows
         self._last_frame = None
 
-    def add_frame(self, rgb: np.ndarray) -> None:
+    def add_frame(self, rgb: np.ndarray, camera: str | None = None) -> None:
         """Append one RGB uint8 frame (H, W, 3), resized to the dataset's frame shape here (once).
 
         The first frame after end_episode() starts a new episode (begin_episode() is implied).
+        camera: one of the other cameras (see the class docstring); None for the first.
         """
         if self._episode_start is None:
             self.begin_episode()
+        if camera is not None and camera in self.extra:
+            self._add_extra(rgb, camera)
+            return
         frame = fit_square(rgb, self.image_size)
         if frame.flags.writeable and np.may_share_memory(frame, rgb):
             frame = frame.copy()  # written later (batched): the caller may reuse its buffer meanwhile
@@ -306,16 +335,42 @@ class DatasetWriter:
         self.frames.row_shape = shape
         self.meta["frame_shape"] = list(shape)
 
-    def repeat_frame(self) -> None:
+    def _add_extra(self, rgb: np.ndarray, camera: str) -> None:
+        out = self.extra[camera]
+        frame = fit_square(rgb, self.image_size)
+        if frame.flags.writeable and np.may_share_memory(frame, rgb):
+            frame = frame.copy()
+        if out.row_shape is None:
+            out.row_shape = tuple(frame.shape)
+        if frame.shape != out.row_shape:
+            raise IngestError(f"camera {camera}: frame of {frame.shape[1]}x{frame.shape[0]} does not match the "
+                              f"dataset's {out.row_shape[1]}x{out.row_shape[0]} (use --image-size to resize)")
+        out.append(frame)
+        self._last_extra[camera] = frame
+
+    def repeat_frame(self, camera: str | None = None) -> None:
         """Append the previous frame of this episode again (no decode, no resize, no copy)."""
+        if camera is not None and camera in self.extra:
+            if camera not in self._last_extra:
+                raise RuntimeError(f"repeat_frame({camera!r}) before add_frame()")
+            self.extra[camera].append(self._last_extra[camera])
+            return
         if self._last_frame is None:
             raise RuntimeError("repeat_frame() before add_frame()")
         self.frames.append(self._last_frame)
 
-    def add_frames(self, frames: np.ndarray) -> None:
+    def add_frames(self, frames: np.ndarray, camera: str | None = None) -> None:
         """Append frames (n, H, W, 3) that already have the dataset's shape (used to merge datasets)."""
         if self._episode_start is None:
             self.begin_episode()
+        if camera is not None and camera in self.extra:
+            out = self.extra[camera]
+            out.row_shape = out.row_shape or tuple(frames.shape[1:])
+            if tuple(frames.shape[1:]) != out.row_shape:
+                raise IngestError(f"camera {camera}: frames of shape {frames.shape[1:]} do not match the "
+                                  f"dataset's {out.row_shape}")
+            out.append(frames)
+            return
         if self.frame_shape is None:
             self._set_frame_shape(tuple(frames.shape[1:]))
         if tuple(frames.shape[1:]) != self.frame_shape:
@@ -332,6 +387,9 @@ class DatasetWriter:
         if start is None:
             raise RuntimeError("end_episode() without begin_episode()")
         n = self.frames.rows - start
+        for name, out in self.extra.items():
+            if out.rows != self.frames.rows:
+                raise ValueError(f"camera {name} has {out.rows - start} frames in this episode, the first {n}")
         actions = np.asarray(actions, dtype=np.float32).reshape(-1, bag_format.ACTION_DIM)
         if len(actions) != n or len(timestamps_s) != n:
             raise ValueError(f"episode has {n} frames but {len(actions)} actions and {len(timestamps_s)} timestamps")
@@ -348,7 +406,8 @@ class DatasetWriter:
     def abort_episode(self) -> None:
         """Drop the frames of the episode in progress (it failed); the dataset is as before begin_episode()."""
         if self._episode_start is not None:
-            self.frames.truncate(self._episode_start)
+            for f in (self.frames, *self.extra.values()):
+                f.truncate(self._episode_start)
             self._episode_start = None
 
     # ---------------------------------------------------------------- finishing
@@ -364,6 +423,11 @@ class DatasetWriter:
             f.close()
         n_new = len(self.episodes) - self._start_counts[0]
         self.meta["frame_shape"] = list(self.frame_shape) if self.frame_shape else None
+        if self.cameras:
+            self.meta["cameras"] = [
+                {"name": name, "file": camera_file(name, i),
+                 "frame_shape": list(self.frame_shape if i == 0 else self.extra[name].row_shape or ()) or None}
+                for i, name in enumerate(self.cameras)]
         self.meta["ingests"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.run_info,
                                      **(run_record or {}), "episodes_added": n_new,
                                      "frames_added": self.frames.rows - self._start_counts[1]})
@@ -435,17 +499,24 @@ class Dataset:
     frames (N, H, W, 3) uint8 RGB; actions (N, 7) float32 (NaN = unknown; row i is the step from
     frame i to i+1, so the last row of every episode is NaN); timestamps (N,) float64 seconds since
     the episode's first frame; episode_index (N,) int32; episodes: list of records (dicts, see
-    docs/DATASET_FORMAT.md); meta: meta.json.
+    docs/DATASET_FORMAT.md); meta: meta.json. camera picks one camera of a dataset ingested with several
+    (names in .cameras); frames are then that camera's.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, camera: str | None = None):
         self.root = Path(root)
         if not (self.root / META_JSON).is_file():
             raise IngestError(f"{self.root} is not a dataset (no {META_JSON})")
         self.meta: dict[str, Any] = json.loads((self.root / META_JSON).read_text())
         _check_format(self.meta, self.root)
         self.episodes = read_episodes(self.root)
-        self.frames = _load(self.root / FRAMES_NPY)
+        self.cameras = [c["name"] for c in self.meta.get("cameras", [])]
+        self.camera = camera or (self.cameras[0] if self.cameras else None)
+        if camera is not None and camera not in self.cameras:
+            raise IngestError(f"{self.root}: no camera '{camera}' (" + (
+                f"cameras: {', '.join(self.cameras)})" if self.cameras else "the dataset has one camera, unnamed)"))
+        file = self.meta["cameras"][self.cameras.index(camera)]["file"] if camera else FRAMES_NPY
+        self.frames = _load(self.root / file)
         self.actions = _load(self.root / ACTIONS_NPY)
         self.timestamps = _load(self.root / TIMESTAMPS_NPY)
         self.episode_index = _load(self.root / EPISODE_INDEX_NPY)
@@ -567,7 +638,7 @@ def summarize(ds: Dataset) -> dict[str, Any]:
     shape = ds.meta.get("frame_shape") or list(ds.frames.shape[1:])
     return {
         "path": str(ds.root), "format": f"{ds.meta['format']} v{ds.meta['format_version']}",
-        "disk_bytes": ds.disk_bytes(), "frames": n, "frame_shape": shape,
+        "disk_bytes": ds.disk_bytes(), "frames": n, "frame_shape": shape, "cameras": ds.cameras,
         "control_rate_hz": ds.meta.get("control_rate_hz"),
         "episodes": len(eps), "episodes_with_actions": sum(bool(e["has_actions"]) for e in eps),
         "episodes_without_actions": sum(not e["has_actions"] for e in eps),

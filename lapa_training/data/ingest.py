@@ -183,8 +183,11 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, options: IngestOptions
     bag_options = _bag_options(options, instructions)
     video_options = VideoOptions(window_s=options.window_s or VIDEO_WINDOW_S, window_frames=options.window_frames,
                                  instructions=instructions, allow_empty_instruction=options.allow_empty_instruction)
+    cameras = [bag_options.image_topic, *bag_options.extra_image_topics] if bag_options.extra_image_topics else None
+    if cameras and (not bag_options.image_topic or len(set(cameras)) != len(cameras)):
+        raise IngestError(f"several cameras need distinct --image-topic names, the first one given too: {cameras}")
     writer = DatasetWriter(out, image_size=options.image_size, control_rate=bag_options.rate_hz, mode=options.mode,
-                           split_fractions=options.split, seed=options.seed,
+                           split_fractions=options.split, seed=options.seed, cameras=cameras,
                            run_info={"inputs": [str(p) for p in inputs], "options": _options_record(options)})
     captions_cache: dict[Path, dict[str, str]] = {}
     try:
@@ -202,6 +205,9 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, options: IngestOptions
                     if src.kind == "bag":
                         ep = read_bag(src.path, bag_options, writer)
                     else:
+                        if cameras:
+                            raise IngestError(f"{src.path}: a video has one camera, and this ingest stores "
+                                              f"{len(cameras)} ({', '.join(cameras)}); ingest videos separately")
                         caption = _video_caption(src, instructions, captions_cache)
                         ep = read_video(src.path, caption, video_options, writer)
                     for message in ep.warnings:
@@ -247,6 +253,7 @@ def _options_record(options: IngestOptions) -> dict[str, Any]:
     """The options as plain JSON for meta.json's ingest history."""
     rec = {k: getattr(options, k) for k in options.__dataclass_fields__ if k not in ("warn", "bag", "progress")}
     rec["bag"] = {k: getattr(options.bag, k) for k in options.bag.__dataclass_fields__ if k != "instructions"}
+    rec["bag"]["extra_image_topics"] = list(options.bag.extra_image_topics)
     rec["instructions_file"] = str(options.instructions_file) if options.instructions_file else None
     rec["split"] = list(options.split)
     return rec
@@ -270,6 +277,10 @@ def _video_caption(src: Source, instructions: dict[str, str] | None, cache: dict
 def _merge_dataset(path: Path, writer: DatasetWriter) -> list[dict[str, Any]]:
     """Copy every episode of the dataset at path (frames in chunks, never all in memory)."""
     src = Dataset(path)
+    if src.cameras != writer.cameras:
+        raise IngestError(f"{path}: its cameras ({', '.join(src.cameras) or 'one'}) are not this dataset's "
+                          f"({', '.join(writer.cameras) or 'one'}); merge needs the same cameras")
+    others = {name: Dataset(path, camera=name).frames for name in src.cameras[1:]}
     shape = tuple(src.frames.shape[1:])
     if writer.frame_shape is not None and shape != tuple(writer.frame_shape):
         raise IngestError(f"{path}: dataset frames are {shape[1]}x{shape[0]}, this dataset's are "
@@ -279,7 +290,10 @@ def _merge_dataset(path: Path, writer: DatasetWriter) -> list[dict[str, Any]]:
         writer.begin_episode()
         sl = src.episode_slice(e["index"])
         for chunk in iter_chunks(sl.stop - sl.start, 256):
-            writer.add_frames(np.asarray(src.frames[sl.start + chunk.start: sl.start + chunk.stop]))
+            rows = slice(sl.start + chunk.start, sl.start + chunk.stop)
+            writer.add_frames(np.asarray(src.frames[rows]))
+            for name, frames in others.items():
+                writer.add_frames(np.asarray(frames[rows]), camera=name)
         record = {k: v for k, v in e.items() if k not in ("index", "start", "length")}
         record["provenance"] = {**e.get("provenance", {}), "merged_from": str(path.resolve())}
         records.append(writer.end_episode(np.asarray(src.actions[sl]), np.asarray(src.timestamps[sl]), record))

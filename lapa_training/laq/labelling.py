@@ -134,9 +134,9 @@ def encode_pairs(model: LAQModel, ds: Dataset, pairs: np.ndarray, *, batch_size:
 
 def label_dataset(model: LAQModel, dataset_root: str | Path, *, name: str = "laq", window_frames: int | None = None,
                   batch_size: int = 256, device: str | torch.device = "cpu", overwrite: bool = False,
-                  source: str | None = None, progress: bool = True) -> Path:
-    """Label every pair of the dataset; returns the labels folder."""
-    ds = Dataset(dataset_root)
+                  source: str | None = None, progress: bool = True, camera: str | None = None) -> Path:
+    """Label every pair of the dataset (of its camera `camera`, None: the first); returns the labels folder."""
+    ds = Dataset(dataset_root, camera=camera)
     if not name or "/" in name or name.startswith("."):
         raise LabelError(f"bad labels name {name!r}: use a plain folder name such as 'laq'")
     target = labels_path(ds.root, name)
@@ -158,6 +158,7 @@ def label_dataset(model: LAQModel, dataset_root: str | Path, *, name: str = "laq
         "num_tokens": model.config.num_tokens, "codebook_size": model.config.codebook_size,
         "window_frames": window_frames, "windows": sorted({int(h) for h in window_per_frame(ds, window_frames)}),
         "num_frames": len(ds), "num_episodes": ds.num_episodes, "pairs_labelled": int(len(pairs)),
+        "camera": ds.camera,
         "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ PRESETS = ("tiny", "small", "paper")
 @dataclass
 class LAQDataOptions:
     window_frames: int | None = None  # H in stored frames; None: each episode's own window
+    camera: str | None = None  # a camera of datasets ingested with several (None: the first)
     val_pairs: int = 256  # pairs validated on (a fixed, seeded subset of the val split)
     val_batch_size: int = 64
 
@@ -173,7 +174,7 @@ def train_laq(data: list[str | Path], out: str | Path, model_section: dict[str, 
     if not data:
         raise TrainingError("no dataset given (--data)")
     try:
-        datasets = [Dataset(p) for p in data]
+        datasets = [Dataset(p, camera=options.camera) for p in data]
     except IngestError as e:
         raise TrainingError(str(e)) from None
     torch.manual_seed(train_cfg.seed)  # model initialisation

@@ -39,6 +39,7 @@ VLA_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 3e-4, "batch_size": 32, "warmup_step
 @dataclass
 class VLADataOptions:
     labels: str = "laq"  # latent labels name (<dataset>/labels/<name>), objective latent
+    camera: str | None = None  # a camera of datasets ingested with several (None: the first)
     episodes: int | None = None  # labelled training episodes used (finetune, and the IDM); None = all
     val_samples: int = 256
     augment: bool | None = None  # random crop + colour jitter; None: on for finetuning, off for pretraining
@@ -240,13 +241,13 @@ def augment_images(pixels: torch.Tensor, scale: tuple[float, float] = (0.85, 1.0
 # ---------------------------------------------------------------------------------------------
 # entry points
 # ---------------------------------------------------------------------------------------------
-def _open(paths: list[str | Path], what: str) -> list[Dataset]:
+def _open(paths: list[str | Path], what: str, camera: str | None = None) -> list[Dataset]:
     from lapa_training.data.errors import IngestError
 
     if not paths:
         raise TrainingError(f"no {what} given")
     try:
-        datasets = [Dataset(p) for p in paths]
+        datasets = [Dataset(p, camera=camera) for p in paths]
     except IngestError as e:
         raise TrainingError(str(e)) from None
     sizes = {tuple(ds.frames.shape[1:]) for ds in datasets if len(ds)}
@@ -292,7 +293,7 @@ def pretrain(objective: str, data: list[str | Path], out: str | Path, model_sect
         raise TrainingError(f"unknown objective {objective!r}; objectives are {', '.join(OBJECTIVES)}")
     train_cfg = TrainConfig.from_dict({**VLA_TRAIN_DEFAULTS, **train_section})
     opts = VLADataOptions.from_dict(data_section)
-    datasets = _open(data, "datasets (--data)")
+    datasets = _open(data, "datasets (--data)", opts.camera)
     config = vla_config_from_dict(model_section, objective=objective, stage="pretrain",
                                   control_rate=_control_rate(datasets))
     torch.manual_seed(train_cfg.seed)
@@ -316,7 +317,7 @@ def pretrain(objective: str, data: list[str | Path], out: str | Path, model_sect
 
             prepare_run_dir(Path(out), resume=resume, overwrite=overwrite, keep=("idm",))
             overwrite = False
-            pseudo = idm_pseudo_actions(datasets, _open(labelled, "labelled datasets (--labelled)"), Path(out), opts,
+            pseudo = idm_pseudo_actions(datasets, _open(labelled, "labelled datasets (--labelled)", opts.camera), Path(out), opts,
                                         train_cfg.seed, config.num_bins, resume=resume, progress=progress)
             info["labelled"] = [str(Path(p).resolve()) for p in labelled]
         else:
@@ -349,7 +350,7 @@ def finetune(data: list[str | Path], out: str | Path, model_section: dict[str, A
         raise TrainingError("keeping the action head needs a pretrained run to keep it from (--init)")
     train_cfg = TrainConfig.from_dict({**VLA_TRAIN_DEFAULTS, **train_section})
     opts = VLADataOptions.from_dict(data_section)
-    datasets = _open(data, "labelled datasets (--data)")
+    datasets = _open(data, "labelled datasets (--data)", opts.camera)
     rate = _control_rate(datasets)
     torch.manual_seed(train_cfg.seed)
     section = dict(model_section)
