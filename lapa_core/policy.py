@@ -46,12 +46,14 @@ class ConstantPolicy:
 
     def __init__(self, delta, control_rate: float = 10.0, raise_at_step: int = 0, nan_at_step: int = 0,
                  seconds_per_step: float = 0.0):
+        if not isinstance(delta, (list, tuple, np.ndarray)) or len(delta) != 7 or \
+                not all(_is_number(v) and np.isfinite(v) for v in delta):
+            raise PolicyLoadError(f"constant policy: 'delta' needs 7 finite numbers, got {delta!r}")
         self.delta = np.asarray(delta, dtype=float)
-        if self.delta.shape != (7,):
-            raise PolicyLoadError(f"constant policy: 'delta' needs 7 values, got {self.delta.size}")
-        self.control_rate = float(control_rate)
-        self.raise_at_step, self.nan_at_step = int(raise_at_step), int(nan_at_step)
-        self.seconds_per_step = float(seconds_per_step)
+        self.control_rate = _checked_number("control_rate", control_rate, low=0.0, low_open=True, high=1000.0)
+        self.raise_at_step = int(_checked_number("raise_at_step", raise_at_step, low=0, integer=True))
+        self.nan_at_step = int(_checked_number("nan_at_step", nan_at_step, low=0, integer=True))
+        self.seconds_per_step = _checked_number("seconds_per_step", seconds_per_step, low=0.0, high=60.0)
         self.steps = 0
 
     def reset(self, instruction: str) -> None:
@@ -76,6 +78,21 @@ class ConstantPolicy:
         config = {"policy_type": "constant", "delta": [float(v) for v in delta], **options}
         (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return path
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _checked_number(name: str, value: Any, *, low: float, high: float = float("inf"), low_open: bool = False,
+                    integer: bool = False) -> float:
+    """value as a float, or a PolicyLoadError that names the setting and its range."""
+    ok = _is_number(value) and np.isfinite(value) and (value > low if low_open else value >= low) and value <= high \
+        and (not integer or float(value).is_integer())
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high != float("inf") else "")
+        raise PolicyLoadError(f"'{name}' must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
+    return float(value)
 
 
 # policy_type -> loader(checkpoint dir, its config.json as a dict) -> Policy
@@ -124,9 +141,9 @@ def load_policy(path: str | Path) -> Policy:
     if not config_file.is_file():
         raise PolicyLoadError(f"{path} is not a policy checkpoint (no config.json)")
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PolicyLoadError(f"cannot read {config_file}: {e}") from None
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PolicyLoadError(f"cannot read {config_file}: {type(e).__name__}: {e}") from None
     if not isinstance(config, dict):
         raise PolicyLoadError(f"{config_file}: expected a JSON object with a policy_type")
     kind = config.get("policy_type")
@@ -136,14 +153,25 @@ def load_policy(path: str | Path) -> Policy:
         hint = "" if _installed_policy_types() else \
             f"; no {ENTRY_POINT_GROUP} entry points are installed: install this package (./setup.sh)"
         raise PolicyLoadError(f"{config_file}: unknown policy_type {kind!r} (known: {known}){hint}")
-    return loader(path, config)
+    try:
+        policy = loader(path, config)
+    except PolicyLoadError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a setting of the wrong kind
+        raise PolicyLoadError(f"{config_file}: bad or missing setting ({type(e).__name__}: {e})") from None
+    rate = getattr(policy, "control_rate", None)
+    if not (_is_number(rate) and np.isfinite(rate) and rate > 0):
+        raise PolicyLoadError(f"{config_file}: the policy's control_rate must be a number > 0, got {rate!r}")
+    return policy
 
 
 def _load_constant(path: Path, config: dict[str, Any]) -> ConstantPolicy:
     options = {k: v for k, v in config.items() if k != "policy_type"}
     try:
         return ConstantPolicy(**options)
-    except TypeError as e:
+    except PolicyLoadError as e:
+        raise PolicyLoadError(f"{path / 'config.json'}: {e}") from None
+    except TypeError as e:  # an unknown or missing setting
         raise PolicyLoadError(f"{path / 'config.json'}: {e}") from None
 
 

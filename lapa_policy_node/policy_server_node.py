@@ -69,6 +69,9 @@ class _Run:
     commanding: bool = False  # past the start-up grace: the watchdog guards the camera from here on
 
 
+REQUEST_QUEUE_DEPTH = 1000  # goal, cancel and result requests held while the executor is busy
+
+
 class PolicyServerNode(Node):
     def __init__(self, **kwargs):
         super().__init__("lapa_policy_server", **kwargs)
@@ -113,10 +116,13 @@ class PolicyServerNode(Node):
         from lapa_interfaces.action import FollowInstruction  # built by setup.sh into the venv
 
         self.Action = FollowInstruction
+        # a burst of requests must not overflow rclpy's default queues (10): every client hears back
+        requests = QoSProfile(depth=REQUEST_QUEUE_DEPTH)
         self._action_server = ActionServer(
             self, FollowInstruction, "~/follow_instruction", execute_callback=self._execute,
             goal_callback=self._on_goal, cancel_callback=self._on_cancel,
-            handle_accepted_callback=self._on_accepted)
+            handle_accepted_callback=self._on_accepted, goal_service_qos_profile=requests,
+            cancel_service_qos_profile=requests, result_service_qos_profile=requests)
         self.create_timer(self.period / 2, self._watchdog)
         # the plain-topic interface sends goals to our own action server; made here, not in the
         # callback: an ActionClient built while the executor spins can be seen half-made

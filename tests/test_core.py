@@ -89,3 +89,36 @@ def test_an_uninstalled_package_is_named_as_the_cause(tmp_path, monkeypatch):
     with pytest.raises(PolicyLoadError, match=r"unknown policy_type 'lapa_vla' \(known: 'constant'\); no "
                                               r"lapa_ros.policy_types entry points are installed"):
         load_policy(tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe not utf-8 \x80", "cannot read .*config.json: UnicodeDecodeError"),
+    (b'["a", "list"]', "expected a JSON object"),
+    (json.dumps({"policy_type": "constant", "delta": ["a"] * 7}).encode(), "'delta' needs 7 finite numbers"),
+    (json.dumps({"policy_type": "constant", "delta": [0.0] * 6}).encode(), "'delta' needs 7 finite numbers"),
+    (json.dumps({"policy_type": "constant", "delta": [0.0] * 6 + [float("nan")]}).encode(), "7 finite numbers"),
+    (json.dumps({"policy_type": "constant", "delta": [0.0] * 7, "control_rate": 0}).encode(),
+     "'control_rate' must be a number > 0"),
+    (json.dumps({"policy_type": "constant", "delta": [0.0] * 7, "control_rate": "10"}).encode(),
+     "'control_rate' must be a number"),
+    (json.dumps({"policy_type": "constant", "delta": [0.0] * 7, "nan_at_step": 1.5}).encode(),
+     "'nan_at_step' must be an integer >= 0"),
+    (json.dumps({"policy_type": "constant", "delta": [0.0] * 7, "seconds_per_step": -1}).encode(),
+     "'seconds_per_step' must be a number >= 0"),
+])
+def test_a_bad_checkpoint_config_is_one_error_at_load_time(tmp_path, content, message):
+    """Every setting of a checkpoint is checked when it loads: a server never starts on one it would crash on."""
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(PolicyLoadError, match=message):
+        load_policy(tmp_path)
+
+
+def test_a_loader_that_trips_on_a_setting_is_one_error(tmp_path):
+    register_policy_type("fragile_for_test", lambda path, config: config["missing"])
+    (tmp_path / "config.json").write_text(json.dumps({"policy_type": "fragile_for_test"}))
+    with pytest.raises(PolicyLoadError, match=r"config.json: bad or missing setting \(KeyError: 'missing'\)"):
+        load_policy(tmp_path)
+    register_policy_type("no_rate_for_test", lambda path, config: object())
+    (tmp_path / "config.json").write_text(json.dumps({"policy_type": "no_rate_for_test"}))
+    with pytest.raises(PolicyLoadError, match="control_rate must be a number > 0, got None"):
+        load_policy(tmp_path)

@@ -264,6 +264,12 @@ def test_cancel_stops_the_arm_at_once_and_a_new_goal_preempts(tmp_path, test_nod
         ends = [i for i, line in enumerate(log) if "ended after" in line or "preempted before" in line]
         assert all(e < s for s, e in zip(starts[1:], ends)), log  # each ends before the next one starts
 
+        # twenty at once (rclpy's goal service queue holds 10 by default): every one is answered
+        sent = [client.send_goal_async(action.Goal(instruction=f"flood {i}", max_steps=2)) for i in range(20)]
+        answered = [_wait(f, 60) for f in sent]
+        assert all(h.accepted for h in answered)
+        assert _wait(answered[-1].get_result_async(), 60).result.steps == 2
+
         rejected = _wait(client.send_goal_async(action.Goal(instruction="   ")))
         assert not rejected.accepted
         wait_for(lambda: "rejected a goal with an empty instruction" in server.output(), 5, what="the reason")
@@ -397,3 +403,17 @@ def test_shutdown_sends_a_final_zero_twist(tmp_path, test_node, watch):
 def test_bad_server_parameters_exit_with_a_clear_error(ros, params, message):
     code, output = run_to_exit(SERVER, params)
     assert code == 2 and message in output and "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("config, message", [
+    (b"\xff\xfe\x80", "UnicodeDecodeError"),
+    (b"[1, 2]", "expected a JSON object"),
+    (b'{"policy_type": "constant", "delta": ["a", "b", "c", "d", "e", "f", "g"]}', "'delta' needs 7 finite numbers"),
+    (b'{"policy_type": "constant", "delta": [0, 0, 0, 0, 0, 0, 0], "control_rate": 0}',
+     "'control_rate' must be a number > 0"),
+])
+def test_a_bad_checkpoint_stops_the_server_with_one_line(ros, tmp_path, config, message):
+    (tmp_path / "config.json").write_bytes(config)
+    code, output = run_to_exit(SERVER, {"checkpoint": str(tmp_path)})
+    assert code == 2 and "parameter 'checkpoint'" in output and message in output, output
+    assert "Traceback" not in output, output
