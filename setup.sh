@@ -47,6 +47,10 @@ else
 fi
 
 VIRTUAL_ENV=$VENV PATH=$VENV/bin:$PATH bash tools/build_interfaces.sh "$VENV"
-# tf2_msgs/TFMessage, which the PyPI wheels lack, so the recorder can record /tf (a ROS install has it)
-VIRTUAL_ENV=$VENV PATH=$VENV/bin:$PATH bash tools/build_interfaces.sh --package tools/interfaces/tf2_msgs "$VENV"
+# message packages the PyPI wheels lack (tf2_msgs, moveit_msgs, control_msgs), with only the definitions we use,
+# field for field as upstream, so the nodes talk to real /tf, MoveIt Servo and gripper controllers (a ROS
+# install has them in full and never builds these)
+for pkg in tools/interfaces/*/; do
+  VIRTUAL_ENV=$VENV PATH=$VENV/bin:$PATH bash tools/build_interfaces.sh --package "$pkg" "$VENV"
+done
 say "done: activate with 'source .venv/bin/activate', then try 'lapa --help'"

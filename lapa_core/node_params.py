@@ -83,8 +83,8 @@ POLICY_SERVER = NodeParams("lapa_policy_server", "policy_server.yaml", (
           "Servo's incoming_command_timeout, s); the workspace box is kept for that long", between=(0.01, 5.0)),
     Param("default_max_steps", 300, "steps per goal unless the goal says", between=(1, 1_000_000)),
     Param("default_timeout_s", 120.0, "seconds per goal unless it says", between=(0.1, 86400.0)),
-    Param("servo_node", "/servo_node", "MoveIt Servo node to switch to twist mode and unpause; "
-          "'' = do not touch Servo"),
+    Param("servo_node", "/servo_node", "MoveIt Servo node to switch to twist mode and unpause before a goal, "
+          "whose halts end it; '' = do not touch Servo"),
 ))
 
 SIM_ARM = NodeParams("lapa_sim_arm", "sim_arm.yaml", (
@@ -105,6 +105,12 @@ SIM_ARM = NodeParams("lapa_sim_arm", "sim_arm.yaml", (
     Param("command_timeout", 0.25, "halt when no twist for this long (s)", between=(0.01, 10.0)),
     Param("max_linear_speed", 0.25, "TCP speed limit (m/s)", between=(0.0, 1.0)),
     Param("max_angular_speed", 1.2, "TCP angular speed limit (rad/s)", between=(0.0, 3.0)),
+    Param("servo_node", "/servo_node", "the MoveIt Servo node this arm stands in for: its switch_command_type and "
+          "pause_servo services and status topic live under this name"),
+    Param("servo_handshake", False, "act as MoveIt Servo: drop twists until switched to TWIST and unpaused, and "
+          "twists stamped longer ago than incoming_command_timeout"),
+    Param("incoming_command_timeout", 0.1, "with servo_handshake: the oldest header stamp a twist may have (s)",
+          between=(0.01, 10.0)),
     Param("publish_tf", False, "publish the links on /tf and /tf_static at state_rate, as robot_state_publisher "
           "does (leave off when it runs)"),
 ))

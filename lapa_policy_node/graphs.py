@@ -141,14 +141,14 @@ SIM_DEMO = Graph(
     description="the simulated arm driven by the LAPA policy action server",
     nodes=(
         NodeSpec(key="sim", name=_SIM, package=PACKAGE, executable="lapa_sim_arm",
-                 module="lapa_policy_node.sim_arm_node", params_file="config/sim_arm.yaml"),
+                 module="lapa_policy_node.sim_arm_node", params_file="config/sim_arm.yaml",
+                 # as a real MoveIt Servo: twists only after switch_command_type and pause_servo, freshly stamped
+                 fixed={"servo_handshake": True}),
         NodeSpec(key="server", name=_SERVER, package=PACKAGE, executable="lapa_policy_server",
                  module="lapa_policy_node.policy_server_node", params_file="config/policy_server.yaml",
                  fixed={
                      # goals end when the simulated task succeeds
                      "success_topic": f"/{_SIM}/success",
-                     # the simulated arm takes twists as it is: no MoveIt Servo to switch or unpause
-                     "servo_node": "",
                  }),
         NodeSpec(key="robot_state_publisher", name="robot_state_publisher", package="robot_state_publisher",
                  executable="robot_state_publisher", module=None,

@@ -138,7 +138,7 @@ class PolicyServerNode(Node):
         if p["servo_node"]:
             from lapa_policy_node.servo_client import ServoModeSwitcher
 
-            self._servo = ServoModeSwitcher(self, p["servo_node"])
+            self._servo = ServoModeSwitcher(self, p["servo_node"], on_halt=self._on_servo_halt)
 
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self) -> dict:
@@ -181,6 +181,13 @@ class PolicyServerNode(Node):
             self._pose, self._pose_time = np.array([p.x, p.y, p.z]), time.monotonic()
         if first:
             self.get_logger().info(f"first EE pose on {self.p['ee_pose_topic']} (frame '{msg.header.frame_id}')")
+
+    def _on_servo_halt(self, reason: str) -> None:
+        with self._lock:
+            run = self._run
+        if run is not None and run.stop_reason is None:
+            self.get_logger().warn(f"{reason}: ending the goal")
+            self._stop(run, reason)
 
     def _on_success(self, msg: Bool) -> None:
         with self._lock:
@@ -320,8 +327,12 @@ class PolicyServerNode(Node):
                 run.cancelled, run.stop_reason = True, "canceled"
         self.get_logger().info(f"goal: '{run.instruction}' (max {run.max_steps} steps)")
         self._publish_status("running", run)
-        if self._servo is not None:
-            self._servo.ensure_twist_mode()
+        if self._servo is not None:  # on this goal's thread: the executor serves everything else meanwhile
+            ready, note = self._servo.ensure_twist_mode()
+            if not ready:
+                self._stop(run, note)
+            else:
+                self.get_logger().info(note, throttle_duration_sec=60.0)
         try:
             success, steps, reason = self._control_loop(goal_handle, run)
         except Exception as e:  # never leave the arm moving, whatever happened

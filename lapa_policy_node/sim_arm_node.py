@@ -12,12 +12,16 @@ Publishes
     ~/object_poses                       geometry_msgs/PoseArray of the blocks (for scripted experts)
     ~/episode                            std_msgs/String (JSON: task, seed, instruction; latched)
     ~/success                            std_msgs/Bool, whether the episode's goal holds now
+    <servo_node>/status                  moveit_msgs/ServoStatus (JOINT_BOUND when halted at a joint limit)
 Services
     ~/reset                              lapa_interfaces/srv/ResetEpisode (task, seed, instruction set)
+    <servo_node>/switch_command_type     moveit_msgs/srv/ServoCommandType, as MoveIt Servo
+    <servo_node>/pause_servo             std_srvs/srv/SetBool, as MoveIt Servo
 
 Twists are applied like Servo applies them: in the header's frame (the base frame or the TCP
 frame), speed-limited, mapped through a damped least-squares Jacobian, and halted when no command
-arrived for ``command_timeout`` seconds.
+arrived for ``command_timeout`` seconds. With ``servo_handshake`` the arm also asks what MoveIt Servo
+asks (lapa_sim/servo_handshake.py): TWIST mode and unpaused first, and fresh header stamps.
 """
 
 from __future__ import annotations
@@ -32,14 +36,17 @@ import rclpy
 import transforms3d
 from geometry_msgs.msg import Pose, PoseArray, PoseStamped, TwistStamped
 from rclpy.node import Node
+from rclpy.time import Time
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, JointState
 from std_msgs.msg import Bool, Float64, String
+from std_srvs.srv import SetBool
 
 from lapa_core.node_params import SIM_ARM
 from lapa_sim import scene, tasks
 from lapa_sim.env import TabletopEnv
 from lapa_sim.servo import ServoLimits
+from lapa_sim.servo_handshake import ServoHandshake, status_of
 from lapa_policy_node.runtime import ConfigError, declare_params, validate_topic
 
 
@@ -70,6 +77,8 @@ class SimArmNode(Node):
         self.create_service(ResetEpisode, "~/reset", self._on_reset)
 
         self._tf = _LinkTransforms(self, self.env) if p["publish_tf"] else None
+        self.handshake = ServoHandshake(p["servo_handshake"], p["incoming_command_timeout"])
+        self._servo_status = self._make_servo_interface(p)
         self._last_tick = time.monotonic()
         self._sim_seconds = 0.0
         self._wall_start = self._last_tick
@@ -92,8 +101,41 @@ class SimArmNode(Node):
             validate_topic(self, key, p[key])
         return p
 
+    def _make_servo_interface(self, p):
+        """MoveIt Servo's services and status topic under servo_node; None where moveit_msgs is missing."""
+        try:
+            from moveit_msgs.msg import ServoStatus
+            from moveit_msgs.srv import ServoCommandType
+        except ImportError:
+            if p["servo_handshake"]:
+                raise ConfigError("parameter 'servo_handshake': moveit_msgs is not installed (./setup.sh builds "
+                                  "its Servo definitions into the venv)") from None
+            return None
+        servo = validate_topic(self, "servo_node", p["servo_node"]).rstrip("/")
+        self.create_service(ServoCommandType, f"{servo}/switch_command_type", self._on_switch_command_type)
+        self.create_service(SetBool, f"{servo}/pause_servo", self._on_pause_servo)
+        self._status_msg = ServoStatus
+        return self.create_publisher(ServoStatus, f"{servo}/status", 10)
+
+    def _on_switch_command_type(self, request, response):
+        response.success = self.handshake.switch(int(request.command_type))
+        self.get_logger().info(f"servo command type {request.command_type}: "
+                               f"{'switched' if response.success else 'refused'}")
+        return response
+
+    def _on_pause_servo(self, request, response):
+        self.handshake.pause(request.data)
+        response.success, response.message = True, "paused" if request.data else "running"
+        self.get_logger().info(f"servo {response.message}")
+        return response
+
     # ------------------------------------------------------------------ inputs
     def _on_twist(self, msg: TwistStamped) -> None:
+        age = (self.get_clock().now() - Time.from_msg(msg.header.stamp)).nanoseconds * 1e-9
+        refusal = self.handshake.refusal(age)
+        if refusal:
+            self.get_logger().warn(f"dropping twist: {refusal}", throttle_duration_sec=1.0)
+            return
         t = msg.twist
         twist = np.array([t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z])
         if not np.all(np.isfinite(twist)):
@@ -162,6 +204,9 @@ class SimArmNode(Node):
         self.success_pub.publish(Bool(data=obs.success))
         if self._tf is not None:
             self._tf.publish(stamp)
+        if self._servo_status is not None:
+            code, message = status_of(self.env.servo.halted_reason)
+            self._servo_status.publish(self._status_msg(code=code, message=message))
 
     def _publish_camera(self) -> None:
         rgb = self.env.render("front")

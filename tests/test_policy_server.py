@@ -1,7 +1,10 @@
 """lapa_policy_server against the simulated arm, over real DDS, each in its own process.
 
 The policy is the constant bring-up policy (fault injection for the failure cases): what is under
-test here is the server's contract and its safety behaviour, not a learned policy.
+test here is the server's contract and its safety behaviour, not a learned policy. The simulated arm
+asks for MoveIt Servo's handshake (servo_handshake): it drops every twist until switched to TWIST and
+unpaused, and every twist stamped more than 0.1 s ago, through moveit_msgs definitions identical to
+upstream's (tools/interfaces/).
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ def test_the_log_says_plan_and_execute_is_not_offered_whether_or_not_moveit_py_i
 
 @pytest.fixture(scope="module")
 def sim(ros):
-    proc = NodeProcess(SIM, {"image_width": 48, "image_height": 48, "camera_rate": 20.0})
+    proc = NodeProcess(SIM, {"image_width": 48, "image_height": 48, "camera_rate": 20.0, "servo_handshake": True})
     yield proc
     assert proc.stop() == 0, proc.output()
 
@@ -222,6 +225,82 @@ def test_a_goal_moves_the_arm_and_reports_every_step(tmp_path, test_node, watch)
         assert np.allclose(twists.last(), 0)  # the goal ended: the arm was told to stop
     finally:
         server.stop()
+
+
+def test_twists_go_out_only_after_the_servo_handshake_and_fresh(tmp_path, test_node, watch, sim):
+    """The arm moved in the test above only because the server switched Servo to TWIST and unpaused it;
+    a twist stamped 1 s ago is dropped, as MoveIt Servo drops it."""
+    server = _server(test_node, tmp_path, name="server_handshake")
+    try:
+        client, action = _client(test_node, "server_handshake")
+        _wait(_send(client, action, instruction="move right", max_steps=3).get_result_async())
+    finally:
+        server.stop()
+    log = sim.output()
+    assert "servo command type 1: switched" in log and "servo running" in log, log[-2000:]
+    stale = TwistStamped()
+    stale.header.stamp = (test_node.get_clock().now() - rclpy_duration(1.0)).to_msg()
+    stale.header.frame_id = "panda_link0"
+    stale.twist.linear.x = 0.05
+    publisher = test_node.create_publisher(TwistStamped, TWIST, 10)
+    try:
+        wait_for(lambda: publisher.get_subscription_count() > 0, 10, what="the sim's twist subscription")
+        for _ in range(3):
+            publisher.publish(stale)
+            time.sleep(0.05)
+        wait_for(lambda: "older than incoming_command_timeout" in sim.output(), 10, what="the stale twist dropped")
+    finally:
+        test_node.destroy_publisher(publisher)
+
+
+def test_a_servo_halt_ends_the_goal_with_its_reason(tmp_path, test_node, watch):
+    from action_msgs.msg import GoalStatus
+    from moveit_msgs.msg import ServoStatus
+
+    twists, _ = watch
+    server = _server(test_node, tmp_path, name="server_halt")
+    status = test_node.create_publisher(ServoStatus, "/servo_node/status", 10)
+    try:
+        client, action = _client(test_node, "server_halt")
+        handle = _send(client, action, instruction="move right", max_steps=1000)
+        wait_for(lambda: twists.last() is not None and twists.last()[0] > 0.01, 10, what="motion")
+        status.publish(ServoStatus(code=ServoStatus.HALT_FOR_COLLISION, message="close to the table"))
+        result = _wait(handle.get_result_async())
+        assert result.status == GoalStatus.STATUS_ABORTED
+        assert "MoveIt Servo halted for collision: close to the table" in result.result.message, result.result
+        assert np.allclose(twists.last(), 0)
+    finally:
+        test_node.destroy_publisher(status)
+        server.stop()
+
+
+def test_a_servo_that_refuses_twist_mode_ends_the_goal_before_any_twist(tmp_path, test_node, watch):
+    from action_msgs.msg import GoalStatus
+    from moveit_msgs.srv import ServoCommandType
+
+    def refuse(request, response):
+        response.success = False
+        return response
+
+    service = test_node.create_service(ServoCommandType, "/stubborn_servo/switch_command_type", refuse)
+    twists, _ = watch
+    server = _server(test_node, tmp_path, name="server_refused", servo_node="/stubborn_servo")
+    try:
+        client, action = _client(test_node, "server_refused")
+        t0 = time.monotonic()
+        result = _wait(_send(client, action, instruction="move right", max_steps=20).get_result_async())
+        assert result.status == GoalStatus.STATUS_ABORTED
+        assert "MoveIt Servo refused to switch to twist commands" in result.result.message, result.result
+        assert all(np.allclose(v, 0) for _, v in twists.since(t0))  # not one moving twist
+    finally:
+        server.stop()
+        test_node.destroy_service(service)
+
+
+def rclpy_duration(seconds: float):
+    from rclpy.duration import Duration
+
+    return Duration(nanoseconds=int(seconds * 1e9))
 
 
 def test_cancel_stops_the_arm_at_once_and_a_new_goal_preempts(tmp_path, test_node, watch):

@@ -168,15 +168,15 @@ def test_launch_file_and_lapa_run_start_the_same_nodes_with_the_same_parameters(
         unknown = set(node["parameters"]) - set(file[name]["ros__parameters"])
         assert not unknown, f"{name}: {unknown} are not parameters in {node['params_file'].name}"
     assert server["parameters"]["checkpoint"] == str(checkpoint.resolve())
-    assert server["parameters"]["success_topic"] == "/lapa_sim_arm/success" and server["parameters"]["servo_node"] == ""
+    assert server["parameters"]["success_topic"] == "/lapa_sim_arm/success" and sim["parameters"]["servo_handshake"]
     if launch_args:  # each argument reached every node it is meant for, with the parameter's type
         assert sim["parameters"]["image_topic"] == server["parameters"]["image_topic"] == "/wrist/image_raw"
         assert sim["parameters"]["twist_topic"] == server["parameters"]["twist_topic"] == "/servo/cmd"
         assert server["parameters"]["control_rate"] == 5.0 and isinstance(server["parameters"]["control_rate"], float)
         assert sim["parameters"]["task"] == "push" and sim["parameters"]["seed"] == 3
     else:  # arguments left out keep the parameter files' values
-        assert set(sim["parameters"]) == set()
-        assert set(server["parameters"]) == {"checkpoint", "success_topic", "servo_node"}
+        assert set(sim["parameters"]) == {"servo_handshake"}
+        assert set(server["parameters"]) == {"checkpoint", "success_topic"}
 
 
 @pytest.mark.parametrize("argv, needles", [

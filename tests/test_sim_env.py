@@ -174,3 +174,17 @@ def test_each_episode_starts_the_tcp_at_its_own_seeded_point_pointing_down(embod
         assert np.all(spread > [0.05, 0.1, 0.04]), spread  # a fixed start lets policies cheat (tasks.py)
     finally:
         env.close()
+
+
+def test_the_servo_handshake_gate_drops_what_moveit_servo_drops():
+    from lapa_sim.servo_handshake import JOINT_BOUND, NO_WARNING, POSE, TWIST, ServoHandshake, status_of
+
+    gate = ServoHandshake(required=True, incoming_command_timeout=0.1)
+    assert "paused" in gate.refusal(0.0)
+    gate.pause(False)
+    assert "JOINT_JOG, not TWIST" in gate.refusal(0.0)
+    assert not gate.switch(7) and gate.switch(POSE) and "POSE, not TWIST" in gate.refusal(0.0)
+    assert gate.switch(TWIST) and gate.refusal(0.05) == ""
+    assert "older than incoming_command_timeout 0.1 s" in gate.refusal(0.15)
+    assert ServoHandshake(required=False).refusal(5.0) == ""  # clients that know nothing of Servo
+    assert status_of("joint limit (panda_joint4)")[0] == JOINT_BOUND and status_of("stale command")[0] == NO_WARNING
