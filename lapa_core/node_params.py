@@ -61,12 +61,15 @@ POLICY_SERVER = NodeParams("lapa_policy_server", "policy_server.yaml", (
     Param("success_topic", "", "std_msgs/Bool task success signal; '' = none"),
     Param("twist_topic", "/servo_node/delta_twist_cmds", "MoveIt Servo twist input"),
     Param("twist_frame", "panda_link0", "frame_id of the twists (the base frame)"),
-    Param("gripper_topic", "/gripper/command", "gripper command topic; '' = none"),
-    Param("gripper_mode", "opening", "opening (std_msgs/Float64 0 closed..1 open) or trajectory (JointTrajectory)",
-          choices=("opening", "trajectory")),
+    Param("gripper_topic", "/gripper/command", "gripper command topic, or the GripperCommand action's name in "
+          "action mode (e.g. /gripper_controller/gripper_cmd); '' = none"),
+    Param("gripper_mode", "opening", "opening (std_msgs/Float64 0 closed..1 open), trajectory (JointTrajectory) or "
+          "action (control_msgs/GripperCommand goals, as ros2_control's GripperActionController takes them)",
+          choices=("opening", "trajectory", "action")),
     Param("gripper_joints", ["panda_finger_joint1"], "joints of the gripper controller (trajectory mode)"),
     Param("gripper_open_position", 0.04, "joint position when open"),
     Param("gripper_closed_position", 0.0, "joint position when closed"),
+    Param("gripper_max_effort", 20.0, "max_effort of GripperCommand goals (N; action mode)", between=(0.0, 1000.0)),
     Param("control_rate", 0.0, "policy steps per second; 0 = the policy's own", between=(0.0, 100.0)),
     Param("linear_scale", 1.0, "multiplies the policy's translation deltas", between=(0.0, 10.0)),
     Param("angular_scale", 1.0, "multiplies the policy's rotation deltas", between=(0.0, 10.0)),

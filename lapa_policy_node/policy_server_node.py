@@ -157,6 +157,16 @@ class PolicyServerNode(Node):
     def _make_gripper_publisher(self):
         if not self.p["gripper_topic"]:
             return None
+        if self.p["gripper_mode"] == "action":
+            try:
+                from control_msgs.action import GripperCommand
+            except ImportError:
+                raise ConfigError("parameter 'gripper_mode': control_msgs is not installed (./setup.sh builds its "
+                                  "GripperCommand into the venv)") from None
+            from rclpy.action import ActionClient
+
+            self._gripper_goal_type, self._gripper_sent = GripperCommand.Goal, None
+            return ActionClient(self, GripperCommand, self.p["gripper_topic"])
         if self.p["gripper_mode"] == "trajectory":
             from trajectory_msgs.msg import JointTrajectory
 
@@ -219,10 +229,13 @@ class PolicyServerNode(Node):
         if self.p["gripper_mode"] == "opening":
             self.gripper_pub.publish(Float64(data=1.0 - closure))
             return
-        from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
-
         q = self.p["gripper_open_position"] + closure * (self.p["gripper_closed_position"] -
                                                          self.p["gripper_open_position"])
+        if self.p["gripper_mode"] == "action":
+            self._send_gripper_goal(q)
+            return
+        from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
         traj = JointTrajectory()
         traj.header.stamp = self.get_clock().now().to_msg()
         traj.joint_names = list(self.p["gripper_joints"])
@@ -230,6 +243,21 @@ class PolicyServerNode(Node):
         point.time_from_start.nanosec = int(self.period * 1e9)
         traj.points = [point]
         self.gripper_pub.publish(traj)
+
+    def _send_gripper_goal(self, position: float) -> None:
+        """A GripperCommand goal when the position changes (by 2 % of the range), not every step: the
+        controller preempts its goal with each new one."""
+        span = abs(self.p["gripper_open_position"] - self.p["gripper_closed_position"]) or 1.0
+        if self._gripper_sent is not None and abs(position - self._gripper_sent) < 0.02 * span:
+            return
+        if not self.gripper_pub.server_is_ready():
+            self.get_logger().warn(f"gripper action {self.p['gripper_topic']} is not available: gripper command "
+                                   "not sent", throttle_duration_sec=5.0)
+            return
+        goal = self._gripper_goal_type()
+        goal.command.position, goal.command.max_effort = float(position), float(self.p["gripper_max_effort"])
+        self.gripper_pub.send_goal_async(goal)
+        self._gripper_sent = position
 
     def _stop(self, run: _Run, reason: str) -> None:
         """Zero twist now; the goal's loop ends with `reason` at its next check."""

@@ -297,6 +297,34 @@ def test_a_servo_that_refuses_twist_mode_ends_the_goal_before_any_twist(tmp_path
         test_node.destroy_service(service)
 
 
+def test_the_gripper_through_a_gripper_command_action(tmp_path, test_node, watch):
+    """A stand-in for ros2_control's GripperActionController: the policy's closure 1 becomes one goal at the
+    closed position with the configured max effort, not a goal per step."""
+    from control_msgs.action import GripperCommand
+    from rclpy.action import ActionServer
+
+    goals = []
+
+    def execute(handle):
+        goals.append((handle.request.command.position, handle.request.command.max_effort))
+        handle.succeed()
+        return GripperCommand.Result(position=handle.request.command.position, reached_goal=True)
+
+    controller = ActionServer(test_node, GripperCommand, "/stand_in_gripper/gripper_cmd", execute)
+    server = _server(test_node, tmp_path, name="server_gripper", delta=(STEP, 0, 0, 0, 0, 0, 1.0),
+                     gripper_mode="action", gripper_topic="/stand_in_gripper/gripper_cmd",
+                     gripper_open_position=0.04, gripper_closed_position=0.0, gripper_max_effort=35.0)
+    try:
+        client, action = _client(test_node, "server_gripper")
+        result = _wait(_send(client, action, instruction="close the hand", max_steps=8).get_result_async())
+        assert result.result.steps == 8, result.result
+        wait_for(lambda: goals, 10, what="a GripperCommand goal")
+        assert goals == [(0.0, 35.0)]
+    finally:
+        server.stop()
+        controller.destroy()
+
+
 def rclpy_duration(seconds: float):
     from rclpy.duration import Duration
 
