@@ -165,6 +165,23 @@ def load_policy(path: str | Path) -> Policy:
     return policy
 
 
+def checkpoint_identity(path: str | Path) -> str:
+    """Which checkpoint runs, in one line: its path, its config's hash and its weights' size and time
+    (hashing gigabytes of weights at start-up would delay the node)."""
+    import hashlib
+
+    path = Path(path).expanduser().resolve()
+    parts = [str(path)]
+    try:
+        parts.append("config " + hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:12])
+    except OSError:
+        pass
+    for weights in sorted(path.glob("*.safetensors"))[:1]:
+        st = weights.stat()
+        parts.append(f"{weights.name} {st.st_size / 2**20:.1f} MiB {time.strftime('%Y-%m-%d %H:%M', time.localtime(st.st_mtime))}")
+    return ", ".join(parts)
+
+
 def _load_constant(path: Path, config: dict[str, Any]) -> ConstantPolicy:
     options = {k: v for k, v in config.items() if k != "policy_type"}
     try:

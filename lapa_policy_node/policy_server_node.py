@@ -49,7 +49,9 @@ from std_msgs.msg import Bool, Float64, String
 
 from lapa_core.controller import Controller
 from lapa_core.node_params import POLICY_SERVER
-from lapa_core.policy import PolicyLoadError, load_policy
+from lapa_core.health import LatencyMeter, RateMeter, policy_server_statuses
+from lapa_core.policy import PolicyLoadError, checkpoint_identity, load_policy
+from lapa_policy_node.diagnostics import DiagnosticsPublisher
 from lapa_core.safety import MotionLimits, UnsafeCommand
 from lapa_policy_node.runtime import ConfigError, declare_params, validate_topic
 from lapa_training.data.images import compressed_msg_to_rgb, image_msg_to_rgb
@@ -91,6 +93,9 @@ class PolicyServerNode(Node):
         self._image = None
         self._image_time = -np.inf
         self._image_count = 0
+        self._camera = RateMeter()
+        self._latency = LatencyMeter()
+        self._checkpoint_id = checkpoint_identity(p["checkpoint"])
         self._pose: np.ndarray | None = None
         self._pose_time = -np.inf
         self._success: bool | None = None
@@ -139,6 +144,7 @@ class PolicyServerNode(Node):
             from lapa_policy_node.servo_client import ServoModeSwitcher
 
             self._servo = ServoModeSwitcher(self, p["servo_node"], on_halt=self._on_servo_halt)
+        DiagnosticsPublisher(self, self._health)
 
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self) -> dict:
@@ -178,6 +184,7 @@ class PolicyServerNode(Node):
         with self._lock:
             self._image, self._image_time = msg, time.monotonic()
             self._image_count += 1
+            self._camera.add(self._image_time)
             first = self._image_count == 1
             self._wake.notify_all()
         if first:
@@ -191,6 +198,17 @@ class PolicyServerNode(Node):
             self._pose, self._pose_time = np.array([p.x, p.y, p.z]), time.monotonic()
         if first:
             self.get_logger().info(f"first EE pose on {self.p['ee_pose_topic']} (frame '{msg.header.frame_id}')")
+
+    def _health(self) -> list:
+        with self._lock:
+            run = self._run
+            goal = f"running '{run.instruction}'" if run is not None else \
+                "idle" + (f"; last goal: {self._last_reason}" if self._last_reason else "")
+            return policy_server_statuses(
+                time.monotonic(), camera=self._camera, camera_timeout=self.p["camera_timeout"],
+                latency=self._latency, period=self.period, goal=goal, checkpoint=self._checkpoint_id,
+                servo=None if self._servo is None else (self._servo.last_status or (0, "no status received")),
+                node=self.get_name())
 
     def _on_servo_halt(self, reason: str) -> None:
         with self._lock:
@@ -432,7 +450,9 @@ class PolicyServerNode(Node):
             except (ValueError, TypeError) as e:  # cv_bridge's CvBridgeError is a TypeError
                 return False, steps, f"bad camera image: {e}"
             try:
+                started = time.monotonic()
                 proposal = run.controller.propose(rgb, run.instruction)
+                self._latency.add(time.monotonic() - started)
             except UnsafeCommand as e:
                 return False, steps, f"unsafe policy output: {e}"
             except Exception as e:

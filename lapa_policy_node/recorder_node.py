@@ -6,6 +6,7 @@ Services
     ~/discard   std_srvs/srv/Trigger              drop the episode being recorded
 Publishes
     ~/status    std_msgs/String (JSON, latched): recording or idle, episode, instruction, counts
+    /diagnostics  diagnostic_msgs/DiagnosticArray at 1 Hz: per topic rate, age and probable drops
 
 Records the camera image topic(s) (sensor-data QoS), camera info, the commanded end-effector twist
 (MoveIt Servo's input) and gripper command, joint states, the EE pose, /tf and /tf_static, and the
@@ -36,7 +37,9 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
 from std_msgs.msg import Float64, String
 from std_srvs.srv import Trigger
 
+from lapa_core.health import RateMeter, recorder_statuses
 from lapa_core.node_params import RECORDER
+from lapa_policy_node.diagnostics import DiagnosticsPublisher
 from lapa_policy_node.runtime import ConfigError, declare_params, validate_topic
 from lapa_training.data import bag_format
 from lapa_training.data.episode_writer import EpisodeBagWriter, EpisodeWriterError
@@ -81,6 +84,10 @@ class RecorderNode(Node):
         self._started = 0.0
         self._instruction = ""
         self._latched: dict[str, dict[bytes, bytes]] = {}  # latched topic -> the messages that stay valid
+        self._meters = {topic: RateMeter() for topic in self.streams}
+        DiagnosticsPublisher(self, lambda: recorder_statuses(
+            time.monotonic(), {t: m for t, m in self._meters.items() if t not in self._latched},
+            self.writer.name if self.writer is not None else None, node=self.get_name()))
         for topic, (cls, _, qos) in self.streams.items():
             profile = {"sensor": qos_profile_sensor_data, "reliable": 10,
                        "latched": QoSProfile(depth=100, durability=DurabilityPolicy.TRANSIENT_LOCAL)}[qos]
@@ -183,6 +190,7 @@ class RecorderNode(Node):
 
     # ------------------------------------------------------------------ data
     def _on_message(self, topic: str, data: bytes) -> None:
+        self._meters[topic].add(time.monotonic())
         latched = self._latched.get(topic)
         if latched is not None:  # the newest message per set of frames: a static publisher re-sending replaces itself
             key = _child_frames(data)

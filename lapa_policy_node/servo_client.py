@@ -25,6 +25,7 @@ class ServoModeSwitcher:
         self.node, self.servo_node = node, servo_node.rstrip("/")
         self.log = node.get_logger()
         self.on_halt = on_halt
+        self.last_status: tuple[int, str] | None = None  # (ServoStatus code, message), for /diagnostics
         try:
             from moveit_msgs.msg import ServoStatus
             from moveit_msgs.srv import ServoCommandType
@@ -39,6 +40,7 @@ class ServoModeSwitcher:
         node.create_subscription(ServoStatus, f"{self.servo_node}/status", self._on_status, 10)
 
     def _on_status(self, msg) -> None:
+        self.last_status = (int(msg.code), msg.message)
         what = HALT_CODES.get(int(msg.code))
         if what is not None and self.on_halt is not None:
             self.on_halt(f"MoveIt Servo {what}" + (f": {msg.message}" if msg.message else ""))

@@ -122,3 +122,31 @@ def test_a_loader_that_trips_on_a_setting_is_one_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"policy_type": "no_rate_for_test"}))
     with pytest.raises(PolicyLoadError, match="control_rate must be a number > 0, got None"):
         load_policy(tmp_path)
+
+
+def test_health_meters_and_statuses():
+    from lapa_core.health import OK, STALE, WARN, LatencyMeter, RateMeter, policy_server_statuses, recorder_statuses
+
+    camera = RateMeter(window_s=2.0)
+    for i in range(21):
+        camera.add(100.0 + i * 0.05)  # 20 Hz for 1 s
+    assert abs(camera.rate(101.0) - 20.0) < 1e-6 and abs(camera.age(101.2) - 0.2) < 1e-9 and camera.gaps() == 0
+    camera.add(101.5)  # ten frames missing
+    assert camera.gaps() == 1
+    latency = LatencyMeter()
+    for ms in range(1, 101):
+        latency.add(ms / 1000)
+    assert abs(latency.percentile(50) - 0.0505) < 1e-9 and latency.percentile(99) > 0.099
+    fast = policy_server_statuses(101.6, camera=camera, camera_timeout=0.25, latency=latency, period=0.2,
+                                  servo=(0, ""), goal="idle", checkpoint="/ckpt")
+    assert [s.level for s in fast] == [OK, OK, OK, OK]
+    assert fast[1].values["latency_p99_ms"] == "99.0" and fast[1].values["checkpoint"] == "/ckpt"
+    slow = policy_server_statuses(103.0, camera=camera, camera_timeout=0.25, latency=latency, period=0.05,
+                                  servo=(6, "joint bound"), goal="running 'x'", checkpoint="/ckpt")
+    assert slow[0].level == WARN and "no frame for 1.50 s" in slow[0].message
+    assert slow[1].level == WARN and "exceeds the control period 50 ms" in slow[1].message
+    assert slow[3].level == 2 and slow[3].message == "joint bound"
+    rec = recorder_statuses(101.6, {"/camera/image_raw": camera, "/joint_states": RateMeter()}, "ep_1")
+    assert rec[0].message == "recording 'ep_1'"
+    assert {s.name: s.level for s in rec[1:]} == {"lapa_recorder: /camera/image_raw": WARN,
+                                                  "lapa_recorder: /joint_states": STALE}

@@ -325,6 +325,41 @@ def test_the_gripper_through_a_gripper_command_action(tmp_path, test_node, watch
         controller.destroy()
 
 
+def test_diagnostics_say_when_the_policy_is_slower_than_the_control_period(tmp_path, test_node, watch):
+    """/diagnostics at 1 Hz: camera rate and age, act() latency against the control period (WARN above it),
+    Servo status, goal state and the checkpoint."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    arrays = []
+    sub = test_node.create_subscription(DiagnosticArray, "/diagnostics", arrays.append, 50)
+    server = _server(test_node, tmp_path, name="server_diag", policy={"seconds_per_step": 0.15})
+    try:
+        client, action = _client(test_node, "server_diag")
+        _wait(_send(client, action, instruction="slowly", max_steps=4).get_result_async())
+
+        def status(name):
+            for array in reversed(arrays):
+                for s in array.status:
+                    if s.name == f"server_diag: {name}" and s.hardware_id == "/server_diag":
+                        return s
+            return None
+
+        wait_for(lambda: status("policy") is not None and
+                 int({kv.key: kv.value for kv in status("policy").values}["steps"]) >= 4, 10,
+                 what="diagnostics after the goal")
+        policy = status("policy")
+        values = {kv.key: kv.value for kv in policy.values}
+        assert policy.level == bytes([1]) and "exceeds the control period 100 ms" in policy.message, policy
+        assert float(values["latency_p50_ms"]) >= 150 and str(tmp_path / "policy") in values["checkpoint"]
+        camera = {kv.key: kv.value for kv in status("camera").values}
+        assert float(camera["rate_hz"]) > 5 and status("camera").level == bytes([0])
+        assert "slowly" in status("goal").message or "idle" in status("goal").message
+        assert status("MoveIt Servo").message == "moving" or status("MoveIt Servo").level == bytes([0])
+    finally:
+        test_node.destroy_subscription(sub)
+        server.stop()
+
+
 def rclpy_duration(seconds: float):
     from rclpy.duration import Duration
 

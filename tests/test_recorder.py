@@ -56,11 +56,22 @@ def _read(bag_dir) -> dict[str, int]:
 
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
 def test_teleop_episode_is_recorded_as_a_complete_bag(tmp_path, sim, teleop, storage):
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    arrays = []
+    sub = teleop.create_subscription(DiagnosticArray, "/diagnostics", arrays.append, 50)
     rec = _recorder(tmp_path, storage=storage)
     try:
         teleop.wait_ready(timeout=60)
         ep = teleop.run_episode("reach", 3)
+        # /diagnostics: a status per recorded topic with its rate
+        def camera_status():
+            found = [s for a in arrays for s in a.status if s.name == "lapa_recorder: /camera/image_raw"]
+            return found[-1] if found else None
+        wait_for(lambda: camera_status() is not None, 10, what="the recorder's diagnostics")
+        assert float({kv.key: kv.value for kv in camera_status().values}["rate_hz"]) > 3
     finally:
+        teleop.destroy_subscription(sub)
         assert rec.stop() == 0, rec.output()
     assert ep.success, "the scripted teleop should solve reach/3 through ROS"
     bag = tmp_path / "reach_000003"
@@ -100,8 +111,9 @@ def _ingest_from_every_source(bag, tmp_path):
         ingest([bag], out, IngestOptions(image_size=0, progress=False, warn=lambda m: None,
                                          bag=BagOptions(actions=source, urdf=urdf)))
         actions[source] = np.asarray(Dataset(out).actions, np.float64)[:-1]
-        assert np.isfinite(actions[source][1:]).all(), source  # (step 0 may start before the first command)
-    tf, joints = actions["tf"], actions["joints"]
+        assert np.isfinite(actions[source][1:, :6]).all(), source  # (step 0 may start before the first command)
+        assert np.isfinite(actions[source][:, 6]).mean() > 0.8, source  # NaN only before the first gripper command
+    tf, joints = actions["tf"][1:], actions["joints"][1:]
     assert np.abs(tf[:, :6] - joints[:, :6]).max() < 1e-4
     assert np.abs(tf[:, :3]).sum() > 0.05  # the arm moved
 
