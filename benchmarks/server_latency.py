@@ -113,8 +113,8 @@ def serve_instrumented(out_file: str, threads: int, ros_argv: list[str]) -> int:
                     del arrivals[key]
             super()._on_image(msg)
 
-        def on_shutdown(self):
-            super().on_shutdown()
+        def before_exit(self):
+            super().before_exit()
             Path(out_file).write_text(json.dumps(records))
 
     return run_node(InstrumentedServer, ["lapa_policy_server", *ros_argv])

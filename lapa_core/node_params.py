@@ -53,6 +53,8 @@ _RATE = (1.0, 1000.0)
 
 POLICY_SERVER = NodeParams("lapa_policy_server", "policy_server.yaml", (
     Param("checkpoint", "", "policy checkpoint directory (config.json + weights); required"),
+    Param("autostart", True, "configure and activate at start; false = a managed lifecycle node that waits for "
+          "configure and activate"),
     Param("image_topic", "/camera/image_raw", "camera topic"),
     Param("image_transport", "raw", "raw (sensor_msgs/Image) or compressed", choices=("raw", "compressed")),
     Param("image_converter", "auto", "camera message to RGB: auto (cv_bridge when importable, else built-in), "

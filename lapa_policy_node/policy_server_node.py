@@ -13,6 +13,10 @@ Topics
     out  <twist_topic>          geometry_msgs/TwistStamped for MoveIt Servo
     out  <gripper_topic>        std_msgs/Float64 opening (0 closed .. 1 open) or a JointTrajectory
     out  ~/status               std_msgs/String (JSON, latched): idle/running, goal, last stop reason
+    out  /diagnostics           diagnostic_msgs/DiagnosticArray at 1 Hz
+Lifecycle (rclpy.lifecycle; with autostart, the default, it configures and activates itself)
+    configure: parameters, checkpoint, topics; activate: goals accepted; deactivate: the goal ends
+    with a zero twist, goals rejected; cleanup: the model freed
 
 The arm is stopped (a zero twist is published at once) when a goal is cancelled or preempted, when
 the camera stalls (watchdog, independent of the policy thread), when the policy raises or outputs
@@ -42,18 +46,18 @@ from dataclasses import dataclass, replace
 import numpy as np
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Bool, Float64, String
 
 from lapa_core.controller import Controller
 from lapa_core.node_params import POLICY_SERVER
-from lapa_core.health import LatencyMeter, RateMeter, policy_server_statuses
+from lapa_core.health import OK, STALE, LatencyMeter, RateMeter, Status, policy_server_statuses
 from lapa_core.policy import PolicyLoadError, checkpoint_identity, load_policy
 from lapa_policy_node.diagnostics import DiagnosticsPublisher
 from lapa_core.safety import MotionLimits, UnsafeCommand
-from lapa_policy_node.runtime import ConfigError, declare_params, validate_topic
+from lapa_policy_node.runtime import ConfigError, declare_params, read_params, validate_topic
 from lapa_training.data.images import compressed_msg_to_rgb, image_msg_to_rgb
 
 
@@ -74,19 +78,15 @@ class _Run:
 REQUEST_QUEUE_DEPTH = 1000  # goal, cancel and result requests held while the executor is busy
 
 
-class PolicyServerNode(Node):
+class PolicyServerNode(LifecycleNode):
+    """A managed (lifecycle) node. configure: read and check the parameters, load the checkpoint, make
+    the subscriptions, publishers and action server; activate: accept goals; deactivate: end the goal
+    with a zero twist and reject new ones; cleanup: free the model. With autostart (the default) it
+    configures and activates itself at start, as a plain node."""
+
     def __init__(self, **kwargs):
         super().__init__("lapa_policy_server", **kwargs)
-        p = self._declare_parameters()
-        self.p = p
-        self._convert = make_converter(p["image_converter"], self.get_logger().info)
-        try:
-            self.policy = load_policy(p["checkpoint"])
-        except PolicyLoadError as e:
-            raise ConfigError(f"parameter 'checkpoint': {e}") from None
-        self.control_rate = p["control_rate"] or float(getattr(self.policy, "control_rate", 10.0))
-        self.period = 1.0 / self.control_rate
-
+        declare_params(self, POLICY_SERVER)
         self._lock = threading.Lock()  # guards _run, the latest inputs and every command publish
         self._wake = threading.Condition(self._lock)  # a new frame, or a stop: the control loop looks again
         self._run: _Run | None = None
@@ -95,7 +95,6 @@ class PolicyServerNode(Node):
         self._image_count = 0
         self._camera = RateMeter()
         self._latency = LatencyMeter()
-        self._checkpoint_id = checkpoint_identity(p["checkpoint"])
         self._pose: np.ndarray | None = None
         self._pose_time = -np.inf
         self._success: bool | None = None
@@ -106,17 +105,92 @@ class PolicyServerNode(Node):
         self._goal_order: dict[bytes, tuple[threading.Event | None, threading.Event]] = {}
         self._last_goal_done: threading.Event | None = None
         self._newest_goal = b""
-
-        image_cls = CompressedImage if p["image_transport"] == "compressed" else Image
-        self.create_subscription(image_cls, p["image_topic"], self._on_image, qos_profile_sensor_data)
-        self.create_subscription(PoseStamped, p["ee_pose_topic"], self._on_pose, 10)
-        if p["success_topic"]:
-            self.create_subscription(Bool, p["success_topic"], self._on_success, 10)
-        self.create_subscription(String, "~/instruction", self._on_instruction_topic, 10)
-        self.twist_pub = self.create_publisher(TwistStamped, p["twist_topic"], 10)
-        self.gripper_pub = self._make_gripper_publisher()
+        self.policy = None
+        self.control_rate, self.period = 0.0, float("inf")
+        self._active = False
+        self._lifecycle = "unconfigured"
+        self._configure_error = ""
+        self._entities: list = []  # what configure made, destroyed by cleanup
+        self._action_server = self._topic_goal = self._servo = self.twist_pub = self.gripper_pub = None
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self.status_pub = self.create_publisher(String, "~/status", latched)
+        DiagnosticsPublisher(self, self._health)
+        if self.get_parameter("autostart").value:
+            if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                raise ConfigError(self._configure_error)
+            self.trigger_activate()
+        else:
+            self._publish_status("unconfigured")
+            self.get_logger().info("policy server (managed): waiting for the configure transition")
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._setup()
+        except ConfigError as e:
+            self._configure_error = str(e)
+            self.get_logger().error(f"configure failed: {e}")
+            self._teardown()
+            return TransitionCallbackReturn.FAILURE
+        self._lifecycle = "inactive"
+        self._publish_status("inactive")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active, self._lifecycle = True, "active"
+        self._publish_status("idle")
+        p = self.p
+        self.get_logger().info(
+            f"policy server ready: {p['checkpoint']} at {self.control_rate:.1f} Hz; camera {p['image_topic']}, "
+            f"twists to {p['twist_topic']} ({p['twist_frame']})")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active, self._lifecycle = False, "inactive"
+        with self._lock:
+            run = self._run
+        if run is not None:
+            self._stop(run, "server deactivated")
+        self._publish_status("inactive")
+        self.get_logger().info("deactivated: goals are rejected until activate")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
+        self._lifecycle = "unconfigured"
+        self._publish_status("unconfigured")
+        self.get_logger().info("cleaned up: the model is freed")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.before_exit()
+        self._teardown()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _setup(self) -> None:
+        """configure: the parameters as they are now, the checkpoint, and every subscription, publisher,
+        timer and server; ConfigError names what is wrong."""
+        p = self._read_parameters()
+        self.p = p
+        self._convert = make_converter(p["image_converter"], self.get_logger().info)
+        try:
+            self.policy = load_policy(p["checkpoint"])
+        except PolicyLoadError as e:
+            raise ConfigError(f"parameter 'checkpoint': {e}") from None
+        self.control_rate = p["control_rate"] or float(getattr(self.policy, "control_rate", 10.0))
+        self.period = 1.0 / self.control_rate
+        self._checkpoint_id = checkpoint_identity(p["checkpoint"])
+        keep = self._entities.append
+
+        image_cls = CompressedImage if p["image_transport"] == "compressed" else Image
+        keep(self.create_subscription(image_cls, p["image_topic"], self._on_image, qos_profile_sensor_data))
+        keep(self.create_subscription(PoseStamped, p["ee_pose_topic"], self._on_pose, 10))
+        if p["success_topic"]:
+            keep(self.create_subscription(Bool, p["success_topic"], self._on_success, 10))
+        keep(self.create_subscription(String, "~/instruction", self._on_instruction_topic, 10))
+        self.twist_pub = self.create_publisher(TwistStamped, p["twist_topic"], 10)
+        keep(self.twist_pub)
+        self.gripper_pub = self._make_gripper_publisher()
 
         from lapa_interfaces.action import FollowInstruction  # built by setup.sh into the venv
 
@@ -128,27 +202,44 @@ class PolicyServerNode(Node):
             goal_callback=self._on_goal, cancel_callback=self._on_cancel,
             handle_accepted_callback=self._on_accepted, goal_service_qos_profile=requests,
             cancel_service_qos_profile=requests, result_service_qos_profile=requests)
-        self.create_timer(self.period / 2, self._watchdog)
+        keep(self.create_timer(self.period / 2, self._watchdog))
         # the plain-topic interface sends goals to our own action server; made here, not in the
         # callback: an ActionClient built while the executor spins can be seen half-made
         from rclpy.action import ActionClient
 
         self._topic_goal = ActionClient(self, FollowInstruction, "~/follow_instruction")
-        self._publish_status("idle")
         self.get_logger().info(motion_interface_note())
-        self.get_logger().info(
-            f"policy server ready: {p['checkpoint']} at {self.control_rate:.1f} Hz; camera {p['image_topic']}, "
-            f"twists to {p['twist_topic']} ({p['twist_frame']})")
-        self._servo = None
         if p["servo_node"]:
             from lapa_policy_node.servo_client import ServoModeSwitcher
 
             self._servo = ServoModeSwitcher(self, p["servo_node"], on_halt=self._on_servo_halt)
-        DiagnosticsPublisher(self, self._health)
+
+    def _teardown(self) -> None:
+        """cleanup: destroy what configure made, and let the model go."""
+        for entity in self._entities:
+            if hasattr(entity, "timer_period_ns"):
+                self.destroy_timer(entity)
+            elif hasattr(entity, "publish"):
+                self.destroy_publisher(entity)
+            else:
+                self.destroy_subscription(entity)
+        self._entities = []
+        for server in (self._action_server, self._topic_goal):
+            if server is not None:
+                server.destroy()
+        if self._servo is not None:
+            self._servo.destroy()
+        if self.gripper_pub is not None and hasattr(self.gripper_pub, "destroy"):
+            self.gripper_pub.destroy()  # an action client (gripper_mode action)
+        self._action_server = self._topic_goal = self._servo = self.twist_pub = self.gripper_pub = None
+        self.policy = None
+        import gc
+
+        gc.collect()
 
     # ------------------------------------------------------------------ parameters
-    def _declare_parameters(self) -> dict:
-        p = declare_params(self, POLICY_SERVER)
+    def _read_parameters(self) -> dict:
+        p = read_params(self, POLICY_SERVER)
         if not p["checkpoint"]:
             raise ConfigError("parameter 'checkpoint' is empty: give the policy checkpoint directory")
         for key in ("image_topic", "ee_pose_topic", "twist_topic", "success_topic", "gripper_topic"):
@@ -177,7 +268,7 @@ class PolicyServerNode(Node):
             from trajectory_msgs.msg import JointTrajectory
 
             return self.create_publisher(JointTrajectory, self.p["gripper_topic"], 10)
-        return self.create_publisher(Float64, self.p["gripper_topic"], 10)
+        return self.create_publisher(Float64, self.p["gripper_topic"], 10)  # (plain publishers: destroy_node frees them)
 
     # ------------------------------------------------------------------ inputs
     def _on_image(self, msg) -> None:
@@ -200,6 +291,9 @@ class PolicyServerNode(Node):
             self.get_logger().info(f"first EE pose on {self.p['ee_pose_topic']} (frame '{msg.header.frame_id}')")
 
     def _health(self) -> list:
+        if self.policy is None:
+            return [Status(f"{self.get_name()}: lifecycle", STALE, f"{self._lifecycle}: no checkpoint loaded" +
+                           (f" ({self._configure_error})" if self._configure_error else ""))]
         with self._lock:
             run = self._run
             goal = f"running '{run.instruction}'" if run is not None else \
@@ -208,7 +302,7 @@ class PolicyServerNode(Node):
                 time.monotonic(), camera=self._camera, camera_timeout=self.p["camera_timeout"],
                 latency=self._latency, period=self.period, goal=goal, checkpoint=self._checkpoint_id,
                 servo=None if self._servo is None else (self._servo.last_status or (0, "no status received")),
-                node=self.get_name())
+                node=self.get_name()) + [Status(f"{self.get_name()}: lifecycle", OK, self._lifecycle)]
 
     def _on_servo_halt(self, reason: str) -> None:
         with self._lock:
@@ -288,6 +382,10 @@ class PolicyServerNode(Node):
 
     # ------------------------------------------------------------------ action server
     def _on_goal(self, goal) -> GoalResponse:
+        if not self._active:
+            self._last_reason = f"rejected a goal: the server is {self._lifecycle} (activate it first)"
+            self.get_logger().warn(self._last_reason)
+            return GoalResponse.REJECT
         if not goal.instruction.strip():
             self._last_reason = "rejected a goal with an empty instruction"
             self.get_logger().warn(self._last_reason)
@@ -498,16 +596,19 @@ class PolicyServerNode(Node):
                             f"on {self.p['image_topic']}")
 
     def _publish_status(self, state: str, run: _Run | None = None) -> None:
-        status = {"state": state, "last_stop_reason": self._last_reason, "control_rate": self.control_rate}
+        status = {"state": state, "lifecycle": self._lifecycle, "last_stop_reason": self._last_reason,
+                  "control_rate": self.control_rate}
         if run is not None:
             status["instruction"] = run.instruction
         self.status_pub.publish(String(data=json.dumps(status)))
 
-    def on_shutdown(self) -> None:
+    def before_exit(self) -> None:
         with self._lock:
             run = self._run
         if run is not None:
             self._stop(run, "node shutting down")
+        if self.twist_pub is None:  # not configured: it never commanded the arm
+            return
         for _ in range(3):  # a final zero twist, sent more than once in case one is lost
             self._publish_twist(np.zeros(6))
             time.sleep(0.01)

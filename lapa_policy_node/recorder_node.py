@@ -217,7 +217,7 @@ class RecorderNode(Node):
                           topics=dict(w.counts), seconds=round(time.monotonic() - self._started, 1))
         self.status_pub.publish(String(data=json.dumps(status)))
 
-    def on_shutdown(self) -> None:
+    def before_exit(self) -> None:
         """SIGINT/SIGTERM while recording: keep what was recorded, with success unknown."""
         if self.writer is not None:
             self.get_logger().warn(f"shutting down while recording '{self.writer.name}': saving it "

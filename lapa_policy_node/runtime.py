@@ -63,6 +63,20 @@ def declare_params(node: Node, spec: NodeParams) -> dict[str, Any]:
     return values
 
 
+def read_params(node: Node, spec: NodeParams) -> dict[str, Any]:
+    """The current values of spec's parameters (declared before, maybe set since), choices checked."""
+    values = {}
+    for param in spec:
+        value = node.get_parameter(param.name).value
+        if isinstance(param.default, float) and isinstance(value, int):
+            value = float(value)
+        problem = param.check(value)
+        if problem:
+            raise ConfigError(f"parameter '{param.name}': {problem}")
+        values[param.name] = value
+    return values
+
+
 def validate_topic(node: Node, param: str, topic: str) -> str:
     """The fully resolved topic name, or a ConfigError that names the parameter."""
     try:
@@ -74,7 +88,7 @@ def validate_topic(node: Node, param: str, topic: str) -> str:
 def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) -> int:
     """Create and spin a node until SIGINT/SIGTERM; returns the process exit code.
 
-    Signals are handled here rather than by rclpy so that the node's ``on_shutdown()`` (if it has
+    Signals are handled here rather than by rclpy so that the node's ``before_exit()`` (if it has
     one) still runs with a live context and can publish final messages.
     """
     try:
@@ -101,8 +115,8 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) ->
             executor.spin_once(timeout_sec=0.05)
         if stop["signal"] is not None:
             node.get_logger().info(f"{signal.Signals(stop['signal']).name} received, shutting down")
-        if hasattr(node, "on_shutdown"):
-            node.on_shutdown()
+        if hasattr(node, "before_exit"):
+            node.before_exit()
         executor.shutdown()
         return 0
     except ExternalShutdownException:

@@ -37,7 +37,13 @@ class ServoModeSwitcher:
         self.ServoCommandType = ServoCommandType
         self.switch = node.create_client(ServoCommandType, f"{self.servo_node}/switch_command_type")
         self.pause = node.create_client(SetBool, f"{self.servo_node}/pause_servo")
-        node.create_subscription(ServoStatus, f"{self.servo_node}/status", self._on_status, 10)
+        self.status = node.create_subscription(ServoStatus, f"{self.servo_node}/status", self._on_status, 10)
+
+    def destroy(self) -> None:
+        if self.ServoCommandType is not None:
+            self.node.destroy_client(self.switch)
+            self.node.destroy_client(self.pause)
+            self.node.destroy_subscription(self.status)
 
     def _on_status(self, msg) -> None:
         self.last_status = (int(msg.code), msg.message)

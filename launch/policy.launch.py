@@ -2,6 +2,9 @@
 
     ros2 launch lapa_ros policy.launch.py checkpoint:=/path/to/policy image_topic:=/wrist/image_raw
 
+With autostart:=false the server is a managed lifecycle node that waits: `ros2 lifecycle set
+/lapa_policy_server configure`, then `activate` (or let a lifecycle manager do it).
+
 Then send goals:
     ros2 action send_goal /lapa_policy_server/follow_instruction lapa_interfaces/action/FollowInstruction \
         "{instruction: 'pick up the red block'}" --feedback
@@ -27,9 +30,12 @@ def generate_launch_description():
         DeclareLaunchArgument("twist_topic", default_value="/servo_node/delta_twist_cmds",
                               description="MoveIt Servo TwistStamped input"),
         DeclareLaunchArgument("control_rate", default_value="0.0", description="Hz; 0 = the policy's own"),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="configure and activate at launch; false = managed lifecycle node"),
         Node(package="lapa_ros", executable="lapa_policy_server", name="lapa_policy_server", output="screen",
              parameters=[params, {"checkpoint": arg("checkpoint"), "image_topic": arg("image_topic"),
-                                  "twist_topic": arg("twist_topic"), "control_rate": arg("control_rate")}]),
+                                  "twist_topic": arg("twist_topic"), "control_rate": arg("control_rate"),
+                                  "autostart": arg("autostart")}]),
         Node(package="robot_state_publisher", executable="robot_state_publisher", output="screen",
              parameters=[{"robot_description": urdf}]),
     ])

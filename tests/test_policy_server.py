@@ -360,6 +360,66 @@ def test_diagnostics_say_when_the_policy_is_slower_than_the_control_period(tmp_p
         server.stop()
 
 
+def test_the_managed_server_follows_its_lifecycle(tmp_path, test_node, watch):
+    """autostart false: configure fails on a bad checkpoint and succeeds once it is fixed; inactive rejects
+    goals; activate accepts them; deactivate ends the goal with a zero twist; cleanup frees the model."""
+    from action_msgs.msg import GoalStatus
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    twists, _ = watch
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"policy_type": "constant", "delta": [0, 0, 0, 0, 0, 0, 0], "control_rate": 0}')
+    good = ConstantPolicy.save(tmp_path / "good", (STEP, 0, 0, 0, 0, 0, 0))
+    name = "server_managed"
+    server = NodeProcess(SERVER, {"checkpoint": str(bad), "autostart": "false", "camera_timeout": 1.0},
+                         extra=["-r", f"__node:={name}"])
+    change = test_node.create_client(ChangeState, f"/{name}/change_state")
+    get = test_node.create_client(GetState, f"/{name}/get_state")
+    setter = test_node.create_client(SetParameters, f"/{name}/set_parameters")
+    try:
+        wait_for(lambda: "waiting for the configure transition" in server.output() or server.proc.poll() is not None,
+                 60, what="the managed server")
+        assert change.wait_for_service(timeout_sec=20) and get.wait_for_service(timeout_sec=20)
+
+        def transition(tid):
+            return _wait(change.call_async(ChangeState.Request(transition=Transition(id=tid)))).success
+
+        def state():
+            return _wait(get.call_async(GetState.Request())).current_state.label
+
+        assert state() == "unconfigured"
+        assert not transition(Transition.TRANSITION_CONFIGURE)  # the checkpoint's control_rate is 0
+        assert "configure failed: parameter 'checkpoint'" in server.output() and state() == "unconfigured"
+        value = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=str(good))
+        assert _wait(setter.call_async(SetParameters.Request(
+            parameters=[Parameter(name="checkpoint", value=value)]))).results[0].successful
+        assert transition(Transition.TRANSITION_CONFIGURE) and state() == "inactive"
+
+        client, action = _client(test_node, name)
+        assert not _wait(client.send_goal_async(action.Goal(instruction="move right"))).accepted  # inactive
+        assert transition(Transition.TRANSITION_ACTIVATE) and state() == "active"
+        _wait_for_inputs(server, "first EE pose")
+        handle = _send(client, action, instruction="move right", max_steps=1000)
+        wait_for(lambda: twists.last() is not None and twists.last()[0] > 0.001, 10, what="motion")
+        t_off = time.monotonic()
+        assert transition(Transition.TRANSITION_DEACTIVATE) and state() == "inactive"
+        result = _wait(handle.get_result_async())
+        assert result.status == GoalStatus.STATUS_ABORTED and "server deactivated" in result.result.message
+        after = twists.since(t_off)
+        assert after and np.allclose(after[0][1], 0) and np.allclose(twists.last(), 0)
+        assert not _wait(client.send_goal_async(action.Goal(instruction="move right"))).accepted
+        assert transition(Transition.TRANSITION_CLEANUP) and state() == "unconfigured"
+        assert "cleaned up: the model is freed" in server.output()
+    finally:
+        for c in (change, get, setter):
+            test_node.destroy_client(c)
+        assert server.stop() == 0, server.output()
+
+
 def rclpy_duration(seconds: float):
     from rclpy.duration import Duration
 
