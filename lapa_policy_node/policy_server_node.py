@@ -229,8 +229,11 @@ class PolicyServerNode(LifecycleNode):
                 server.destroy()
         if self._servo is not None:
             self._servo.destroy()
-        if self.gripper_pub is not None and hasattr(self.gripper_pub, "destroy"):
-            self.gripper_pub.destroy()  # an action client (gripper_mode action)
+        if self.gripper_pub is not None:  # through the node, which also drops its event handlers
+            if hasattr(self.gripper_pub, "send_goal_async"):
+                self.gripper_pub.destroy()  # an action client (gripper_mode action)
+            else:
+                self.destroy_publisher(self.gripper_pub)
         self._action_server = self._topic_goal = self._servo = self.twist_pub = self.gripper_pub = None
         self.policy = None
         import gc

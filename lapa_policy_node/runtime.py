@@ -11,6 +11,7 @@ import contextlib
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import rclpy
@@ -139,7 +140,10 @@ def spinning(node: Node) -> Iterator[Node]:
 
     def spin():
         while not stop.is_set():
-            executor.spin_once(timeout_sec=0.02)
+            try:
+                executor.spin_once(timeout_sec=0.02)
+            except AttributeError:  # rclpy adds an ActionClient made on another thread to the wait set
+                time.sleep(0.001)   # before it has its lock: look again once it is whole
 
     thread = threading.Thread(target=spin, name=f"spin-{node.get_name()}", daemon=True)
     thread.start()
