@@ -73,6 +73,13 @@ POLICY_SERVER = NodeParams("lapa_policy_server", "policy_server.yaml", (
     Param("gripper_closed_position", 0.0, "joint position when closed"),
     Param("gripper_max_effort", 20.0, "max_effort of GripperCommand goals (N; action mode)", between=(0.0, 1000.0)),
     Param("control_rate", 0.0, "policy steps per second; 0 = the policy's own", between=(0.0, 100.0)),
+    Param("chunk_ahead", True, "with a chunked policy (chunk_size > 1): predict the next chunk while one executes, "
+          "twists at the control rate; false = predict when the chunk is used up (the arm waits meanwhile)"),
+    Param("chunk_refill_steps", 0, "chunk_ahead: start the next prediction when this many planned steps are left; "
+          "0 = the measured prediction time in control periods + 1", between=(0, 1000)),
+    Param("chunk_blend_decay", 0.0, "chunk_ahead: overlapping predictions of a step are averaged, the i-th newest "
+          "after the oldest weighing exp(-decay*i) (ACT's temporal ensembling); < 0 favours newer ones",
+          between=(-10.0, 10.0)),
     Param("linear_scale", 1.0, "multiplies the policy's translation deltas", between=(0.0, 10.0)),
     Param("angular_scale", 1.0, "multiplies the policy's rotation deltas", between=(0.0, 10.0)),
     Param("max_linear_speed", 0.15, "TCP speed clamp (m/s)", between=_SPEED),

@@ -9,6 +9,11 @@ packages above it, from the ``lapa_ros.policy_types`` entry points (setup.py):
 - ``"constant"``: sends one fixed delta every step. For bring-up on a real arm (check the direction
   conventions at a crawl before a learned policy moves it) and for testing the safety path: it can
   raise or return NaN at a chosen step, or take a chosen time per step.
+
+A policy that predicts several steps from one image (action chunking) also has ``chunk_size`` (> 1)
+and ``act_chunk(image, instruction) -> (chunk_size, 7)``; its ``act`` hands the steps out one per call
+and runs the model when they are used up. The policy server then predicts ahead while a chunk
+executes (lapa_core.action_chunks).
 """
 
 from __future__ import annotations
@@ -42,10 +47,14 @@ class PolicyLoadError(ValueError):
 
 
 class ConstantPolicy:
-    """Always the same delta (see module doc); fault injection for safety tests."""
+    """Always the same delta (see module doc); fault injection for safety tests.
+
+    With chunk_size k > 1 it stands in for a chunked model: each prediction (act_chunk, or the act
+    call that finds its queue empty) takes seconds_per_step and returns k copies of the delta;
+    raise_at_step and nan_at_step then count predictions."""
 
     def __init__(self, delta, control_rate: float = 10.0, raise_at_step: int = 0, nan_at_step: int = 0,
-                 seconds_per_step: float = 0.0):
+                 seconds_per_step: float = 0.0, chunk_size: int = 1):
         if not isinstance(delta, (list, tuple, np.ndarray)) or len(delta) != 7 or \
                 not all(_is_number(v) and np.isfinite(v) for v in delta):
             raise PolicyLoadError(f"constant policy: 'delta' needs 7 finite numbers, got {delta!r}")
@@ -54,21 +63,33 @@ class ConstantPolicy:
         self.raise_at_step = int(_checked_number("raise_at_step", raise_at_step, low=0, integer=True))
         self.nan_at_step = int(_checked_number("nan_at_step", nan_at_step, low=0, integer=True))
         self.seconds_per_step = _checked_number("seconds_per_step", seconds_per_step, low=0.0, high=60.0)
-        self.steps = 0
+        self.chunk_size = int(_checked_number("chunk_size", chunk_size, low=1, high=1000, integer=True))
+        self.steps = 0  # predictions made this episode
+        self._queued = 0  # steps of the last prediction not yet handed out by act
 
     def reset(self, instruction: str) -> None:
-        self.steps = 0
+        self.steps = self._queued = 0
 
     def act(self, image: np.ndarray, instruction: str) -> PolicyStep:
+        if self._queued == 0:
+            delta = self.act_chunk(image, instruction)[0]
+            self._queued = self.chunk_size
+        else:
+            delta = self.delta.copy()
+        self._queued -= 1
+        return PolicyStep(delta=delta, tokens=[], token_kind="action")
+
+    def act_chunk(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        """One prediction: (chunk_size, 7), each row the delta."""
         self.steps += 1
         if self.seconds_per_step:
             time.sleep(self.seconds_per_step)
         if self.steps == self.raise_at_step:
             raise RuntimeError(f"constant policy: injected failure at step {self.steps}")
-        delta = self.delta.copy()
+        chunk = np.tile(self.delta, (self.chunk_size, 1))
         if self.steps == self.nan_at_step:
-            delta[0] = np.nan
-        return PolicyStep(delta=delta, tokens=[], token_kind="action")
+            chunk[0, 0] = np.nan
+        return chunk
 
     @staticmethod
     def save(path: str | Path, delta, **options) -> Path:

@@ -27,12 +27,18 @@ executor and only swaps state under a lock; each goal's control loop (policy inf
 runs on a thread of its own, so callbacks keep being served while the policy thinks (rclpy's
 MultiThreadedExecutor starved them: docs/lab-notes/ros-check.md).
 
-Timing: a step starts when a frame the policy has not seen arrives, so a command follows its frame
-by the policy's own time, not by a timer's phase against the camera. The control rate is a ceiling
-kept by a token bucket (steps at least half a period apart, on average no more than one per
-period, so a late or early frame from a camera at the control rate is taken at once). When no
-new frame comes for 1.5 periods (a camera slower than the control rate, a late frame), the loop steps
-on the newest frame again. A goal's first step waits up to one period for a frame newer than the goal.
+Timing, one step per act(): a step starts when a frame the policy has not seen arrives, so a command
+follows its frame by the policy's own time, not by a timer's phase against the camera. The control
+rate is a ceiling kept by a token bucket (steps at least half a period apart, on average no more
+than one per period, so a late or early frame from a camera at the control rate is taken at once).
+When no new frame comes for 1.5 periods (a camera slower than the control rate, a late frame), the
+loop steps on the newest frame again. A goal's first step waits up to one period for a frame newer
+than the goal.
+
+Timing, chunked policies (chunk_size > 1, with chunk_ahead): the loop ticks at the control rate and
+sends the planned step of each tick; predictions run on a thread of their own ahead of the plan
+and overlapping ones are blended (lapa_core.action_chunks), so twists keep the control rate while
+the model takes several periods. When the plan runs dry the arm decelerates within its limits.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Bool, Float64, String
 
+from lapa_core.action_chunks import ChunkedController, chunk_time_budget, is_chunked
 from lapa_core.controller import Controller
 from lapa_core.node_params import POLICY_SERVER
 from lapa_core.health import OK, STALE, LatencyMeter, RateMeter, Status, policy_server_statuses
@@ -70,12 +77,17 @@ class _Run:
     max_steps: int
     deadline: float
     controller: Controller  # this goal's policy step and motion limits
+    chunked: ChunkedController | None = None  # predictions ahead of the arm (a chunked policy)
     stop_reason: str | None = None  # set by cancel/preempt/watchdog: the loop ends with it
     cancelled: bool = False
     commanding: bool = False  # past the start-up grace: the watchdog guards the camera from here on
 
 
 REQUEST_QUEUE_DEPTH = 1000  # goal, cancel and result requests held while the executor is busy
+
+
+class BadCameraImage(ValueError):
+    """A camera message that does not convert to RGB."""
 
 
 class PolicyServerNode(LifecycleNode):
@@ -88,6 +100,7 @@ class PolicyServerNode(LifecycleNode):
         super().__init__("lapa_policy_server", **kwargs)
         declare_params(self, POLICY_SERVER)
         self._lock = threading.Lock()  # guards _run, the latest inputs and every command publish
+        self._policy_lock = threading.Lock()  # one policy call at a time (a prediction may outlive its goal)
         self._wake = threading.Condition(self._lock)  # a new frame, or a stop: the control loop looks again
         self._run: _Run | None = None
         self._image = None
@@ -142,7 +155,8 @@ class PolicyServerNode(LifecycleNode):
         p = self.p
         self.get_logger().info(
             f"policy server ready: {p['checkpoint']} at {self.control_rate:.1f} Hz; camera {p['image_topic']}, "
-            f"twists to {p['twist_topic']} ({p['twist_frame']})")
+            f"twists to {p['twist_topic']} ({p['twist_frame']})" +
+            (f"; chunks of {self.policy.chunk_size} steps predicted ahead" if self._chunk_ahead else ""))
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -179,6 +193,9 @@ class PolicyServerNode(LifecycleNode):
             raise ConfigError(f"parameter 'checkpoint': {e}") from None
         self.control_rate = p["control_rate"] or float(getattr(self.policy, "control_rate", 10.0))
         self.period = 1.0 / self.control_rate
+        self._chunk_ahead = p["chunk_ahead"] and is_chunked(self.policy)
+        # how long a prediction may take before the arm waits for it (lapa_core.action_chunks)
+        self._latency_budget = self.period * (chunk_time_budget(self.policy.chunk_size) if self._chunk_ahead else 1)
         self._checkpoint_id = checkpoint_identity(p["checkpoint"])
         keep = self._entities.append
 
@@ -303,7 +320,8 @@ class PolicyServerNode(LifecycleNode):
                 "idle" + (f"; last goal: {self._last_reason}" if self._last_reason else "")
             return policy_server_statuses(
                 time.monotonic(), camera=self._camera, camera_timeout=self.p["camera_timeout"],
-                latency=self._latency, period=self.period, goal=goal, checkpoint=self._checkpoint_id,
+                latency=self._latency, period=self.period, budget=self._latency_budget, goal=goal,
+                checkpoint=self._checkpoint_id,
                 servo=None if self._servo is None else (self._servo.last_status or (0, "no status received")),
                 node=self.get_name()) + [Status(f"{self.get_name()}: lifecycle", OK, self._lifecycle)]
 
@@ -467,6 +485,9 @@ class PolicyServerNode(LifecycleNode):
                    controller=Controller(self.policy, limits, self.control_rate,
                                          linear_scale=self.p["linear_scale"],
                                          angular_scale=self.p["angular_scale"]))
+        if self._chunk_ahead:
+            run.chunked = ChunkedController(run.controller, self.p["chunk_refill_steps"],
+                                            self.p["chunk_blend_decay"], self._policy_lock)
         with self._lock:
             self._run = run
             self._success = None if self.p["success_topic"] else self._success
@@ -507,7 +528,10 @@ class PolicyServerNode(LifecycleNode):
         return result
 
     def _control_loop(self, goal_handle, run: _Run) -> tuple[bool, int, str]:
-        run.controller.reset(run.instruction)
+        if run.chunked is not None:
+            run.chunked.reset(run.instruction)  # waits for a prediction the goal before left running
+        else:
+            run.controller.reset(run.instruction)
         # a goal sent right after start-up may beat the first frame or pose: give them a moment
         grace = time.monotonic() + max(1.0, self.p["camera_timeout"])
         while time.monotonic() < grace and run.stop_reason is None:
@@ -518,6 +542,54 @@ class PolicyServerNode(LifecycleNode):
                     break
             time.sleep(0.01)
         run.commanding = True
+        if run.chunked is not None:
+            return self._chunk_steps(goal_handle, run)
+        return self._frame_steps(goal_handle, run)
+
+    def _end_reason(self, run: _Run, steps: int, now: float, success: bool, image, image_age: float, pose,
+                    pose_age: float) -> tuple[bool, str] | None:
+        """(success, why) when the goal must end before this step, else None."""
+        if run.stop_reason is not None:
+            return False, run.stop_reason
+        if success:
+            return True, "success"
+        if steps >= run.max_steps:
+            return False, f"max_steps ({run.max_steps}) reached"
+        if now > run.deadline:
+            return False, "timeout"
+        if image is None or image_age > self.p["camera_timeout"]:
+            return False, f"camera stale: no image for more than {self.p['camera_timeout']:.2f} s on " \
+                          f"{self.p['image_topic']}"
+        if self.p["enforce_workspace"] and (pose is None or pose_age > self.p["pose_timeout"]):
+            return False, f"EE pose stale on {self.p['ee_pose_topic']} (needed for the workspace box)"
+        return None
+
+    def _inputs(self, first_frame_time: float) -> tuple:
+        """Holding the lock: now, success, image, its age, frame count, pose, its age. Success must be news:
+        not a stale "true" about the scene before the goal's first step's frame."""
+        now = time.monotonic()
+        success = bool(self._success) and self._success_time >= first_frame_time
+        return (now, success, self._image, now - self._image_time, self._image_count, self._pose,
+                now - self._pose_time)
+
+    def _send(self, goal_handle, run: _Run, proposal, steps: int) -> bool:
+        """Limit the proposal with the freshest pose and send it (False: the run stopped meanwhile)."""
+        with self._lock:
+            if run.stop_reason is not None:  # cancelled/preempted/stale while the policy thought
+                return False
+            # the freshest pose: the arm moved on while the policy ran
+            pose, pose_age = self._pose, time.monotonic() - self._pose_time
+            command = run.controller.limit(proposal, pose if self.p["enforce_workspace"] else None, pose_age)
+            self._publish_twist(command.twist)
+            self._publish_gripper(command.closure)
+        out = command.step
+        goal_handle.publish_feedback(self.Action.Feedback(
+            step=steps, delta=[float(v) for v in out.delta], tokens=[int(t) for t in out.tokens],
+            token_kind=out.token_kind, policy_latency_s=float(command.act_seconds)))
+        return True
+
+    def _frame_steps(self, goal_handle, run: _Run) -> tuple[bool, int, str]:
+        """One act() per step, each on the newest frame (module doc: Timing, one step per act())."""
         steps = 0
         pace = _StepPacer(self.period, time.monotonic())
         with self._lock:  # the first step waits (up to a period) for a frame newer than the goal
@@ -525,54 +597,84 @@ class PolicyServerNode(LifecycleNode):
         while True:
             with self._lock:
                 self._wait_for_step(run, pace, latest, last_frame)
-                now = time.monotonic()
-                image, image_age, last_frame = self._image, now - self._image_time, self._image_count
-                pose, pose_age = self._pose, now - self._pose_time
-                if steps == 0:  # success must be news: not a stale "true" about the scene before this goal
+                if steps == 0:
                     first_frame_time = self._image_time
-                success = self._success and self._success_time >= first_frame_time
+                now, success, image, image_age, last_frame, pose, pose_age = self._inputs(first_frame_time)
             pace.spend(now)
             latest = now + 1.5 * self.period
-            if run.stop_reason is not None:
-                return False, steps, run.stop_reason
-            if success:
-                return True, steps, "success"
-            if steps >= run.max_steps:
-                return False, steps, f"max_steps ({run.max_steps}) reached"
-            if now > run.deadline:
-                return False, steps, "timeout"
-            if image is None or image_age > self.p["camera_timeout"]:
-                return False, steps, "camera stale: no image for more than " \
-                                     f"{self.p['camera_timeout']:.2f} s on {self.p['image_topic']}"
-            if self.p["enforce_workspace"] and (pose is None or pose_age > self.p["pose_timeout"]):
-                return False, steps, f"EE pose stale on {self.p['ee_pose_topic']} (needed for the workspace box)"
+            end = self._end_reason(run, steps, now, success, image, image_age, pose, pose_age)
+            if end is not None:
+                return end[0], steps, end[1]
             try:
                 rgb = self._convert(image)
             except (ValueError, TypeError) as e:  # cv_bridge's CvBridgeError is a TypeError
                 return False, steps, f"bad camera image: {e}"
             try:
                 started = time.monotonic()
-                proposal = run.controller.propose(rgb, run.instruction)
+                with self._policy_lock:
+                    proposal = run.controller.propose(rgb, run.instruction)
                 self._latency.add(time.monotonic() - started)
             except UnsafeCommand as e:
                 return False, steps, f"unsafe policy output: {e}"
             except Exception as e:
                 self.get_logger().error(f"policy raised: {e!r}")
                 return False, steps, f"policy error: {e!r}"
+            if self._send(goal_handle, run, proposal, steps + 1):
+                steps += 1
+
+    def _chunk_steps(self, goal_handle, run: _Run) -> tuple[bool, int, str]:
+        """A tick per control period, predictions ahead of the arm (module doc: Timing, chunked policies)."""
+        chunked, steps, moving = run.chunked, 0, False
+        tick = time.monotonic()
+        with self._lock:  # the first prediction waits (up to a period) for a frame newer than the goal
+            goal_frame, first_frame_due = self._image_count, tick + self.period
+        while True:
             with self._lock:
-                if run.stop_reason is not None:  # cancelled/preempted/stale while the policy thought
-                    continue
-                # the freshest pose: the arm moved on while the policy ran
-                pose, pose_age = self._pose, time.monotonic() - self._pose_time
-                command = run.controller.limit(proposal, pose if self.p["enforce_workspace"] else None, pose_age)
-                self._publish_twist(command.twist)
-                self._publish_gripper(command.closure)
-            steps += 1
-            out = command.step
-            feedback = self.Action.Feedback(step=steps, delta=[float(v) for v in out.delta],
-                                            tokens=[int(t) for t in out.tokens], token_kind=out.token_kind,
-                                            policy_latency_s=float(command.act_seconds))
-            goal_handle.publish_feedback(feedback)
+                while run.stop_reason is None and time.monotonic() < tick:
+                    self._wake.wait(timeout=tick - time.monotonic())
+                if steps == 0:
+                    first_frame_time = self._image_time
+                now, success, image, image_age, frame, pose, pose_age = self._inputs(first_frame_time)
+            end = self._end_reason(run, steps, now, success, image, image_age, pose, pose_age)
+            if end is not None:
+                return end[0], steps, end[1]
+            fresh = frame != goal_frame or now >= first_frame_due
+            measured = len(chunked.latencies)
+            try:
+                proposal = chunked.tick((lambda msg=image: self._converted(msg)) if fresh else None)
+            except BadCameraImage as e:
+                return False, steps, f"bad camera image: {e}"
+            except UnsafeCommand as e:
+                return False, steps, f"unsafe policy output: {e}"
+            except Exception as e:
+                self.get_logger().error(f"policy raised: {e!r}")
+                return False, steps, f"policy error: {e!r}"
+            for seconds in chunked.latencies[measured:]:
+                self._latency.add(seconds)
+            if proposal is not None:
+                if self._send(goal_handle, run, proposal, steps + 1):
+                    steps, moving = steps + 1, True
+            elif moving:  # the plan ran dry: slow down within the limits, twists still at the control rate
+                self._decelerate(run)
+                self.get_logger().warn("the policy's next chunk is late: decelerating until it comes",
+                                       throttle_duration_sec=5.0)
+            tick += self.period
+            if time.monotonic() - tick > self.period:  # far behind (a stalled thread): no burst to catch up
+                tick = time.monotonic()
+
+    def _converted(self, msg) -> np.ndarray:
+        try:
+            return self._convert(msg)
+        except (ValueError, TypeError) as e:  # cv_bridge's CvBridgeError is a TypeError
+            raise BadCameraImage(str(e)) from None
+
+    def _decelerate(self, run: _Run) -> None:
+        with self._lock:
+            if run.stop_reason is not None:
+                return
+            pose, pose_age = self._pose, time.monotonic() - self._pose_time
+            twist = run.controller.limiter(np.zeros(6), pose if self.p["enforce_workspace"] else None, pose_age)
+            self._publish_twist(twist)
 
     def _wait_for_step(self, run: _Run, pace: _StepPacer, latest: float, last_frame: int) -> None:
         """Holding the lock: return when the next step is due (see the module doc) or the run stops."""

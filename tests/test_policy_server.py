@@ -479,6 +479,50 @@ def test_cancel_stops_the_arm_at_once_and_a_new_goal_preempts(tmp_path, test_nod
         server.stop()
 
 
+def test_a_slow_chunked_policy_still_commands_the_arm_at_the_control_rate(tmp_path, test_node, watch):
+    from action_msgs.msg import GoalStatus
+
+    twists, _ = watch
+    # each prediction takes 2.5 control periods; a chunk of 8 steps spans that twice over
+    name, accel, period = "server_chunks", 0.5, 0.1
+    server = _server(test_node, tmp_path, name=name, delta=(0, 0.008, 0, 0, 0, 0, 0),
+                     policy={"chunk_size": 8, "seconds_per_step": 0.25}, max_linear_accel=accel)
+    try:
+        assert "chunks of 8 steps predicted ahead" in server.output()
+        client, action = _client(test_node, name)
+        latencies = []
+        t0 = time.monotonic()
+        handle = _send(client, action, feedback=lambda f: latencies.append(f.feedback.policy_latency_s),
+                       instruction="slide left", max_steps=25)
+        result = _wait(handle.get_result_async())
+        assert result.result.steps == 25 and "max_steps" in result.result.message, result.result.message
+        time.sleep(0.2)
+        sent = np.array([v for _, v in twists.since(t0)])
+        moving = np.array([t for t, v in twists.since(t0) if v[1] > 1e-6])
+        assert min(latencies) >= 0.25  # every step came from a prediction that took 2.5 periods ...
+        assert np.median(np.diff(moving)) < 0.5 * 0.25  # ... yet twists came at the control rate
+        assert len(moving) >= 25
+        change = np.linalg.norm(np.diff(sent[:, :3], axis=0), axis=1)
+        assert change[:-1].max() <= accel * period + 1e-9  # smooth: within the acceleration limit
+        assert np.allclose(sent[-1], 0)  # the goal ends with a zero twist (stopping is not rate-limited)
+
+        # cancelled while a prediction runs: stopped at once, and the late prediction never moves the arm
+        handle = _send(client, action, instruction="slide left", max_steps=1000)
+        wait_for(lambda: twists.last() is not None and twists.last()[1] > 0.01, 10, what="motion")
+        t_cancel = time.monotonic()
+        _wait(handle.cancel_goal_async())
+        after = twists.since(t_cancel)
+        assert after and np.allclose(after[0][1], 0) and after[0][0] - t_cancel < period
+        assert _wait(handle.get_result_async()).status == GoalStatus.STATUS_CANCELED
+        time.sleep(0.6)  # longer than a prediction
+        assert all(np.allclose(v, 0) for _, v in twists.since(t_cancel))
+        again = _wait(_send(client, action, instruction="slide left", max_steps=3).get_result_async())
+        assert again.result.steps == 3
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output()
+
+
 def test_the_instruction_topic_starts_and_stops_a_goal(tmp_path, test_node, watch):
     import json
 
@@ -495,8 +539,10 @@ def test_the_instruction_topic_starts_and_stops_a_goal(tmp_path, test_node, watc
         say.publish(String(data="slide left"))
         wait_for(lambda: twists.last() is not None and twists.last()[1] > 0.01, 20,
                  what=f"motion from a topic instruction (server log: {server.output()[-600:]})")
-        state = json.loads(status.get().data)
-        assert state["state"] == "running" and state["instruction"] == "slide left"
+        # the latched status reaches this subscription once discovery has matched it, maybe after the motion
+        wait_for(lambda: status.get() is not None and json.loads(status.get().data)["state"] == "running", 10,
+                 what="the running status")
+        assert json.loads(status.get().data)["instruction"] == "slide left"
         t_stop = time.monotonic()
         say.publish(String(data=""))
         wait_for(lambda: status.get() is not None and json.loads(status.get().data)["state"] == "idle", 10,
