@@ -1,7 +1,25 @@
-"""Policy server latency: from a camera frame's arrival at the server to the TwistStamped it causes.
+"""Policy server timing, two measurements over real DDS:
 
     .venv/bin/python benchmarks/server_latency.py [--checkpoint DIR] [--threads 2] [--steps 200]
                                                    [--steps-per-goal 15] [--camera-rate 10] [--image-size 128]
+    .venv/bin/python benchmarks/server_latency.py --slow-policy [--act-periods 1 3 10] [--chunk-size 25]
+                                                   [--goals 4]
+
+--slow-policy: twists from a policy slower than the control period. The constant policy, as a
+chunked model (chunk_size steps per prediction) whose every prediction takes 1x, 3x and 10x the
+control period, runs twice at each: predicting ahead (chunk_ahead, the default) and, as the
+baseline in the same run, predicting only when its chunk is used up (chunk_ahead false: the arm
+waits for each prediction). Each goal is cancelled after a random 1.2-2 chunks of motion. A probe in this
+process records every twist and reports, per run: twist inter-arrival p50/p99/max, the largest
+change between consecutive twists (linear and angular, before the cancel's stop), the stop latency
+on cancel (cancel sent -> first zero twist received), and steps per second. A twist that comes later
+than servo_command_timeout after the one before counts as a stop and a start from rest: the servo
+halted the arm in between. The verdict holds the
+predicted-ahead runs to what the safety limits promise: inter-arrival p99 within
+servo_command_timeout (the servo never runs a twist longer than the workspace box allows for),
+every change within max_accel x period, and a zero twist within one control period of a cancel.
+
+The default measurement: from a camera frame's arrival at the server to the TwistStamped it causes.
 
 The simulated arm publishes camera frames (config/sim_arm.yaml, as `lapa run sim_demo` starts it)
 and the policy server runs the policy (default: the tiny VLA preset, random weights, on --threads
@@ -327,6 +345,205 @@ def report(args, base: np.ndarray, records: list[dict], probe: Probe, wall: floa
           f"({_pct(act, 99) / b99:.2f}x at p99): the rest of the server process and the simulator share the CPUs")
 
 
+# ---------------------------------------------------------------------------------------------
+# --slow-policy: twists at the control rate from chunks predicted ahead
+# ---------------------------------------------------------------------------------------------
+SLOW_STEP = 0.004  # m per step along y: 0.04 m/s at 10 Hz, inside the workspace box for 8 s
+SLOW_ACCEL = 0.2  # m/s^2 for the server: low enough that the acceleration limit shapes every ramp
+
+
+class TwistLog:
+    """Every twist on the topic: arrival (CLOCK_MONOTONIC) and value."""
+
+    def __init__(self, node, topic: str):
+        from geometry_msgs.msg import TwistStamped
+
+        self.items: list[tuple[float, np.ndarray]] = []
+        self.lock = threading.Lock()
+        node.create_subscription(TwistStamped, topic, self._on, 100)
+
+    def _on(self, msg) -> None:
+        t, v = time.monotonic(), msg.twist
+        with self.lock:
+            self.items.append((t, np.array([v.linear.x, v.linear.y, v.linear.z, v.angular.x, v.angular.y,
+                                            v.angular.z])))
+
+    def between(self, t0: float, t1: float = float("inf")) -> list[tuple[float, np.ndarray]]:
+        with self.lock:
+            return [(t, v) for t, v in self.items if t0 <= t <= t1]
+
+
+def _change(a: np.ndarray, b: np.ndarray, servo_halted: bool) -> tuple[float, float]:
+    """Linear and angular change from twist a to the next, b. When b came later than the servo runs a
+    twist, the servo stopped the arm in between: the arm saw a stop and a start from rest."""
+    if servo_halted:
+        return (max(float(np.linalg.norm(a[:3])), float(np.linalg.norm(b[:3]))),
+                max(float(np.linalg.norm(a[3:])), float(np.linalg.norm(b[3:]))))
+    return float(np.linalg.norm(b[:3] - a[:3])), float(np.linalg.norm(b[3:] - a[3:]))
+
+
+def _wait_until(condition, timeout: float, what: str, procs: dict) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited ({proc.returncode}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _stop_process(proc) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def slow_policy_run(node, twists: TwistLog, reset, procs: dict, args, checkpoint: Path, ahead: bool,
+                    log_dir: Path, planned, period: float) -> dict:
+    """One server process, args.goals cancelled goals: the timings of its twists."""
+    from rclpy.action import ActionClient
+
+    from lapa_core.node_params import POLICY_SERVER
+    from lapa_interfaces.action import FollowInstruction
+
+    timeout = POLICY_SERVER["servo_command_timeout"].default
+    server_ros = planned["server"].argv[planned["server"].argv.index("--ros-args") + 1:]
+    argv = [*planned["server"].argv[:planned["server"].argv.index("--ros-args") + 1], *server_ros,
+            "-p", f"checkpoint:={json.dumps(str(checkpoint))}", "-p", f"chunk_ahead:={str(ahead).lower()}",
+            "-p", 'success_topic:=""', "-p", f"max_linear_accel:={SLOW_ACCEL}", "-p", "camera_timeout:=1.0"]
+    log = open(log_dir / f"server_{checkpoint.name}_{int(ahead)}.log", "w")
+    procs["server"] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    client = ActionClient(node, FollowInstruction, f"/{SERVER_NAME}/follow_instruction")
+    rng = random.Random(0)
+    gaps, changes, stops, rates = [], [], [], []
+    try:
+        _wait_until(client.server_is_ready, 120, "the policy server", procs)
+        for _ in range(args.goals):
+            reset()
+            t_send = time.monotonic()
+            for _attempt in range(3):  # resend when the first reply is lost right after discovery
+                future = client.send_goal_async(FollowInstruction.Goal(instruction="slide left", max_steps=100000,
+                                                                       timeout_s=3600.0))
+                t0 = time.monotonic()
+                while not future.done() and time.monotonic() - t0 < 5:
+                    time.sleep(0.01)
+                if future.done():
+                    break
+            handle = future.result()
+            _wait_until(lambda: any(abs(v[1]) > 1e-6 for _, v in twists.between(t_send)), 60, "motion", procs)
+            t_move = next(t for t, v in twists.between(t_send) if abs(v[1]) > 1e-6)
+            time.sleep(rng.uniform(1.2, 2.0) * args.chunk_size * period)  # past a chunk's end
+            t_cancel = time.monotonic()
+            cancelled = handle.cancel_goal_async()
+            _wait_until(cancelled.done, 10, "the cancel answer", procs)
+            result = handle.get_result_async()
+            _wait_until(result.done, 30, "the cancelled goal's result", procs)
+            time.sleep(0.3)
+            window = twists.between(t_move, t_cancel)
+            times = np.array([t for t, _ in window])
+            values = np.array([v for _, v in window])
+            gaps += np.diff(times).tolist()
+            changes += [_change(a, b, t_b - t_a > timeout) for (t_a, a), (t_b, b) in zip(window, window[1:])]
+            rates.append((len(times) - 1) / (times[-1] - times[0]))
+            stop = next((t for t, v in twists.between(t_cancel) if np.allclose(v, 0)), None)
+            stops.append(float("inf") if stop is None else stop - t_cancel)
+    finally:
+        client.destroy()
+        _stop_process(procs.pop("server"))
+        log.close()
+    changes = np.array(changes)
+    return {"gaps": np.array(gaps), "linear": changes[:, 0].max(), "angular": changes[:, 1].max(),
+            "stops": np.array(stops), "rate": float(np.mean(rates))}
+
+
+def slow_policy(args, tmp: Path) -> None:
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    from lapa_cli.run import effective_parameter, plan
+    from lapa_core.node_params import POLICY_SERVER
+    from lapa_core.policy import ConstantPolicy
+    from lapa_interfaces.srv import ResetEpisode
+    from lapa_policy_node.graphs import SIM_DEMO
+    from lapa_policy_node.runtime import spinning
+
+    rate = args.control_rate or 10.0
+    period = 1.0 / rate
+    placeholder = ConstantPolicy.save(tmp / "plan", [0] * 7)  # each run gives its own checkpoint
+    planned = {p.spec.key: p for p in plan(SIM_DEMO, {"checkpoint": str(placeholder), "control_rate": rate})}
+    sim_argv = planned["sim"].argv + ["-p", "image_width:=64", "-p", "image_height:=64",
+                                      "-p", f"camera_rate:={float(args.camera_rate)}"]
+    sim_log = open(tmp / "sim.log", "w")
+    procs = {"sim": subprocess.Popen(sim_argv, stdout=sim_log, stderr=subprocess.STDOUT)}
+    load = os.getloadavg()[0]
+    print(f"slow policy: constant policy, chunks of {args.chunk_size} steps, control {rate:g} Hz, camera "
+          f"{args.camera_rate:g} Hz, max_linear_accel {SLOW_ACCEL} m/s^2, {args.goals} cancelled goals per run; "
+          f"{os.cpu_count()} CPUs, load average before {load:.2f}")
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    results = []
+    try:
+        with spinning(rclpy.create_node(f"bench_slow_policy_{os.getpid()}")) as node:
+            twists = TwistLog(node, effective_parameter(planned["server"], "twist_topic"))
+            resetter = node.create_client(ResetEpisode, "/lapa_sim_arm/reset")
+            _wait_until(lambda: resetter.service_is_ready(), 120, "the simulated arm", procs)
+
+            def reset() -> None:
+                future = resetter.call_async(ResetEpisode.Request(task="reach", seed=0))
+                _wait_until(future.done, 30, "the arm's reset", procs)
+                time.sleep(0.3)
+
+            for multiple in args.act_periods:
+                checkpoint = ConstantPolicy.save(tmp / f"act_{multiple:g}x", [0, SLOW_STEP, 0, 0, 0, 0, 0],
+                                                 control_rate=rate, chunk_size=args.chunk_size,
+                                                 seconds_per_step=multiple * period)
+                for ahead in (False, True):
+                    run = slow_policy_run(node, twists, reset, procs, args, checkpoint, ahead, tmp, planned, period)
+                    results.append((multiple, ahead, run))
+                    print(f"  act {multiple:g}x period, {'predicted ahead' if ahead else 'baseline (arm waits)'}: "
+                          f"inter-arrival p99 {_pct(run['gaps'], 99) * 1e3:.0f} ms", flush=True)
+    finally:
+        _stop_process(procs["sim"])
+        if "server" in procs:
+            _stop_process(procs["server"])
+        rclpy.try_shutdown()
+        sim_log.close()
+    timeout = POLICY_SERVER["servo_command_timeout"].default
+    linear_bound = SLOW_ACCEL * period
+    angular_bound = POLICY_SERVER["max_angular_accel"].default * period
+    ms = 1e3
+    print(f"\n{'act()':>7} {'predictions':<16} {'inter-arrival ms p50 / p99 / max':>34} "
+          f"{'largest change lin m/s, ang rad/s':>35} {'stop ms p50 / max':>19} {'steps/s':>8} {'p99/base':>9}")
+    baseline_p99 = {}
+    verdicts = []
+    for multiple, ahead, run in results:
+        gaps, stops = run["gaps"], run["stops"]
+        p99 = _pct(gaps, 99)
+        if not ahead:
+            baseline_p99[multiple] = p99
+        ratio = f"{p99 / baseline_p99[multiple]:.2f}x" if ahead and multiple in baseline_p99 else ""
+        print(f"{multiple:>6g}x {'ahead' if ahead else 'when used up':<16} "
+              f"{_pct(gaps, 50) * ms:>12.0f} / {p99 * ms:>5.0f} / {gaps.max() * ms:>5.0f}    "
+              f"{run['linear']:>18.3f}, {run['angular']:.3f}          "
+              f"{_pct(stops, 50) * ms:>7.0f} / {stops.max() * ms:>5.0f} {run['rate']:>8.1f} {ratio:>9}")
+        if ahead:
+            verdicts.append((multiple, p99 <= timeout, run["linear"] <= linear_bound + 1e-9
+                             and run["angular"] <= angular_bound + 1e-9, stops.max() <= period))
+    print(f"\npromised by the safety limits: inter-arrival p99 <= servo_command_timeout {timeout * ms:.0f} ms; "
+          f"change per twist <= max_linear_accel x period {linear_bound:.3f} m/s and max_angular_accel x period "
+          f"{angular_bound:.3f} rad/s; a zero twist within one control period ({period * ms:.0f} ms) of a cancel")
+    for multiple, rate_ok, change_ok, stop_ok in verdicts:
+        word = lambda ok: "within" if ok else "OUTSIDE"  # noqa: E731
+        print(f"  act {multiple:g}x period, predicted ahead: inter-arrival {word(rate_ok)}, changes "
+              f"{word(change_ok)}, stop {word(stop_ok)}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     if "--serve-instrumented" in sys.argv:
         i = sys.argv.index("--serve-instrumented")
@@ -343,7 +560,20 @@ def main() -> None:
     ap.add_argument("--camera-rate", type=float, default=10.0, help="simulated camera Hz")
     ap.add_argument("--image-size", type=int, default=128, help="simulated camera width = height (px)")
     ap.add_argument("--control-rate", type=float, default=0.0, help="server Hz (0 = the policy's own)")
+    ap.add_argument("--slow-policy", action="store_true",
+                    help="measure twists from a policy slower than the control period instead (see above)")
+    ap.add_argument("--act-periods", type=float, nargs="+", default=[1.0, 3.0, 10.0],
+                    help="--slow-policy: each prediction's time, in control periods")
+    ap.add_argument("--chunk-size", type=int, default=25, help="--slow-policy: steps per prediction")
+    ap.add_argument("--goals", type=int, default=4, help="--slow-policy: cancelled goals per run")
     args = ap.parse_args()
+    if args.slow_policy:
+        os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(101, 200)))
+        os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+        with tempfile.TemporaryDirectory(prefix="lapa-slow-policy-") as tmp:
+            os.environ.setdefault("ROS_LOG_DIR", str(Path(tmp) / "roslog"))
+            slow_policy(args, Path(tmp))
+        return
     import torch
 
     torch.set_num_threads(args.threads)

@@ -98,8 +98,13 @@ def evaluate_over_ros(policy_dir, jobs: list[tuple], *, image_size: int = 128,
             raise RosEvalError(str(e)) from None
         if own_context and progress:
             print(watch_hint(domain), file=sys.stderr)
-        for key, extra in (("sim", size), ("server", [])):
-            nodes[planned[key].spec.name] = _spawn(planned[key].argv + extra, log_dir / f"{planned[key].spec.name}.log")
+        server_argv = list(planned["server"].argv)
+        # a chunk executed whole, as the in-process evaluation does (before ros_args: they may override it)
+        at = server_argv.index("--params-file") + 2
+        server_argv[at:at] = ["-p", "chunk_ahead:=false"]
+        for name, argv in ((planned["sim"].spec.name, planned["sim"].argv + size),
+                           (planned["server"].spec.name, server_argv)):
+            nodes[name] = _spawn(argv, log_dir / f"{name}.log")
         if own_context:
             rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
         session = _Session(planned["server"], planned["sim"].spec.name, nodes, log_dir)
