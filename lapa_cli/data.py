@@ -2,6 +2,7 @@
 
     lapa data ingest bags/ videos/ --out runs/data/mix     # build (or --append to) a dataset
     lapa data info runs/data/mix                           # what is in it
+    lapa data export runs/data/mix --format lerobot --out runs/lerobot/mix   # a LeRobot v3 dataset
     lapa data info bags/arm_demo --urdf robot.urdf         # a bag's topics, rates and action sources
     lapa data generate --out bags/sim --episodes 50        # simulated demos, in-process (fast)
     lapa data collect --out bags/ros --episodes 5          # simulated demos through ROS nodes
@@ -25,12 +26,12 @@ from lapa_cli import UserError
 def add_ingest_parser(sub) -> None:
     p = sub.add_parser(
         "ingest", help="build a dataset from rosbags, video folders and datasets",
-        description="Read rosbag2 bags (MCAP or sqlite3), folders of videos with captions, and existing datasets, "
-                    "and write one dataset (docs/DATASET_FORMAT.md): frames resized once, 7-D end-effector "
+        description="Read rosbag2 bags (MCAP or sqlite3), folders of videos with captions, LeRobot v3 datasets "
+                    "and existing datasets, and write one dataset (docs/DATASET_FORMAT.md): frames resized once, 7-D end-effector "
                     "actions on a fixed control rate, instructions, train/val/test split by episode.")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                   help="bag directory or .mcap/.db3 file, folder (searched for bags and videos), video file "
-                        "or dataset")
+                   help="bag directory or .mcap/.db3 file, folder (searched for bags and videos), video file, "
+                        "LeRobot v3 dataset or dataset")
     p.add_argument("--out", type=Path, required=True, help="dataset directory to write")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace the dataset at --out")
@@ -42,7 +43,8 @@ def add_ingest_parser(sub) -> None:
     topics.add_argument("--image-topic", action="append", metavar="TOPIC",
                         help="sensor_msgs/Image or CompressedImage (default /camera/image_raw, else the bag's only "
                              "image topic); give it several times to store several cameras (trainers pick one with "
-                             "--set data.camera=TOPIC, the first by default)")
+                             "--set data.camera=TOPIC, the first by default). For a LeRobot dataset: its camera "
+                             "feature, e.g. observation.images.front (default: its only camera)")
     topics.add_argument("--twist-topic",
                         help="geometry_msgs/TwistStamped commands (default /servo_node/delta_twist_cmds)")
     topics.add_argument("--pose-topic", help="geometry_msgs/PoseStamped TCP pose (default /ee_pose)")
@@ -50,6 +52,14 @@ def add_ingest_parser(sub) -> None:
     topics.add_argument("--instruction-topic", help="std_msgs/String instruction (default /lapa/instruction)")
     topics.add_argument("--joint-state-topic", help="sensor_msgs/JointState (default /joint_states)")
     frames = p.add_argument_group("frames and actions")
+    frames.add_argument("--action-key", metavar="FEATURE",
+                        help="LeRobot datasets: the float feature actions come from, e.g. action or observation.state "
+                             "(default: none, the episodes are action-free)")
+    frames.add_argument("--action-convention", default="delta_rpy",
+                        choices=("delta_rpy", "pose_rpy", "pose_quat_xyzw", "pose_quat_wxyz"),
+                        help="LeRobot datasets: --action-key holds per-frame end-effector deltas [dx dy dz droll dpitch "
+                             "dyaw (gripper)] (delta_rpy, the default) or end-effector poses [x y z, then roll pitch "
+                             "yaw or a quaternion, (gripper)]; the gripper maps through --gripper-open/--gripper-closed")
     frames.add_argument("--actions", choices=("auto", "twist", "pose", "tf", "joints", "none"), default="auto",
                         help="where bag actions come from: auto (the first the bag has of twist commands, an EE "
                              "pose topic, the TF tree, joint states + --urdf; else action-free), or force one; none "
@@ -126,7 +136,8 @@ def run_ingest(args) -> int:
     options = IngestOptions(image_size=args.image_size, bag=bag, window_s=args.window_s,
                             window_frames=args.window_frames, instructions_file=args.instructions,
                             allow_empty_instruction=args.allow_empty_instruction, split=parse_split(args.split),
-                            seed=args.seed, skip_bad=args.skip_bad,
+                            seed=args.seed, skip_bad=args.skip_bad, action_key=args.action_key,
+                            action_convention=args.action_convention,
                             mode="overwrite" if args.overwrite else "append" if args.append else "create",
                             progress=sys.stderr.isatty())
     report = ingest(args.inputs, args.out, options)
@@ -135,6 +146,36 @@ def run_ingest(args) -> int:
         print(f"  skipped (bad): {reason}")
     for path in report.incomplete:
         print(f"  skipped (incomplete recording): {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- export
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a dataset (or a folder of bags) as a LeRobot v3 dataset",
+                       description="Write a dataset, or the bags under a folder (ingested first), as a LeRobot v3.0 "
+                                   "dataset: parquet frames and episodes, mp4 videos per camera, tasks, statistics "
+                                   "(docs/DATASET_FORMAT.md, LeRobot v3).")
+    p.add_argument("source", type=Path, metavar="SOURCE", help="dataset directory, or a folder of bags")
+    p.add_argument("--format", choices=("lerobot",), default="lerobot", help="output format (default lerobot)")
+    p.add_argument("--out", type=Path, required=True, help="directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace what is at --out")
+    p.add_argument("--codec", choices=("av1", "h264"), default="av1",
+                   help="video codec: av1 (SVT-AV1, as LeRobot records) or h264 (default av1)")
+    p.add_argument("--robot-type", help="info.json robot_type (default: the episodes' robot, when they agree)")
+    p.add_argument("--image-size", type=int, default=0,
+                   help="bags only: square frame size in px at ingest; 0 keeps the recorded size (default 0)")
+
+
+def run_export(args) -> int:
+    from lapa_training.data.lerobot_export import export_lerobot
+
+    if args.image_size < 0:
+        raise UserError(f"--image-size must be >= 0, not {args.image_size}")
+    report = export_lerobot(args.source, args.out, codec=args.codec, robot_type=args.robot_type,
+                            overwrite=args.overwrite, image_size=args.image_size, progress=sys.stderr.isatty())
+    for message in report.warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    print(f"exported {report.summary()}")
     return 0
 
 
@@ -308,13 +349,14 @@ def run_collect(args) -> int:
 ACTIONS: dict[str, tuple[Callable, Callable[..., int]]] = {
     "ingest": (add_ingest_parser, run_ingest),
     "info": (add_info_parser, run_info),
+    "export": (add_export_parser, run_export),
     "generate": (add_generate_parser, run_generate),
     "collect": (add_collect_parser, run_collect),
 }
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="datasets: ingest rosbags and videos, inspect datasets",
+    p = sub.add_parser("data", help="datasets: ingest rosbags, videos and LeRobot datasets, inspect, export",
                        description="Datasets for LAPA training. Actions: " + ", ".join(ACTIONS) + ".")
     actions = p.add_subparsers(dest="data_command", metavar="<action>")
     for add, _ in ACTIONS.values():

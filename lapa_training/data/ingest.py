@@ -5,7 +5,8 @@
     print(report.summary())
 
 Inputs may be bag directories (with metadata.yaml), single-file bags (.mcap, .db3), folders searched
-recursively for bags and videos, single video files, or existing datasets (their episodes are copied: a merge). Bags under a
+recursively for bags and videos, single video files, LeRobot v3 datasets (lerobot_reader.py), or
+existing datasets (their episodes are copied: a merge). Bags under a
 ``.recording/`` staging directory, or whose episode.json says "status": "recording", are skipped
 with a warning. A bad input (corrupt bag, missing topic, unreadable video, no instruction, ...)
 stops the run with an IngestError naming it, and nothing is written; with skip_bad it is skipped
@@ -26,6 +27,8 @@ from lapa_training.data import bag_format
 from lapa_training.data.bag_reader import BAG_FILE_SUFFIXES, BagOptions, is_incomplete, read_bag
 from lapa_training.data.dataset import Dataset, DatasetWriter, is_dataset, iter_chunks
 from lapa_training.data.errors import IncompleteEpisode, IngestError
+from lapa_training.data.lerobot_format import is_lerobot_dataset
+from lapa_training.data.lerobot_reader import LeRobotOptions, read_lerobot
 from lapa_training.data.video_reader import VIDEO_SUFFIXES, VideoOptions, caption_for, find_captions, \
     load_captions, read_video
 
@@ -49,6 +52,8 @@ class IngestOptions:
     seed: int = 0
     skip_bad: bool = False
     mode: str = "create"  # 'create', 'overwrite' or 'append'
+    action_key: str | None = None  # LeRobot inputs: the feature actions come from (None: action-free)
+    action_convention: str = "delta_rpy"  # ... and how to read it (lerobot_reader.CONVENTIONS)
     progress: bool = True
     warn: Callable[[str], None] | None = None  # where warnings go (default: stderr)
 
@@ -76,7 +81,7 @@ class IngestReport:
 
 @dataclass
 class Source:
-    kind: str  # 'bag', 'video', 'dataset' or 'incomplete'
+    kind: str  # 'bag', 'video', 'dataset', 'lerobot' or 'incomplete'
     path: Path
     root: Path  # the input it was found under
 
@@ -131,6 +136,9 @@ def _walk(folder: Path, root: Path, exclude: Path | None) -> Iterable[Source]:
         return
     if is_dataset(folder):
         yield Source("dataset", folder, root)
+        return
+    if is_lerobot_dataset(folder):
+        yield Source("lerobot", folder, root)
         return
     try:
         entries = sorted(folder.iterdir())
@@ -200,6 +208,11 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, options: IngestOptions
             try:
                 if src.kind == "dataset":
                     records = _merge_dataset(src.path, writer)
+                elif src.kind == "lerobot":
+                    if cameras:
+                        raise IngestError(f"{src.path}: a LeRobot dataset is ingested one camera at a time "
+                                          f"(one --image-topic naming its feature)")
+                    records = read_lerobot(src.path, _lerobot_options(options), writer, warn)
                 else:
                     writer.begin_episode()
                     if src.kind == "bag":
@@ -247,6 +260,15 @@ def _bag_options(options: IngestOptions, instructions: dict[str, str] | None) ->
     return replace(bag, window_s=options.window_s or ROBOT_WINDOW_S,
                    instructions=instructions if instructions is not None else bag.instructions,
                    allow_empty_instruction=options.allow_empty_instruction or bag.allow_empty_instruction)
+
+
+def _lerobot_options(options: IngestOptions) -> LeRobotOptions:
+    bag = options.bag
+    return LeRobotOptions(camera=bag.image_topic, action_key=options.action_key,
+                          action_convention=options.action_convention, gripper_open=bag.gripper_open,
+                          gripper_closed=bag.gripper_closed, rate_hz=bag.rate_hz,
+                          window_s=options.window_s or ROBOT_WINDOW_S,
+                          allow_empty_instruction=options.allow_empty_instruction)
 
 
 def _options_record(options: IngestOptions) -> dict[str, Any]:
