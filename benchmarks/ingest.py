@@ -1,7 +1,7 @@
 """Ingest speed against a bare rosbags read of the same bag.
 
     .venv/bin/python benchmarks/ingest.py [--frames 600] [--size 128] [--storage mcap] [--repeats 9]
-                                          [--sources twist,tf,joints]
+                                          [--sources twist,tf,joints] [--frame-codec raw,jpeg]
 
 For each action source, writes a synthetic episode bag: rgb8 frames + gripper at 10 Hz, and
   twist:  TwistStamped commands at 10 Hz (as `lapa data generate` writes them);
@@ -12,7 +12,8 @@ then times
   baseline: open the bag with rosbags and deserialize every message (nothing else), and
   ingest:   the full `lapa data ingest` path to a dataset at native size (decode, resample,
             actions, frames written to disk, metadata),
-and prints frames/s of both and their ratio (goal: ingest >= 0.8 x baseline). Best of --repeats,
+and prints frames/s of both and their ratio (goal: ingest >= 0.8 x baseline), for each frame codec
+(raw: dataset format v1; jpeg: format v2, JPEG shards). Best of --repeats,
 the two run alternately (the machine's load varies).
 When the goal is missed it prints a profile of the ingest, so it says where the time goes.
 """
@@ -136,20 +137,32 @@ def bare_read(path: Path) -> int:
     return n
 
 
-def run_ingest(bag: Path, out_root: Path, size: int, source: str) -> int:
+def run_ingest(bag: Path, out_root: Path, size: int, source: str, codec: str = "raw") -> int:
     """A full ingest into a new dataset directory (removing old ones is not part of the timing)."""
     out = out_root / f"dataset_{len(list(out_root.iterdir())) if out_root.exists() else 0}"
     bag_options = BagOptions(actions=source, urdf=str(URDF) if source == "joints" else None)
-    report = ingest([bag], out, IngestOptions(image_size=size, bag=bag_options, progress=False, warn=lambda m: None))
+    report = ingest([bag], out, IngestOptions(image_size=size, bag=bag_options, progress=False, warn=lambda m: None,
+                                              frame_codec=codec))
     assert report.episodes_with_actions == 1, f"no actions from {source}"
     return report.frames_added
 
 
-def interleaved_best(repeats: int, *jobs) -> list[tuple[float, int]]:
+def settle(out_root: Path) -> None:
+    """Before each timed run: the datasets of earlier runs removed and everything on disk. Dirty pages
+    left by earlier runs made this machine throttle the next writer (29 MB written in 7 ms after a
+    sync, 50-80 ms with a few hundred MB unsynced): the ingest was timed against the disk's writeback
+    of runs before it."""
+    shutil.rmtree(out_root, ignore_errors=True)
+    out_root.mkdir()
+    os.sync()
+
+
+def interleaved_best(repeats: int, out_root: Path, *jobs) -> list[tuple[float, int]]:
     """Best wall time (and result) of each job, running them in turn so machine load hits all alike."""
     best = [(float("inf"), 0)] * len(jobs)
     for _ in range(repeats):
         for i, (fn, *args) in enumerate(jobs):
+            settle(out_root)
             t0 = time.perf_counter()
             result = fn(*args)
             best[i] = min(best[i], (time.perf_counter() - t0, result))
@@ -163,12 +176,14 @@ def main() -> None:
     ap.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--sources", default="twist,tf,joints", help="action sources to measure, comma-separated")
+    ap.add_argument("--frame-codec", default="raw,jpeg", help="dataset frame codecs to measure, comma-separated")
     args = ap.parse_args()
-    for source in args.sources.split(","):
-        measure(args, source)
+    for codec in args.frame_codec.split(","):
+        for source in args.sources.split(","):
+            measure(args, source, codec)
 
 
-def measure(args, source: str) -> None:
+def measure(args, source: str, codec: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lapa-bench-ingest-"))
     try:
         bag, out = tmp / "episode", tmp / "datasets"
@@ -176,15 +191,16 @@ def measure(args, source: str) -> None:
         os.sync()  # no write-back of the new bag during the measurements
         out.mkdir()
         bare_read(bag)  # warm the page cache and the typestore for both
-        run_ingest(bag, out, args.size, source)
+        run_ingest(bag, out, args.size, source, codec)
         (t_base, n_base), (t_ingest, n_ingest) = interleaved_best(
-            args.repeats, (bare_read, bag), (run_ingest, bag, out, args.size, source))
+            args.repeats, out, (bare_read, bag), (run_ingest, bag, out, args.size, source, codec))
         assert n_base == n_ingest == args.frames, (n_base, n_ingest)
         fps_base, fps_ingest = n_base / t_base, n_ingest / t_ingest
         ratio = fps_ingest / fps_base
         mb = sum(p.stat().st_size for p in bag.iterdir()) / 2**20
         what = {"twist": "twists", "tf": f"/tf at {10 * STATE_RATE} Hz",
                 "joints": f"/joint_states at {10 * STATE_RATE} Hz + URDF"}[source]
+        source = f"{source}, {codec} frames"
         print(f"[{source}] bag: {args.frames} rgb8 {args.size}x{args.size} frames + {what} + gripper, "
               f"{args.storage}, {mb:.1f} MiB")
         print(f"[{source}] bare rosbags read + deserialize: {fps_base:9.0f} frames/s  ({t_base * 1e3:7.1f} ms)")
@@ -193,7 +209,7 @@ def measure(args, source: str) -> None:
         if ratio < 0.8:
             profiler = cProfile.Profile()
             profiler.enable()
-            run_ingest(bag, out, args.size, source)
+            run_ingest(bag, out, args.size, source.split(",")[0], codec)
             profiler.disable()
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)

@@ -38,6 +38,9 @@ def add_ingest_parser(sub) -> None:
     mode.add_argument("--append", action="store_true", help="add episodes to the dataset at --out")
     p.add_argument("--image-size", type=int, default=128,
                    help="square frame size in px (center-crop, then INTER_AREA); 0 keeps the source size (default 128)")
+    p.add_argument("--frame-codec", choices=("raw", "jpeg"), default="raw",
+                   help="how a new dataset stores frames: raw (format v1, memory-mapped arrays) or jpeg (format v2: "
+                        "JPEG shards, 10-25x less disk; docs/DATASET_FORMAT.md) (default raw)")
     p.add_argument("--rate", type=float, default=10.0, help="control rate of bag frames and actions in Hz (default 10)")
     topics = p.add_argument_group("bag topics (defaults: lapa-ros / MoveIt Servo names, when the bag has them)")
     topics.add_argument("--image-topic", action="append", metavar="TOPIC",
@@ -133,7 +136,7 @@ def run_ingest(args) -> int:
                      rate_hz=args.rate,
                      stale_timeout_s=args.stale_timeout, base_frame=args.base_frame, tcp_frame=args.tcp_frame,
                      gripper_open=args.gripper_open, gripper_closed=args.gripper_closed)
-    options = IngestOptions(image_size=args.image_size, bag=bag, window_s=args.window_s,
+    options = IngestOptions(image_size=args.image_size, frame_codec=args.frame_codec, bag=bag, window_s=args.window_s,
                             window_frames=args.window_frames, instructions_file=args.instructions,
                             allow_empty_instruction=args.allow_empty_instruction, split=parse_split(args.split),
                             seed=args.seed, skip_bad=args.skip_bad, action_key=args.action_key,

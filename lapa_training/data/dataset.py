@@ -12,6 +12,9 @@ A dataset is a directory:
     frames.<camera>.npy the other cameras of a dataset ingested with several (meta.json "cameras"),
                         uint8 (N, H, W, 3) each, row i taken at the same time as frames.npy's row i
 
+Format v2 (frame_codec "jpeg") keeps the frames as JPEG in shards instead (frame_shards.py):
+frames/ (index.npy + shard-*.jpg) and frames.<camera>/; everything else is as in v1.
+
 The .npy files are standard NumPy files (np.load(..., mmap_mode="r") works) with a fixed 128-byte
 header, so DatasetWriter can grow them frame by frame and rewrite the row count at the end: the
 whole dataset never has to fit in memory.
@@ -35,10 +38,14 @@ import numpy as np
 
 from lapa_training.data import bag_format
 from lapa_training.data.errors import IngestError
+from lapa_training.data.frame_shards import ShardedFrames, ShardedFrameWriter
 from lapa_training.data.images import fit_square
 
 FORMAT_NAME = "lapa-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # raw frames (frames.npy)
+SHARDED_FORMAT_VERSION = 2  # JPEG frames in shards (frames/)
+FRAME_CODECS = ("raw", "jpeg")
+FRAMES_DIR = "frames"
 META_JSON = "meta.json"
 EPISODES_JSONL = "episodes.jsonl"
 FRAMES_NPY = "frames.npy"
@@ -207,12 +214,20 @@ def parse_split(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def camera_file(name: str, index: int) -> str:
-    """The frames file of a dataset's camera: frames.npy for the first, frames.<name>.npy for the others."""
+def camera_file(name: str, index: int, codec: str = "raw") -> str:
+    """The frames of a dataset's camera: frames.npy (raw) or frames/ (jpeg) for the first,
+    frames.<name>.npy or frames.<name>/ for the others."""
     if index == 0:
-        return FRAMES_NPY
+        return FRAMES_NPY if codec == "raw" else FRAMES_DIR
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name.strip("/")) or f"camera{index}"
-    return f"frames.{safe}.npy"
+    return f"frames.{safe}.npy" if codec == "raw" else f"frames.{safe}"
+
+
+def _frame_store(path: Path, codec: str, row_shape):
+    """A writer of one camera's frames, in the dataset's codec."""
+    if codec == "jpeg":
+        return ShardedFrameWriter(path, row_shape)
+    return GrowableArrayFile(path, np.uint8, row_shape, batch_bytes=1 << 20)
 
 
 # ---------------------------------------------------------------- writing
@@ -232,11 +247,14 @@ class DatasetWriter:
 
     cameras: the names of several cameras (the first goes to frames.npy); add_frame and repeat_frame then
     take camera=name for the others, and every camera has as many rows as frames.npy per episode.
+    frame_codec: "raw" (format v1, frames.npy) or "jpeg" (format v2, frame_shards.py) for a new
+    dataset; an appended one keeps its own.
     """
 
     def __init__(self, root: str | Path, *, image_size: int = 128, control_rate: float = 10.0,
                  mode: str = "create", split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                 seed: int = 0, run_info: dict[str, Any] | None = None, cameras: list[str] | None = None):
+                 seed: int = 0, run_info: dict[str, Any] | None = None, cameras: list[str] | None = None,
+                 frame_codec: str = "raw"):
         self.root = Path(root).resolve()
         self.image_size = int(image_size)
         self.split_fractions = tuple(split_fractions)
@@ -244,6 +262,8 @@ class DatasetWriter:
         self.run_info = dict(run_info or {})
         if mode not in ("create", "overwrite", "append"):
             raise ValueError(f"unknown mode {mode}")
+        if frame_codec not in FRAME_CODECS:
+            raise IngestError(f"unknown frame codec {frame_codec!r}; use {' or '.join(FRAME_CODECS)}")
         exists = self.root.exists()
         is_dataset = (self.root / META_JSON).is_file()
         if mode == "create" and exists and (is_dataset or any(self.root.iterdir())):
@@ -257,6 +277,7 @@ class DatasetWriter:
             self.dir = self.root
             self.meta = json.loads((self.root / META_JSON).read_text())
             _check_format(self.meta, self.root)
+            frame_codec = self.meta.get("frame_codec", "raw")
             self.frame_shape: tuple[int, ...] | None = tuple(self.meta["frame_shape"])
             if self.image_size and self.frame_shape != (self.image_size, self.image_size, 3):
                 raise IngestError(f"{self.root} holds {self.frame_shape[1]}x{self.frame_shape[0]} frames; "
@@ -272,7 +293,9 @@ class DatasetWriter:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir.mkdir(parents=True)
             self.frame_shape = (self.image_size, self.image_size, 3) if self.image_size else None
-            self.meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            self.meta = {"format": FORMAT_NAME,
+                         "format_version": FORMAT_VERSION if frame_codec == "raw" else SHARDED_FORMAT_VERSION,
+                         "frame_codec": frame_codec,
                          "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "image_size": self.image_size,
                          "frame_shape": list(self.frame_shape) if self.frame_shape else None,
                          "resize": "center-crop to square, then cv2.INTER_AREA" if self.image_size else "none",
@@ -280,15 +303,16 @@ class DatasetWriter:
                          "action_frame": bag_format.BASE_FRAME, "split_fractions": list(self.split_fractions),
                          "split_seed": self.seed, "ingests": []}
             self.episodes: list[dict[str, Any]] = []
-        self.frames = GrowableArrayFile(self.dir / FRAMES_NPY, np.uint8, self.frame_shape, batch_bytes=1 << 20)
+        self.frame_codec = frame_codec
+        self.frames = _frame_store(self.dir / camera_file("", 0, frame_codec), frame_codec, self.frame_shape)
         self.actions = GrowableArrayFile(self.dir / ACTIONS_NPY, np.float32, (bag_format.ACTION_DIM,))
         self.timestamps = GrowableArrayFile(self.dir / TIMESTAMPS_NPY, np.float64, ())
         self.episode_index = GrowableArrayFile(self.dir / EPISODE_INDEX_NPY, np.int32, ())
         self.cameras = list(cameras or []) if len(cameras or []) > 1 else []
         shapes = {c["name"]: c.get("frame_shape") for c in self.meta.get("cameras", [])}
-        self.extra: dict[str, GrowableArrayFile] = {
-            name: GrowableArrayFile(self.dir / camera_file(name, i), np.uint8,
-                                    tuple(shapes[name]) if shapes.get(name) else self.frame_shape, batch_bytes=1 << 20)
+        self.extra: dict[str, Any] = {
+            name: _frame_store(self.dir / camera_file(name, i, frame_codec), frame_codec,
+                               tuple(shapes[name]) if shapes.get(name) else self.frame_shape)
             for i, name in enumerate(self.cameras) if i > 0}
         self._last_extra: dict[str, np.ndarray] = {}
         self._files = (self.frames, self.actions, self.timestamps, self.episode_index, *self.extra.values())
@@ -425,7 +449,7 @@ class DatasetWriter:
         self.meta["frame_shape"] = list(self.frame_shape) if self.frame_shape else None
         if self.cameras:
             self.meta["cameras"] = [
-                {"name": name, "file": camera_file(name, i),
+                {"name": name, "file": camera_file(name, i, self.frame_codec),
                  "frame_shape": list(self.frame_shape if i == 0 else self.extra[name].row_shape or ()) or None}
                 for i, name in enumerate(self.cameras)]
         self.meta["ingests"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.run_info,
@@ -477,9 +501,11 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _check_format(meta: dict[str, Any], root: Path) -> None:
-    if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
-        raise IngestError(f"{root}: not a {FORMAT_NAME} v{FORMAT_VERSION} dataset "
-                          f"(meta.json says {meta.get('format')} v{meta.get('format_version')})")
+    version = meta.get("format_version")
+    if meta.get("format") != FORMAT_NAME or version not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION) or \
+            meta.get("frame_codec", "raw") != ("raw" if version == FORMAT_VERSION else "jpeg"):
+        raise IngestError(f"{root}: not a {FORMAT_NAME} v{FORMAT_VERSION} or v{SHARDED_FORMAT_VERSION} dataset "
+                          f"(meta.json says {meta.get('format')} v{version}, frames {meta.get('frame_codec', 'raw')})")
 
 
 def read_episodes(root: str | Path) -> list[dict[str, Any]]:
@@ -489,7 +515,8 @@ def read_episodes(root: str | Path) -> list[dict[str, Any]]:
 
 
 def is_dataset(path: str | Path) -> bool:
-    return (Path(path) / META_JSON).is_file() and (Path(path) / FRAMES_NPY).is_file()
+    path = Path(path)
+    return (path / META_JSON).is_file() and ((path / FRAMES_NPY).is_file() or (path / FRAMES_DIR / "index.npy").is_file())
 
 
 # ---------------------------------------------------------------- reading
@@ -515,8 +542,14 @@ class Dataset:
         if camera is not None and camera not in self.cameras:
             raise IngestError(f"{self.root}: no camera '{camera}' (" + (
                 f"cameras: {', '.join(self.cameras)})" if self.cameras else "the dataset has one camera, unnamed)"))
-        file = self.meta["cameras"][self.cameras.index(camera)]["file"] if camera else FRAMES_NPY
-        self.frames = _load(self.root / file)
+        codec = self.meta.get("frame_codec", "raw")
+        file = self.meta["cameras"][self.cameras.index(camera)]["file"] if camera else camera_file("", 0, codec)
+        if codec == "jpeg":
+            shape = (self.meta["cameras"][self.cameras.index(camera)].get("frame_shape") if camera else None) \
+                or self.meta["frame_shape"]
+            self.frames = ShardedFrames(self.root / file, tuple(shape))
+        else:
+            self.frames = _load(self.root / file)
         self.actions = _load(self.root / ACTIONS_NPY)
         self.timestamps = _load(self.root / TIMESTAMPS_NPY)
         self.episode_index = _load(self.root / EPISODE_INDEX_NPY)
@@ -571,7 +604,7 @@ class Dataset:
         return [e["instruction"] for e in self.split_episodes(split)]
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
 
 def _load(path: Path) -> np.ndarray:

@@ -43,6 +43,7 @@ class IngestOptions:
     """Everything `lapa data ingest` can set. bag holds the bag-specific options (topics, rate, frames)."""
 
     image_size: int = 128  # square frame size; 0 keeps the source size (all sources must agree)
+    frame_codec: str = "raw"  # new datasets: raw frames (format v1) or JPEG shards (format v2)
     bag: BagOptions = field(default_factory=BagOptions)
     window_s: float | None = None  # LAQ window [s]; None: 0.6 for bags, 2.4 for videos
     window_frames: int = 6  # stored frames per window, sets the video frame stride
@@ -196,6 +197,7 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, options: IngestOptions
         raise IngestError(f"several cameras need distinct --image-topic names, the first one given too: {cameras}")
     writer = DatasetWriter(out, image_size=options.image_size, control_rate=bag_options.rate_hz, mode=options.mode,
                            split_fractions=options.split, seed=options.seed, cameras=cameras,
+                           frame_codec=options.frame_codec,
                            run_info={"inputs": [str(p) for p in inputs], "options": _options_record(options)})
     captions_cache: dict[Path, dict[str, str]] = {}
     try:

@@ -1,0 +1,262 @@
+"""Frames as JPEG files in shards, with a memory-mapped index: the frame storage of dataset format v2.
+
+    frames/index.npy        int64 (N, 3): shard number, byte offset, byte length of frame i
+    frames/shard-00000.jpg  JPEG files back to back (a new shard past SHARD_BYTES)
+
+Frame i is one JPEG, decoded on its own (random access by index, about 0.1 ms at 128 x 128); a
+frame repeated (a camera slower than the control rate) is another index row to the same bytes.
+The index is a growable .npy (dataset.GrowableArrayFile): its header holds the row count, written
+at flush, so rows and bytes appended by a writer that died are dropped when the files are opened
+again. Datasets merge by moving shards and offsetting an index, without decoding.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lapa_training.data.errors import IngestError
+
+INDEX_NPY = "index.npy"
+SHARD_BYTES = 1 << 30  # a new shard past 1 GiB: files small enough to copy and sync one at a time
+JPEG_QUALITY = 90  # docs/lab-notes/dataset-format-v2.md: 15x smaller than raw at 128 px, PSNR >= 34 dB
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.jpg"
+
+
+def _encode(rgb: np.ndarray, quality: int) -> bytes:
+    import cv2
+
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise IngestError(f"cannot encode a {rgb.shape} frame as JPEG")
+    return data.tobytes()
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / INDEX_NPY).is_file()
+
+
+ENCODE_THREADS = min(4, os.cpu_count() or 1)  # cv2.imencode releases the GIL: encoding overlaps reading
+IN_FLIGHT = 64  # frames queued for encoding before append waits for the oldest
+
+
+class ShardedFrameWriter:
+    """Appends RGB frames as JPEG; the interface of dataset.GrowableArrayFile that DatasetWriter uses
+    (rows, row_shape, append, truncate, flush, close). Frames are encoded on a few threads while the
+    caller reads the next ones, and written in order."""
+
+    def __init__(self, directory: Path, row_shape: tuple[int, ...] | None, quality: int = JPEG_QUALITY,
+                 batch_bytes: int = 1 << 20):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        from lapa_training.data.dataset import GrowableArrayFile
+
+        self._pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="lapa-jpeg")
+        self._queue: deque = deque()  # futures of encoded frames (None: the frame before, again), in order
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.quality = int(quality)
+        self.row_shape = tuple(row_shape) if row_shape is not None else None
+        self.batch_bytes = batch_bytes
+        self.index = GrowableArrayFile(self.dir / INDEX_NPY, np.int64, (3,))
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._last: np.ndarray | None = None  # the last frame appended (a repeat of it reuses its bytes)
+        self._last_row: tuple[int, int, int] | None = None  # the index row of the last frame written
+        self._open_shard_after(self.index.rows)
+
+    @property
+    def rows(self) -> int:
+        return self.index.rows + len(self._queue)
+
+    def _open_shard_after(self, rows: int) -> None:
+        """Continue the shard that holds the last of `rows` frames, cut after its last indexed byte;
+        later shards (bytes no kept row refers to) are removed."""
+        shard, end = self._end_of(rows)
+        for path in self.dir.glob("shard-*.jpg"):
+            if int(path.stem.split("-")[1]) > shard:
+                path.unlink()
+        self.shard = shard
+        self._file = open(self.dir / shard_name(shard), "a+b", buffering=0)
+        self._file.truncate(end)
+        self._file.seek(0, os.SEEK_END)
+        self.position = end
+
+    def _end_of(self, rows: int) -> tuple[int, int]:
+        """(shard, end byte) after the first `rows` frames: the last row's end, as bytes are written in
+        row order and a repeated frame points to the bytes just before it."""
+        if rows == 0:
+            return 0, 0
+        index = np.memmap(self.index.path, np.int64, "r", offset=128, shape=(rows, 3))
+        shard, offset, length = (int(v) for v in index[rows - 1])
+        del index
+        return shard, offset + length
+
+    def append(self, rows: np.ndarray) -> None:
+        """One RGB frame (H, W, 3), or frames (n, H, W, 3)."""
+        rows = np.asarray(rows) if not isinstance(rows, np.ndarray) else rows
+        if rows.ndim == 4:
+            for frame in rows:
+                self.append(frame)
+            return
+        if self.row_shape is None:
+            self.row_shape = tuple(rows.shape)
+        if tuple(rows.shape) != self.row_shape or rows.dtype != np.uint8:
+            raise ValueError(f"{self.dir.name}: a frame of {rows.shape} {rows.dtype}, expected {self.row_shape} uint8")
+        if self._last is not None and self._last is rows:  # the same frame again: the same bytes
+            self._queue.append(None)
+        else:
+            self._queue.append(self._pool.submit(_encode, rows, self.quality))
+            self._last = rows
+        while len(self._queue) > IN_FLIGHT:
+            self._write_next()
+
+    def _write_next(self) -> None:
+        """Write the oldest queued frame: its bytes (the encoder's result) and its index row."""
+        job = self._queue.popleft()
+        if job is None:
+            self.index.append(np.asarray(self._last_row, np.int64))
+            return
+        data = job.result()
+        if self.position + len(data) > SHARD_BYTES and self.position > 0:
+            self._write_pending()
+            self._file.close()
+            self.shard, self.position = self.shard + 1, 0
+            self._file = open(self.dir / shard_name(self.shard), "w+b", buffering=0)
+        self._last_row = (self.shard, self.position, len(data))
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self.position += len(data)
+        self.index.append(np.asarray(self._last_row, np.int64))
+        if self._pending_bytes >= self.batch_bytes:
+            self._write_pending()
+
+    def _drain(self) -> None:
+        while self._queue:
+            self._write_next()
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            try:
+                os.writev(self._file.fileno(), self._pending) if len(self._pending) < 1024 else \
+                    self._file.write(b"".join(self._pending))
+            except OSError as e:
+                raise IngestError(f"{self.dir}: cannot write ({e})") from e
+            self._pending, self._pending_bytes = [], 0
+
+    def truncate(self, rows: int) -> None:
+        """Drop every frame from index `rows` on (a failed episode), bytes included."""
+        self._drain()
+        self.index.truncate(rows)
+        self._file.close()
+        self._last = None
+        self._open_shard_after(rows)
+
+    def flush(self) -> None:
+        self._drain()
+        self.index.flush()
+
+    def close(self, write_header: bool = True) -> None:
+        try:
+            if write_header:
+                self._drain()
+                self.index.flush()
+        finally:
+            for job in self._queue:
+                if job is not None:
+                    job.cancel()
+            self._queue.clear()
+            self._pool.shutdown(wait=True)
+            self._pending, self._pending_bytes = [], 0
+            self._file.close()
+            self.index.close(write_header=False)
+
+
+class ShardedFrames:
+    """Read-only frames of a sharded store, indexed like a (N, H, W, 3) uint8 array: frames[i],
+    frames[a:b], frames[index_array], np.asarray(frames). Shards are memory-mapped when first read."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, directory: Path, frame_shape: tuple[int, ...]):
+        self.dir = Path(directory)
+        try:
+            self.index = np.load(self.dir / INDEX_NPY, mmap_mode="r") if _rows(self.dir / INDEX_NPY) else \
+                np.zeros((0, 3), np.int64)
+        except (OSError, ValueError) as e:
+            raise IngestError(f"{self.dir / INDEX_NPY}: cannot memory-map ({e})") from e
+        self.frame_shape = tuple(frame_shape)
+        self._shards: dict[int, np.memmap] = {}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.frame_shape)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _bytes(self, shard: int) -> np.memmap:
+        data = self._shards.get(shard)
+        if data is None:
+            path = self.dir / shard_name(shard)
+            try:
+                data = np.memmap(path, np.uint8, "r")
+            except (OSError, ValueError) as e:
+                raise IngestError(f"{path}: cannot memory-map ({e})") from e
+            self._shards[shard] = data
+        return data
+
+    def _decode_into(self, i: int, out: np.ndarray) -> None:
+        import cv2
+
+        shard, offset, length = (int(v) for v in self.index[i])
+        bgr = cv2.imdecode(self._bytes(shard)[offset:offset + length], cv2.IMREAD_COLOR)
+        if bgr is None or bgr.shape != out.shape:
+            raise IngestError(f"{self.dir}: frame {i} does not decode to {out.shape} (damaged shard {shard})")
+        cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=out)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"frame {key} out of range for {len(self)} frames")
+            out = np.empty(self.frame_shape, np.uint8)
+            self._decode_into(i, out)
+            return out
+        if isinstance(key, slice):
+            span = range(len(self))[key]
+            rows = np.arange(span.start, span.stop, span.step, dtype=np.int64)
+        else:
+            rows = np.asarray(key)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        rows = rows.astype(np.int64).reshape(-1)
+        rows[rows < 0] += len(self)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"frame index out of range for {len(self)} frames")
+        out = np.empty((len(rows), *self.frame_shape), np.uint8)
+        for j, i in enumerate(rows):
+            self._decode_into(int(i), out[j])
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        frames = self[:]
+        return frames if dtype is None else frames.astype(dtype)
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
+
+
+def _rows(path: Path) -> int:
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        shape, _, _ = np.lib.format.read_array_header_1_0(f)
+    return int(shape[0])

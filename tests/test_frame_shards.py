@@ -1,0 +1,141 @@
+"""Dataset format v2: JPEG frames in shards behind a memory-mapped index (frame_shards.py), written
+by ingest, appended to, cut back after a crash, read at random, and converted from v1 in one command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lapa_training.data.dataset import Dataset, DatasetWriter, gather_frames
+from lapa_training.data.frame_shards import INDEX_NPY, ShardedFrameWriter, ShardedFrames
+from lapa_training.data.ingest import IngestOptions, ingest
+
+
+def smooth_frames(n: int, size: int, seed: int) -> np.ndarray:
+    """Camera-like frames (smooth gradients, each its own), not noise, which JPEG is not made for."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    return np.stack([np.stack([rng.uniform(20, 230) * (1 - x) + rng.uniform(20, 230) * y * x for _ in range(3)], -1)
+                     for _ in range(n)]).astype(np.uint8)
+
+
+def psnr(a, b) -> np.ndarray:
+    mse = ((np.asarray(a, float) - np.asarray(b, float)) ** 2).reshape(len(a), -1).mean(axis=1)
+    return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))
+
+
+@pytest.fixture(scope="module")
+def bags(tmp_path_factory):
+    from lapa_training.data.generate import generate
+
+    root = tmp_path_factory.mktemp("v2_bags")
+    generate(root / "bags", ["reach", "push"], 2, image_size=128, progress=False)
+    return root / "bags"
+
+
+def _ingest(bags, out, codec, **kw):
+    ingest([bags], out, IngestOptions(image_size=128, frame_codec=codec, progress=False, warn=lambda m: None, **kw))
+    return Dataset(out)
+
+
+def test_jpeg_shards_hold_what_raw_frames_hold_in_a_fraction_of_the_disk(tmp_path, bags):
+    raw, v2 = _ingest(bags, tmp_path / "raw", "raw"), _ingest(bags, tmp_path / "v2", "jpeg")
+    assert raw.meta["format_version"] == 1 and v2.meta["format_version"] == 2 and v2.meta["frame_codec"] == "jpeg"
+    assert (tmp_path / "v2/frames" / INDEX_NPY).is_file() and not (tmp_path / "v2/frames.npy").exists()
+    assert v2.frames.shape == raw.frames.shape and len(v2) == len(raw)
+    for name in ("actions", "timestamps", "episode_index"):
+        np.testing.assert_array_equal(getattr(v2, name), getattr(raw, name))
+    assert [e["instruction"] for e in v2.episodes] == [e["instruction"] for e in raw.episodes]
+    assert psnr(raw.frames, v2.frames).min() > 32.0  # JPEG quality 90
+    assert raw.frames.nbytes / v2.frames.disk_bytes() > 8.0  # the issue's floor; 15x measured at 128 px
+    # random access, as the trainers read: ints, slices, unsorted index arrays with repeats, negatives
+    np.testing.assert_array_equal(v2.frames[[7, 3, 7]][2], v2.frames[7])
+    np.testing.assert_array_equal(v2.frames[-1], v2.frames[len(v2) - 1])
+    np.testing.assert_array_equal(v2.frames[2:11:3], np.stack([v2.frames[i] for i in (2, 5, 8)]))
+    which, index = np.array([0, 1, 0]), np.array([4, 2, 9])
+    np.testing.assert_array_equal(gather_frames([v2, raw], which, index)[1], raw.frames[2])
+    with pytest.raises(IndexError):
+        v2.frames[len(v2)]
+
+
+def test_v1_converts_to_v2_in_one_command_and_both_open(tmp_path, bags, capsys):
+    from lapa_cli.main import main
+
+    raw = _ingest(bags, tmp_path / "raw", "raw")
+    assert main(["data", "ingest", str(tmp_path / "raw"), "--out", str(tmp_path / "v2"), "--frame-codec", "jpeg",
+                 "--image-size", "128"]) == 0
+    v2 = Dataset(tmp_path / "v2")
+    assert [e["split"] for e in v2.episodes] == [e["split"] for e in raw.episodes]
+    assert psnr(raw.frames, v2.frames).min() > 32.0
+    assert main(["data", "info", str(tmp_path / "v2")]) == 0
+    assert "lapa-dataset v2" in capsys.readouterr().out
+
+
+def test_appending_keeps_the_old_frames_and_repeated_frames_share_their_bytes(tmp_path):
+    frames = smooth_frames(6, 32, seed=0)
+    w = DatasetWriter(tmp_path / "ds", image_size=32, frame_codec="jpeg")
+    w.add_frame(frames[0])
+    w.repeat_frame()  # a camera slower than the control rate
+    w.add_frame(frames[1])
+    w.end_episode(np.zeros((3, 7)), np.arange(3) * 0.1, {"instruction": "a", "has_actions": True, "fps": 10.0,
+                                                          "window_frames": 1})
+    w.close()
+    index = np.load(tmp_path / "ds/frames" / INDEX_NPY)
+    assert np.array_equal(index[0], index[1]) and index[2, 1] == index[0, 1] + index[0, 2]
+    first = np.asarray(Dataset(tmp_path / "ds").frames)
+    w = DatasetWriter(tmp_path / "ds", image_size=32, mode="append")  # keeps the dataset's codec
+    for f in frames[2:5]:
+        w.add_frame(f)
+    w.end_episode(np.zeros((3, 7)), np.arange(3) * 0.1, {"instruction": "b", "has_actions": True, "fps": 10.0,
+                                                          "window_frames": 1})
+    w.close()
+    ds = Dataset(tmp_path / "ds")
+    assert len(ds) == 6 and ds.meta["format_version"] == 2
+    np.testing.assert_array_equal(np.asarray(ds.frames[:3]), first)
+    assert psnr(frames[2:5], ds.frames[3:6]).min() > 30.0
+
+
+def test_a_writer_that_died_leaves_the_dataset_as_its_last_close(tmp_path):
+    frames = smooth_frames(8, 16, seed=1)
+    w = ShardedFrameWriter(tmp_path / "frames", (16, 16, 3))
+    for f in frames[:3]:
+        w.append(f)
+    w.close()
+    shard = tmp_path / "frames/shard-00000.jpg"
+    size = shard.stat().st_size
+    np.save(tmp_path / "more.npy", frames[3:])
+    died = subprocess.run([sys.executable, "-c", (
+        "import os, sys, numpy as np\n"
+        "from lapa_training.data.frame_shards import ShardedFrameWriter\n"
+        f"w = ShardedFrameWriter('{tmp_path / 'frames'}', (16, 16, 3))\n"
+        f"for f in np.load('{tmp_path / 'more.npy'}'): w.append(f)\n"
+        "w._drain()\n"  # bytes and index rows on disk, the header not rewritten: then the process dies
+        "os._exit(9)\n")], cwd=Path(__file__).resolve().parents[1])
+    assert died.returncode == 9 and shard.stat().st_size > size
+    w = ShardedFrameWriter(tmp_path / "frames", (16, 16, 3))  # reopened: cut back to the 3 frames
+    assert w.rows == 3 and shard.stat().st_size == size
+    w.append(frames[7])
+    w.truncate(3)  # a failed episode: its bytes go too
+    assert shard.stat().st_size == size
+    w.close()
+    assert len(ShardedFrames(tmp_path / "frames", (16, 16, 3))) == 3
+
+
+def test_several_cameras_in_jpeg_shards(tmp_path):
+    w = DatasetWriter(tmp_path / "ds", image_size=16, frame_codec="jpeg", cameras=["/front", "/wrist"])
+    for level in (10, 200):
+        w.add_frame(np.full((16, 16, 3), level, np.uint8))
+        w.add_frame(np.full((24, 24, 3), 255 - level, np.uint8), camera="/wrist")
+    w.end_episode(np.zeros((2, 7)), np.arange(2) * 0.1, {"instruction": "x", "has_actions": True, "fps": 10.0,
+                                                          "window_frames": 1})
+    w.close()
+    meta = json.loads((tmp_path / "ds/meta.json").read_text())
+    assert [c["file"] for c in meta["cameras"]] == ["frames", "frames.wrist"]
+    wrist = Dataset(tmp_path / "ds", camera="/wrist").frames
+    assert abs(float(np.asarray(wrist).mean(axis=(1, 2, 3))[0]) - 245) < 3
+    assert abs(float(np.asarray(Dataset(tmp_path / "ds").frames[1]).mean()) - 200) < 3
