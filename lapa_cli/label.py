@@ -1,7 +1,10 @@
 """`lapa label`: label every frame pair of datasets with latent-action tokens from a trained LAQ.
 
     lapa label --laq runs/laq --data runs/data/videos runs/data/sim
+    torchrun --nproc_per_node 8 -m lapa_cli.main label --laq runs/laq --data runs/data/ssv2   # 8 processes
+    accelerate launch --num_processes 8 -m lapa_cli.main label --laq runs/laq --data runs/data/ssv2
 
+Several processes each label their share of the chunks; a killed labelling resumes when run again.
 The tokens go beside each dataset, in <dataset>/labels/<name>/ (lapa_training/laq/labelling.py);
 `lapa train pretrain --objective latent` reads them from there.
 """
@@ -41,7 +44,12 @@ def run(args) -> int:
         raise UserError("--batch-size must be >= 1")
     if args.window_frames is not None and args.window_frames < 1:
         raise UserError("--window-frames must be >= 1")
+    import os
+
     device = torch_device(args.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch_device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # one GPU per process
+    main_process = int(os.environ.get("RANK", "0") or 0) == 0
     try:
         checkpoint = latest_model_dir(args.laq)
         model = LAQModel.from_pretrained(checkpoint)
@@ -50,7 +58,8 @@ def run(args) -> int:
             out = label_dataset(model, data, name=args.name, window_frames=window, batch_size=args.batch_size,
                                 device=device, overwrite=args.overwrite, source=str(checkpoint.resolve()),
                                 progress=not args.quiet, camera=args.camera)
-            print(f"labelled {data} -> {out}")
+            if main_process:
+                print(f"labelled {data} -> {out}")
     except (CheckpointError, LabelError, IngestError) as e:
         raise UserError(str(e)) from None
     return 0

@@ -4,7 +4,9 @@ simulator dataset, with real tiny models on the CPU."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,6 +149,58 @@ def test_labels_match_the_encoder_pair_by_pair(trained, dataset_copy, capsys):
     assert labels.meta["pairs_labelled"] == int((expected[:, 0] != NO_LABEL).sum())
     # the trained encoder uses more than a couple of codes on this data
     assert len(np.unique(expected[expected != NO_LABEL])) >= 4
+
+
+def test_two_processes_under_torchrun_give_one_process_labels(trained, dataset_copy, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    run, final = trained
+    assert lapa(["label", "--laq", str(run), "--data", str(dataset_copy), "--batch-size", "8", "--quiet"]) == 0
+    alone = np.asarray(read_labels(dataset_copy).tokens).copy()
+    with socket.socket() as sock:  # a free port for the processes' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "lapa_cli.main", "label", "--laq", str(run),
+         "--data", str(dataset_copy), "--batch-size", "8", "--quiet", "--overwrite", "--name", "laq2"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("labelled") == 1  # said once, by process 0
+    labels = read_labels(dataset_copy, "laq2")
+    assert labels.meta["processes"] == 2 and np.array_equal(np.asarray(labels.tokens), alone)
+    assert not (dataset_copy / "labels" / ".laq2.parts").exists()
+
+
+def test_a_killed_labelling_resumes_from_its_saved_chunks(trained, dataset_copy, monkeypatch):
+    from lapa_training.laq import labelling
+
+    run, final = trained
+    model = LAQModel.from_pretrained(final)
+    monkeypatch.setattr(labelling, "CHUNK_BATCHES", 2)  # several chunks on this small dataset
+    reference = labelling.label_dataset(model, dataset_copy, name="ref", batch_size=8, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(chunk):
+        if chunk == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        labelling.label_dataset(model, dataset_copy, name="laq", batch_size=8, progress=False, on_chunk=kill_after_two)
+    parts = dataset_copy / "labels" / ".laq.parts"
+    assert sorted(p.name for p in parts.glob("chunk-*.npy")) == ["chunk-000000.npy", "chunk-000001.npy"]
+    assert not (dataset_copy / "labels" / "laq").exists()  # nothing half-made under the name
+    again = []
+    labelling.label_dataset(model, dataset_copy, name="laq", batch_size=8, progress=False, on_chunk=again.append)
+    assert again and 0 not in again and 1 not in again  # only the chunks not yet done
+    assert np.array_equal(np.asarray(read_labels(dataset_copy, "laq").tokens),
+                          np.asarray(read_labels(dataset_copy, "ref").tokens))
+    assert reference.name == "ref" and not parts.exists()
 
 
 def test_labels_refuse_to_overwrite_and_go_stale_when_the_dataset_grows(trained, dataset_copy, sim_dataset, capsys):

@@ -11,6 +11,12 @@ Labels live beside the dataset they describe, one folder per labelling:
 They are written to a temporary folder and renamed into place, so a crash never leaves half a
 labelling under the name. `read_labels` refuses labels that do not fit the dataset any more (an
 `--append` ingest after labelling).
+
+At scale: the pairs are cut into chunks of CHUNK_BATCHES batches, and each chunk's tokens are saved
+in <dataset>/labels/.<name>.parts/ as soon as they are done, so a labelling that was killed resumes
+where it stopped. Under `torchrun` or `accelerate launch` (RANK, WORLD_SIZE) process r labels chunks
+r, r + N, ...; when every chunk is done, process 0 merges them into the labels folder and removes the
+parts. Chunks and batches are cut the same whatever N is, so N processes give one process's labels.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ LABELS_JSON = "labels.json"
 FORMAT = "lapa-latent-labels"
 VERSION = 1
 NO_LABEL = -1
+CHUNK_BATCHES = 32  # batches per saved chunk: what a killed labelling loses at most
+PLAN_JSON = "plan.json"
 
 
 class LabelError(ValueError):
@@ -115,27 +123,63 @@ def _prefetched(iterable, depth: int = 2):
 
 @torch.no_grad()
 def encode_pairs(model: LAQModel, ds: Dataset, pairs: np.ndarray, *, batch_size: int = 256,
-                 device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
-    """Tokens (M, L) int64 of the given pairs (i, j) of ds, in order."""
+                 device: str | torch.device = "cpu", progress: bool = True, bar=None) -> np.ndarray:
+    """Tokens (M, L) int64 of the given pairs (i, j) of ds, in order (bar: a tqdm bar to advance)."""
     from tqdm import tqdm
 
     model.eval()
     size = model.config.image_size
     out = np.empty((len(pairs), model.config.num_tokens), dtype=np.int64)
     done = 0
-    with tqdm(total=len(pairs), desc="labelling", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
+    own = bar is None
+    bar = bar or tqdm(total=len(pairs), desc="labelling", unit="pair", disable=not progress, dynamic_ncols=True)
+    try:
         for rows, x_t, x_next in _prefetched(_blocks(ds, pairs, batch_size)):
             tokens = model.encode(frames_to_input(x_t, device, size), frames_to_input(x_next, device, size))
             out[done:done + len(rows)] = tokens.cpu().numpy()
             done += len(rows)
             bar.update(len(rows))
+    finally:
+        if own:
+            bar.close()
     return out
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, number of processes) as torchrun and accelerate launch give them; (0, 1) when run alone.
+    Several processes meet in a gloo process group (it works on CPUs and beside CUDA)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+    return rank, world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _save_atomically(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
 
 
 def label_dataset(model: LAQModel, dataset_root: str | Path, *, name: str = "laq", window_frames: int | None = None,
                   batch_size: int = 256, device: str | torch.device = "cpu", overwrite: bool = False,
-                  source: str | None = None, progress: bool = True, camera: str | None = None) -> Path:
-    """Label every pair of the dataset (of its camera `camera`, None: the first); returns the labels folder."""
+                  source: str | None = None, progress: bool = True, camera: str | None = None,
+                  on_chunk=None) -> Path:
+    """Label every pair of the dataset (of its camera `camera`, None: the first); returns the labels folder.
+    on_chunk(c) is called after chunk c is saved (tests stop a labelling there)."""
     ds = Dataset(dataset_root, camera=camera)
     if not name or "/" in name or name.startswith("."):
         raise LabelError(f"bad labels name {name!r}: use a plain folder name such as 'laq'")
@@ -148,20 +192,74 @@ def label_dataset(model: LAQModel, dataset_root: str | Path, *, name: str = "laq
     pairs = label_pairs(ds, window_frames)
     if len(pairs) == 0:
         raise LabelError(f"{ds.root} has no frame pairs: every episode is shorter than its window + 1 frames")
+    rank, world = process_group()
+    chunk = batch_size * CHUNK_BATCHES
+    chunks = -(-len(pairs) // chunk)
+    parts = target.parent / f".{name}.parts"
+    plan = {"laq_checkpoint": source, "laq_config": model.config.to_dict(), "window_frames": window_frames,
+            "num_frames": len(ds), "num_episodes": ds.num_episodes, "pairs": int(len(pairs)), "chunk_pairs": chunk,
+            "camera": ds.camera}
+    if rank == 0:
+        _start_parts(parts, plan, progress)
+    _barrier(world)
+    mine = [c for c in range(rank, chunks, world) if not (parts / f"chunk-{c:06d}.npy").is_file()]
     t0 = time.perf_counter()
-    tokens = encode_pairs(model.to(device), ds, pairs, batch_size=batch_size, device=device, progress=progress)
+    from tqdm import tqdm
+
+    total = sum(len(pairs[c * chunk:(c + 1) * chunk]) for c in mine)
+    with tqdm(total=total, desc="labelling" + (f" [{rank}/{world}]" if world > 1 else ""), unit="pair",
+              disable=not progress, dynamic_ncols=True) as bar:
+        model = model.to(device)
+        for c in mine:
+            tokens = encode_pairs(model, ds, pairs[c * chunk:(c + 1) * chunk], batch_size=batch_size, device=device,
+                                  bar=bar)
+            _save_atomically(parts / f"chunk-{c:06d}.npy", tokens.astype(np.int16))
+            if on_chunk is not None:
+                on_chunk(c)
     seconds = time.perf_counter() - t0
+    _barrier(world)
+    if rank == 0:
+        _merge_parts(parts, target, name, pairs, chunk, chunks, model, ds, window_frames, source, seconds, world)
+    _barrier(world)
+    return target
+
+
+def _start_parts(parts: Path, plan: dict, progress: bool) -> None:
+    """The chunks folder of this labelling: kept when it belongs to the same labelling (a resume),
+    else started afresh."""
+    if (parts / PLAN_JSON).is_file():
+        try:
+            same = json.loads((parts / PLAN_JSON).read_text()) == json.loads(json.dumps(plan))
+        except ValueError:
+            same = False
+        if same:
+            done = len(list(parts.glob("chunk-*.npy")))
+            if progress and done:
+                print(f"resuming: {done} chunk(s) of an interrupted labelling are done")
+            return
+        shutil.rmtree(parts)
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir(parents=True)
+    (parts / PLAN_JSON).write_text(json.dumps(plan, indent=2) + "\n")
+
+
+def _merge_parts(parts: Path, target: Path, name: str, pairs: np.ndarray, chunk: int, chunks: int, model: LAQModel,
+                 ds: Dataset, window_frames: int | None, source: str | None, seconds: float, world: int) -> None:
     table = np.full((len(ds), model.config.num_tokens), NO_LABEL, dtype=np.int16)
-    table[pairs[:, 0]] = tokens.astype(np.int16)
+    for c in range(chunks):
+        path = parts / f"chunk-{c:06d}.npy"
+        if not path.is_file():
+            raise LabelError(f"{path} is missing: a labelling process stopped early; run the same command again "
+                             f"to finish (done chunks are kept)")
+        table[pairs[c * chunk:(c + 1) * chunk, 0]] = np.load(path)
     meta = {
         "format": FORMAT, "version": VERSION, "laq_checkpoint": source, "laq_config": model.config.to_dict(),
         "num_tokens": model.config.num_tokens, "codebook_size": model.config.codebook_size,
         "window_frames": window_frames, "windows": sorted({int(h) for h in window_per_frame(ds, window_frames)}),
         "num_frames": len(ds), "num_episodes": ds.num_episodes, "pairs_labelled": int(len(pairs)),
-        "camera": ds.camera,
+        "camera": ds.camera, "processes": world,
         "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
     try:
         np.save(tmp / TOKENS_FILE, table)
@@ -172,7 +270,7 @@ def label_dataset(model: LAQModel, dataset_root: str | Path, *, name: str = "laq
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+    shutil.rmtree(parts, ignore_errors=True)
 
 
 def read_labels(dataset_root: str | Path, name: str = "laq", dataset: Dataset | None = None) -> LatentLabels:
