@@ -41,6 +41,9 @@ def add_ingest_parser(sub) -> None:
     p.add_argument("--frame-codec", choices=("raw", "jpeg"), default="raw",
                    help="how a new dataset stores frames: raw (format v1, memory-mapped arrays) or jpeg (format v2: "
                         "JPEG shards, 10-25x less disk; docs/DATASET_FORMAT.md) (default raw)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that ingest groups of sources side by side, merged in order into the same "
+                        "dataset one process makes (default 1)")
     p.add_argument("--rate", type=float, default=10.0, help="control rate of bag frames and actions in Hz (default 10)")
     topics = p.add_argument_group("bag topics (defaults: lapa-ros / MoveIt Servo names, when the bag has them)")
     topics.add_argument("--image-topic", action="append", metavar="TOPIC",
@@ -108,6 +111,8 @@ def run_ingest(args) -> int:
 
     if args.image_size < 0:
         raise UserError(f"--image-size must be >= 0, not {args.image_size}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, not {args.workers}")
     for name in ("rate", "stale_timeout"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
@@ -139,7 +144,7 @@ def run_ingest(args) -> int:
     options = IngestOptions(image_size=args.image_size, frame_codec=args.frame_codec, bag=bag, window_s=args.window_s,
                             window_frames=args.window_frames, instructions_file=args.instructions,
                             allow_empty_instruction=args.allow_empty_instruction, split=parse_split(args.split),
-                            seed=args.seed, skip_bad=args.skip_bad, action_key=args.action_key,
+                            seed=args.seed, skip_bad=args.skip_bad, action_key=args.action_key, workers=args.workers,
                             action_convention=args.action_convention,
                             mode="overwrite" if args.overwrite else "append" if args.append else "create",
                             progress=sys.stderr.isatty())

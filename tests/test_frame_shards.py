@@ -139,3 +139,28 @@ def test_several_cameras_in_jpeg_shards(tmp_path):
     wrist = Dataset(tmp_path / "ds", camera="/wrist").frames
     assert abs(float(np.asarray(wrist).mean(axis=(1, 2, 3))[0]) - 245) < 3
     assert abs(float(np.asarray(Dataset(tmp_path / "ds").frames[1]).mean()) - 200) < 3
+
+
+@pytest.mark.parametrize("codec", ["raw", "jpeg"])
+def test_ingest_in_two_processes_makes_the_dataset_one_process_makes(tmp_path, bags, codec):
+    bad = tmp_path / "inputs" / "zz_broken.mcap"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a bag")
+    inputs = [bags, bad.parent]
+    opts = dict(image_size=128, frame_codec=codec, progress=False, warn=lambda m: None, skip_bad=True)
+    one = ingest(inputs, tmp_path / "one", IngestOptions(**opts))
+    two = ingest(inputs, tmp_path / "two", IngestOptions(workers=2, **opts))
+    assert [p for p, _ in two.skipped] == [p for p, _ in one.skipped] == [str(bad)]
+    a, b = Dataset(tmp_path / "one"), Dataset(tmp_path / "two")
+    assert two.episodes_added == one.episodes_added == len(b.episodes) == 4
+    for name in ("frames", "timestamps", "episode_index"):
+        np.testing.assert_array_equal(np.asarray(getattr(b, name)), np.asarray(getattr(a, name)))
+    np.testing.assert_array_equal(np.isnan(b.actions), np.isnan(a.actions))
+    np.testing.assert_array_equal(np.nan_to_num(b.actions), np.nan_to_num(a.actions))
+    assert b.episodes == a.episodes  # records, splits and provenance alike
+    assert not list(tmp_path.glob(".two.part-*"))  # the parts are gone
+    if codec == "jpeg":  # shards moved, not decoded: one per part, no empty one left open
+        assert all(p.stat().st_size > 0 for p in (tmp_path / "two/frames").glob("shard-*.jpg"))
+    with pytest.raises(Exception, match="zz_broken"):  # without --skip-bad: nothing written, nothing left
+        ingest(inputs, tmp_path / "three", IngestOptions(workers=2, **{**opts, "skip_bad": False}))
+    assert not (tmp_path / "three").exists() and not list(tmp_path.glob(".three*"))

@@ -401,6 +401,44 @@ class DatasetWriter:
             raise IngestError(f"frames of shape {frames.shape[1:]} do not match the dataset's {self.frame_shape}")
         self.frames.append(frames)
 
+    def merge_part(self, path: str | Path) -> list[dict[str, Any]]:
+        """Append every episode of the dataset at path, which this ingest's worker made with the same
+        settings: JPEG shards are moved in (the part is used up), raw frames copied; splits are left
+        to close(), as for episodes ingested here. Returns the new records."""
+        if self._episode_start is not None:
+            raise RuntimeError("merge_part() inside an episode")
+        part = Dataset(path)
+        if part.meta.get("frame_codec", "raw") != self.frame_codec or part.cameras != self.cameras:
+            raise IngestError(f"{path}: a part of another codec or cameras than {self.root}")
+        shape = tuple(part.meta["frame_shape"])
+        if self.frame_shape is None:
+            self._set_frame_shape(shape)
+        if shape != tuple(self.frame_shape):
+            raise IngestError(f"{path}: frames of {shape[1]}x{shape[0]}, this dataset's are "
+                              f"{self.frame_shape[1]}x{self.frame_shape[0]} (sources of several sizes need --image-size)")
+        base, first_episode = self.frames.rows, len(self.episodes)
+        stores = [(self.frames, part.root / camera_file("", 0, self.frame_codec), part.frames)]
+        for i, name in enumerate(self.cameras[1:], start=1):
+            stores.append((self.extra[name], part.root / camera_file(name, i, self.frame_codec),
+                           Dataset(path, camera=name).frames))
+        for store, source, frames in stores:
+            if self.frame_codec == "jpeg":
+                if store.row_shape is None:
+                    store.row_shape = tuple(frames.shape[1:])
+                store.adopt(source)
+            else:
+                for chunk in iter_chunks(len(frames), 256):
+                    store.append(np.asarray(frames[chunk]))
+        self.actions.append(np.asarray(part.actions))
+        self.timestamps.append(np.asarray(part.timestamps))
+        self.episode_index.append(np.asarray(part.episode_index) + first_episode)
+        records = []
+        for e in part.episodes:
+            rec = {**e, "index": len(self.episodes), "start": e["start"] + base, "split": None}
+            self.episodes.append(rec)
+            records.append(rec)
+        return records
+
     def end_episode(self, actions: np.ndarray, timestamps_s: np.ndarray, record: dict[str, Any]) -> dict[str, Any]:
         """Finish the episode whose frames were just added; returns its record (index, start, length added).
 

@@ -151,6 +151,28 @@ class ShardedFrameWriter:
                 raise IngestError(f"{self.dir}: cannot write ({e})") from e
             self._pending, self._pending_bytes = [], 0
 
+    def adopt(self, directory: Path) -> int:
+        """Append every frame of another store of the same shape by moving its shards in (renumbered
+        after this store's) and offsetting its index: nothing is decoded. Returns the frames added."""
+        self._drain()
+        index = np.load(Path(directory) / INDEX_NPY)
+        if not len(index):
+            return 0
+        used = int(index[:, 0].max()) + 1
+        self._file.close()
+        base = self.shard if self.position == 0 else self.shard + 1  # an empty shard is taken over
+        if self.position == 0:
+            (self.dir / shard_name(self.shard)).unlink(missing_ok=True)
+        for k in range(used):
+            os.replace(Path(directory) / shard_name(k), self.dir / shard_name(base + k))
+        rows = index.copy()
+        rows[:, 0] += base
+        self.index.append(rows)
+        self.shard, self.position = base + used, 0
+        self._file = open(self.dir / shard_name(self.shard), "w+b", buffering=0)
+        self._last, self._last_row = None, None
+        return len(rows)
+
     def truncate(self, rows: int) -> None:
         """Drop every frame from index `rows` on (a failed episode), bytes included."""
         self._drain()
@@ -168,6 +190,8 @@ class ShardedFrameWriter:
             if write_header:
                 self._drain()
                 self.index.flush()
+                if self.position == 0 and self.shard > 0:  # opened for frames that never came
+                    (self.dir / shard_name(self.shard)).unlink(missing_ok=True)
         finally:
             for job in self._queue:
                 if job is not None:

@@ -15,6 +15,7 @@ with a warning and listed in the report instead.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -53,6 +54,7 @@ class IngestOptions:
     seed: int = 0
     skip_bad: bool = False
     mode: str = "create"  # 'create', 'overwrite' or 'append'
+    workers: int = 1  # processes that ingest groups of sources side by side
     action_key: str | None = None  # LeRobot inputs: the feature actions come from (None: action-free)
     action_convention: str = "delta_rpy"  # ... and how to read it (lerobot_reader.CONVENTIONS)
     progress: bool = True
@@ -164,6 +166,9 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, options: IngestOptions
     """Ingest inputs into the dataset at out (see module docstring). Returns what was done.
 
     Raises IngestError for bad input (unless options.skip_bad) and when nothing could be ingested.
+    With options.workers > 1 the sources are ingested in that many processes, in groups, each into
+    a part dataset beside out; the parts are merged in source order (the same dataset as one
+    process makes; JPEG shards are moved, not decoded) and the dataset appears at close, as always.
     """
     from tqdm import tqdm
 
@@ -190,8 +195,6 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, options: IngestOptions
         warn(f"skipping bad input: {reason}")
     instructions = load_captions(options.instructions_file) if options.instructions_file else None
     bag_options = _bag_options(options, instructions)
-    video_options = VideoOptions(window_s=options.window_s or VIDEO_WINDOW_S, window_frames=options.window_frames,
-                                 instructions=instructions, allow_empty_instruction=options.allow_empty_instruction)
     cameras = [bag_options.image_topic, *bag_options.extra_image_topics] if bag_options.extra_image_topics else None
     if cameras and (not bag_options.image_topic or len(set(cameras)) != len(cameras)):
         raise IngestError(f"several cameras need distinct --image-topic names, the first one given too: {cameras}")
@@ -199,51 +202,13 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, options: IngestOptions
                            split_fractions=options.split, seed=options.seed, cameras=cameras,
                            frame_codec=options.frame_codec,
                            run_info={"inputs": [str(p) for p in inputs], "options": _options_record(options)})
-    captions_cache: dict[Path, dict[str, str]] = {}
+    parts: list[Path] = []
     try:
-        bar = tqdm(sources, desc="ingesting", unit="src", disable=not options.progress, file=sys.stderr)
-        for src in bar:
-            if src.kind == "incomplete":
-                report.incomplete.append(str(src.path))
-                warn(f"{src.path}: incomplete episode (still recording or interrupted); skipped")
-                continue
-            try:
-                if src.kind == "dataset":
-                    records = _merge_dataset(src.path, writer)
-                elif src.kind == "lerobot":
-                    if cameras:
-                        raise IngestError(f"{src.path}: a LeRobot dataset is ingested one camera at a time "
-                                          f"(one --image-topic naming its feature)")
-                    records = read_lerobot(src.path, _lerobot_options(options), writer, warn)
-                else:
-                    writer.begin_episode()
-                    if src.kind == "bag":
-                        ep = read_bag(src.path, bag_options, writer)
-                    else:
-                        if cameras:
-                            raise IngestError(f"{src.path}: a video has one camera, and this ingest stores "
-                                              f"{len(cameras)} ({', '.join(cameras)}); ingest videos separately")
-                        caption = _video_caption(src, instructions, captions_cache)
-                        ep = read_video(src.path, caption, video_options, writer)
-                    for message in ep.warnings:
-                        warn(message)
-                    records = [writer.end_episode(ep.actions, ep.timestamps_s, ep.record())]
-            except IncompleteEpisode as e:
-                writer.abort_episode()
-                report.incomplete.append(str(src.path))
-                warn(str(e))
-                continue
-            except IngestError as e:
-                writer.abort_episode()
-                if not options.skip_bad:
-                    raise
-                report.skipped.append((str(src.path), str(e)))
-                warn(f"skipping bad input: {e}")
-                continue
-            report.episodes_added += len(records)
-            report.frames_added += sum(r["length"] for r in records)
-            report.episodes_with_actions += sum(bool(r["has_actions"]) for r in records)
-            bar.set_postfix(episodes=report.episodes_added, frames=report.frames_added, refresh=False)
+        if options.workers > 1 and len(sources) > 1:
+            parts = _ingest_in_parallel(sources, writer, options, instructions, cameras, report, warn)
+        else:
+            bar = tqdm(sources, desc="ingesting", unit="src", disable=not options.progress, file=sys.stderr)
+            _ingest_sources(bar, writer, options, instructions, cameras, report, warn)
         if report.episodes_added == 0:
             raise IngestError(f"nothing ingested from {', '.join(map(str, inputs))}: "
                               f"{len(report.skipped)} bad, {len(report.incomplete)} incomplete")
@@ -251,9 +216,128 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, options: IngestOptions
     except BaseException:
         writer.abort()
         raise
+    finally:
+        for part in parts:
+            shutil.rmtree(part, ignore_errors=True)
     if report.skipped:
         warn(f"skipped {len(report.skipped)} bad input(s): " + ", ".join(p for p, _ in report.skipped))
     report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _ingest_sources(sources: Iterable[Source], writer: DatasetWriter, options: IngestOptions,
+                    instructions: dict[str, str] | None, cameras: list[str] | None, report: IngestReport,
+                    warn: Callable[[str], None]) -> None:
+    """Every source into writer, one after another; report says what was added and skipped."""
+    bag_options = _bag_options(options, instructions)
+    video_options = VideoOptions(window_s=options.window_s or VIDEO_WINDOW_S, window_frames=options.window_frames,
+                                 instructions=instructions, allow_empty_instruction=options.allow_empty_instruction)
+    captions_cache: dict[Path, dict[str, str]] = {}
+    for src in sources:
+        if src.kind == "incomplete":
+            report.incomplete.append(str(src.path))
+            warn(f"{src.path}: incomplete episode (still recording or interrupted); skipped")
+            continue
+        try:
+            if src.kind == "dataset":
+                records = _merge_dataset(src.path, writer)
+            elif src.kind == "lerobot":
+                if cameras:
+                    raise IngestError(f"{src.path}: a LeRobot dataset is ingested one camera at a time "
+                                      f"(one --image-topic naming its feature)")
+                records = read_lerobot(src.path, _lerobot_options(options), writer, warn)
+            else:
+                writer.begin_episode()
+                if src.kind == "bag":
+                    ep = read_bag(src.path, bag_options, writer)
+                else:
+                    if cameras:
+                        raise IngestError(f"{src.path}: a video has one camera, and this ingest stores "
+                                          f"{len(cameras)} ({', '.join(cameras)}); ingest videos separately")
+                    caption = _video_caption(src, instructions, captions_cache)
+                    ep = read_video(src.path, caption, video_options, writer)
+                for message in ep.warnings:
+                    warn(message)
+                records = [writer.end_episode(ep.actions, ep.timestamps_s, ep.record())]
+        except IncompleteEpisode as e:
+            writer.abort_episode()
+            report.incomplete.append(str(src.path))
+            warn(str(e))
+            continue
+        except IngestError as e:
+            writer.abort_episode()
+            if not options.skip_bad:
+                raise
+            report.skipped.append((str(src.path), str(e)))
+            warn(f"skipping bad input: {e}")
+            continue
+        report.episodes_added += len(records)
+        report.frames_added += sum(r["length"] for r in records)
+        report.episodes_with_actions += sum(bool(r["has_actions"]) for r in records)
+        if hasattr(sources, "set_postfix"):
+            sources.set_postfix(episodes=report.episodes_added, frames=report.frames_added, refresh=False)
+
+
+def _ingest_in_parallel(sources: list[Source], writer: DatasetWriter, options: IngestOptions,
+                        instructions: dict[str, str] | None, cameras: list[str] | None, report: IngestReport,
+                        warn: Callable[[str], None]) -> list[Path]:
+    """Groups of sources ingested by a pool into part datasets, merged into writer in order."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    from lapa_core.child_processes import pool_worker
+
+    groups = max(1, min(len(sources), options.workers * 4))  # a few per worker: even loads, finer progress
+    bounds = np.linspace(0, len(sources), groups + 1).astype(int)
+    root = writer.root
+    parts = [root.parent / f".{root.name}.part-{k:04d}" for k in range(groups)]
+    for part in parts:
+        shutil.rmtree(part, ignore_errors=True)
+    part_options = replace(options, workers=1, mode="create", progress=False, warn=None)
+    jobs = [(sources[a:b], part, part_options, instructions, cameras) for (a, b), part in
+            zip(zip(bounds[:-1], bounds[1:]), parts) if b > a]
+    bar = tqdm(total=len(sources), desc=f"ingesting ({options.workers} processes)", unit="src",
+               disable=not options.progress, file=sys.stderr)
+    # spawn: this process has threads (the frame encoder's), which a fork would copy half-way
+    with multiprocessing.get_context("spawn").Pool(min(options.workers, len(jobs)), initializer=pool_worker) as pool:
+        try:
+            for (group, part, *_), done in zip(jobs, pool.imap(_ingest_part, jobs)):
+                for message in done.warnings:
+                    warn(message)
+                report.skipped += done.skipped
+                report.incomplete += done.incomplete
+                if done.episodes_added:
+                    records = writer.merge_part(part)
+                    report.episodes_added += len(records)
+                    report.frames_added += sum(r["length"] for r in records)
+                    report.episodes_with_actions += sum(bool(r["has_actions"]) for r in records)
+                shutil.rmtree(part, ignore_errors=True)
+                bar.update(len(group))
+                bar.set_postfix(episodes=report.episodes_added, frames=report.frames_added, refresh=False)
+        finally:
+            bar.close()
+            pool.terminate()
+    return parts
+
+
+def _ingest_part(job) -> IngestReport:
+    """In a pool worker: a group of sources into a part dataset of its own."""
+    sources, part, options, instructions, cameras = job
+    report = IngestReport(out=part)
+    bag_options = _bag_options(options, instructions)
+    writer = DatasetWriter(part, image_size=options.image_size, control_rate=bag_options.rate_hz, mode="create",
+                           split_fractions=options.split, seed=options.seed, cameras=cameras,
+                           frame_codec=options.frame_codec)
+    try:
+        _ingest_sources(sources, writer, options, instructions, cameras, report, report.warnings.append)
+        if report.episodes_added:
+            writer.close()
+        else:
+            writer.abort()
+    except BaseException:
+        writer.abort()
+        raise
     return report
 
 
@@ -275,7 +359,8 @@ def _lerobot_options(options: IngestOptions) -> LeRobotOptions:
 
 def _options_record(options: IngestOptions) -> dict[str, Any]:
     """The options as plain JSON for meta.json's ingest history."""
-    rec = {k: getattr(options, k) for k in options.__dataclass_fields__ if k not in ("warn", "bag", "progress")}
+    rec = {k: getattr(options, k) for k in options.__dataclass_fields__
+           if k not in ("warn", "bag", "progress", "workers")}
     rec["bag"] = {k: getattr(options.bag, k) for k in options.bag.__dataclass_fields__ if k != "instructions"}
     rec["bag"]["extra_image_topics"] = list(options.bag.extra_image_topics)
     rec["instructions_file"] = str(options.instructions_file) if options.instructions_file else None
