@@ -52,6 +52,7 @@ FRAMES_NPY = "frames.npy"
 ACTIONS_NPY = "actions.npy"
 TIMESTAMPS_NPY = "timestamps.npy"
 EPISODE_INDEX_NPY = "episode_index.npy"
+EPISODES_SPOOL = ".episodes.new.jsonl"  # a writer's new records until close()
 SPLITS = ("train", "val", "test")
 NPY_HEADER_BYTES = 128
 
@@ -283,7 +284,7 @@ class DatasetWriter:
                 raise IngestError(f"{self.root} holds {self.frame_shape[1]}x{self.frame_shape[0]} frames; "
                                   f"cannot append at --image-size {self.image_size}")
             self.image_size = self.frame_shape[0] if self.image_size else 0
-            self.episodes = read_episodes(self.root)
+            existing = self.root / EPISODES_JSONL
             held = [c["name"] for c in self.meta.get("cameras", [])]
             if held != list(cameras or []) and (held or len(cameras or []) > 1):
                 raise IngestError(f"{self.root} holds cameras {held or 'one camera'}; cannot append "
@@ -302,7 +303,8 @@ class DatasetWriter:
                          "control_rate_hz": float(control_rate), "action_names": list(bag_format.ACTION_NAMES),
                          "action_frame": bag_format.BASE_FRAME, "split_fractions": list(self.split_fractions),
                          "split_seed": self.seed, "ingests": []}
-            self.episodes: list[dict[str, Any]] = []
+            existing = None
+        self.records = EpisodeRecords(existing, self.dir / EPISODES_SPOOL)
         self.frame_codec = frame_codec
         self.frames = _frame_store(self.dir / camera_file("", 0, frame_codec), frame_codec, self.frame_shape)
         self.actions = GrowableArrayFile(self.dir / ACTIONS_NPY, np.float32, (bag_format.ACTION_DIM,))
@@ -316,7 +318,7 @@ class DatasetWriter:
             for i, name in enumerate(self.cameras) if i > 0}
         self._last_extra: dict[str, np.ndarray] = {}
         self._files = (self.frames, self.actions, self.timestamps, self.episode_index, *self.extra.values())
-        self._start_counts = (len(self.episodes), self.frames.rows)
+        self._start_counts = (len(self.records), self.frames.rows)
         self._episode_start: int | None = None
         self._last_frame: np.ndarray | None = None
         self._closed = False
@@ -416,7 +418,7 @@ class DatasetWriter:
         if shape != tuple(self.frame_shape):
             raise IngestError(f"{path}: frames of {shape[1]}x{shape[0]}, this dataset's are "
                               f"{self.frame_shape[1]}x{self.frame_shape[0]} (sources of several sizes need --image-size)")
-        base, first_episode = self.frames.rows, len(self.episodes)
+        base, first_episode = self.frames.rows, len(self.records)
         stores = [(self.frames, part.root / camera_file("", 0, self.frame_codec), part.frames)]
         for i, name in enumerate(self.cameras[1:], start=1):
             stores.append((self.extra[name], part.root / camera_file(name, i, self.frame_codec),
@@ -434,8 +436,8 @@ class DatasetWriter:
         self.episode_index.append(np.asarray(part.episode_index) + first_episode)
         records = []
         for e in part.episodes:
-            rec = {**e, "index": len(self.episodes), "start": e["start"] + base, "split": None}
-            self.episodes.append(rec)
+            rec = {**e, "index": len(self.records), "start": e["start"] + base, "split": None}
+            self.records.add(rec)
             records.append(rec)
         return records
 
@@ -455,13 +457,13 @@ class DatasetWriter:
         actions = np.asarray(actions, dtype=np.float32).reshape(-1, bag_format.ACTION_DIM)
         if len(actions) != n or len(timestamps_s) != n:
             raise ValueError(f"episode has {n} frames but {len(actions)} actions and {len(timestamps_s)} timestamps")
-        index = len(self.episodes)
+        index = len(self.records)
         self.actions.append(actions)
         self.timestamps.append(np.asarray(timestamps_s, dtype=np.float64))
         self.episode_index.append(np.full(n, index, dtype=np.int32))
         rec = {"index": index, "start": start, "length": n, **record}
         rec.setdefault("split", None)
-        self.episodes.append(rec)
+        self.records.add(rec)
         self._episode_start = None
         return rec
 
@@ -478,12 +480,10 @@ class DatasetWriter:
         if self._closed:
             return self.root
         self.abort_episode()
-        splits = assign_splits([e.get("split") for e in self.episodes], self.split_fractions, self.seed)
-        for e, s in zip(self.episodes, splits):
-            e["split"] = s
+        splits = assign_splits(self.records.splits, self.split_fractions, self.seed)
         for f in self._files:
             f.close()
-        n_new = len(self.episodes) - self._start_counts[0]
+        n_new = len(self.records) - self._start_counts[0]
         self.meta["frame_shape"] = list(self.frame_shape) if self.frame_shape else None
         if self.cameras:
             self.meta["cameras"] = [
@@ -493,8 +493,8 @@ class DatasetWriter:
         self.meta["ingests"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.run_info,
                                      **(run_record or {}), "episodes_added": n_new,
                                      "frames_added": self.frames.rows - self._start_counts[1]})
-        self.meta.update(_counts(self.episodes, self.frames.rows))
-        _write_text(self.dir / EPISODES_JSONL, "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.episodes))
+        self.records.write(self.dir / EPISODES_JSONL, splits)
+        self.meta.update(self.records.counts(self.frames.rows))
         _write_text(self.dir / META_JSON, json.dumps(self.meta, indent=2) + "\n")
         if self.mode != "append":
             if self.root.exists():
@@ -521,15 +521,68 @@ class DatasetWriter:
                     f.truncate(n_frames)
             finally:
                 f.close(write_header=False)  # an appended file's header still says the old row count
+        self.records.discard()
         if self.mode != "append":
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _counts(episodes: list[dict[str, Any]], num_frames: int) -> dict[str, Any]:
-    return {"num_frames": int(num_frames), "num_episodes": len(episodes),
-            "num_episodes_with_actions": sum(bool(e.get("has_actions")) for e in episodes),
-            "episodes_per_split": {s: sum(e.get("split") == s for e in episodes) for s in SPLITS},
-            "frames_per_split": {s: sum(e["length"] for e in episodes if e.get("split") == s) for s in SPLITS}}
+class EpisodeRecords:
+    """The episode records of a dataset being written. New ones go to a spool file as they come; of
+    every record only its split, length and whether it has actions stay in memory, which is what
+    close() needs: memory does not grow with the records' size (about 8 KB each for a bag's)."""
+
+    def __init__(self, existing: Path | None, spool: Path):
+        self.existing = existing
+        self.splits: list[str | None] = []
+        self.lengths: list[int] = []
+        self.with_actions: list[bool] = []
+        if existing is not None:
+            with open(existing) as f:
+                for line in f:
+                    if line.strip():
+                        self._note(json.loads(line))
+        self.old = len(self.splits)
+        self.spool_path = spool
+        self._spool = open(spool, "w")
+
+    def _note(self, record: dict[str, Any]) -> None:
+        self.splits.append(record.get("split"))
+        self.lengths.append(int(record["length"]))
+        self.with_actions.append(bool(record.get("has_actions")))
+
+    def __len__(self) -> int:
+        return len(self.splits)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self._spool.write(json.dumps(record, sort_keys=True) + "\n")
+        self._note(record)
+
+    def write(self, path: Path, splits: list[str]) -> None:
+        """episodes.jsonl at path: the records there before, then the new ones with their splits."""
+        self._spool.close()
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as out:
+            if self.existing is not None:
+                with open(self.existing) as f:
+                    shutil.copyfileobj(f, out)
+            with open(self.spool_path) as f:
+                for i, line in enumerate(f, start=self.old):
+                    record = json.loads(line)
+                    record["split"] = splits[i]
+                    out.write(json.dumps(record, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        self.splits = list(splits)
+        self.spool_path.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        self._spool.close()
+        self.spool_path.unlink(missing_ok=True)
+
+    def counts(self, num_frames: int) -> dict[str, Any]:
+        return {"num_frames": int(num_frames), "num_episodes": len(self),
+                "num_episodes_with_actions": sum(self.with_actions),
+                "episodes_per_split": {s: sum(x == s for x in self.splits) for s in SPLITS},
+                "frames_per_split": {s: sum(n for n, x in zip(self.lengths, self.splits) if x == s) for s in SPLITS}}
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -546,10 +599,16 @@ def _check_format(meta: dict[str, Any], root: Path) -> None:
                           f"(meta.json says {meta.get('format')} v{version}, frames {meta.get('frame_codec', 'raw')})")
 
 
-def read_episodes(root: str | Path) -> list[dict[str, Any]]:
-    """The episode records of the dataset at root, in index order."""
-    path = Path(root) / EPISODES_JSONL
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_episodes(root: str | Path, fields: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """The episode records of the dataset at root, in index order; with fields, only those keys of
+    each (a bag's full record takes about 8 KB in memory: a corpus of 200k episodes, gigabytes)."""
+    out = []
+    with open(Path(root) / EPISODES_JSONL) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                out.append(record if fields is None else {k: record[k] for k in fields if k in record})
+    return out
 
 
 def is_dataset(path: str | Path) -> bool:
@@ -565,16 +624,17 @@ class Dataset:
     frame i to i+1, so the last row of every episode is NaN); timestamps (N,) float64 seconds since
     the episode's first frame; episode_index (N,) int32; episodes: list of records (dicts, see
     docs/DATASET_FORMAT.md); meta: meta.json. camera picks one camera of a dataset ingested with several
-    (names in .cameras); frames are then that camera's.
+    (names in .cameras); frames are then that camera's. fields keeps only those keys of each episode
+    record (a job that needs a few, on a large corpus).
     """
 
-    def __init__(self, root: str | Path, camera: str | None = None):
+    def __init__(self, root: str | Path, camera: str | None = None, fields: tuple[str, ...] | None = None):
         self.root = Path(root)
         if not (self.root / META_JSON).is_file():
             raise IngestError(f"{self.root} is not a dataset (no {META_JSON})")
         self.meta: dict[str, Any] = json.loads((self.root / META_JSON).read_text())
         _check_format(self.meta, self.root)
-        self.episodes = read_episodes(self.root)
+        self.episodes = read_episodes(self.root, fields)
         self.cameras = [c["name"] for c in self.meta.get("cameras", [])]
         self.camera = camera or (self.cameras[0] if self.cameras else None)
         if camera is not None and camera not in self.cameras:

@@ -45,6 +45,7 @@ VERSION = 1
 NO_LABEL = -1
 CHUNK_BATCHES = 32  # batches per saved chunk: what a killed labelling loses at most
 PLAN_JSON = "plan.json"
+EPISODE_FIELDS = ("index", "start", "length", "window_frames", "split", "has_actions")  # what labelling reads
 
 
 class LabelError(ValueError):
@@ -180,7 +181,7 @@ def label_dataset(model: LAQModel, dataset_root: str | Path, *, name: str = "laq
                   on_chunk=None) -> Path:
     """Label every pair of the dataset (of its camera `camera`, None: the first); returns the labels folder.
     on_chunk(c) is called after chunk c is saved (tests stop a labelling there)."""
-    ds = Dataset(dataset_root, camera=camera)
+    ds = Dataset(dataset_root, camera=camera, fields=EPISODE_FIELDS)
     if not name or "/" in name or name.startswith("."):
         raise LabelError(f"bad labels name {name!r}: use a plain folder name such as 'laq'")
     target = labels_path(ds.root, name)
