@@ -128,7 +128,7 @@ def main() -> None:
         print(f"\n{args.frames} frames per episode at {args.size} px, {args.frame_codec} frames, ingest with "
               f"{args.workers} processes, labelling with a tiny LAQ on 1 process (CPU)")
         print(f"{'episodes':>9} {'frames':>8} {'ingest ep/s':>12} {'frames/s':>9} {'peak RSS MiB':>13} "
-              f"{'label ep/s':>11} {'pairs/s':>8} {'peak RSS MiB':>13} {'disk B/frame':>13}")
+              f"{'label ep/s':>11} {'frames/s':>8} {'peak RSS MiB':>13} {'disk B/frame':>13}")
         for n, frames, ingest_s, ingest_mb, label_s, label_mb, per_frame in rows:
             print(f"{n:>9} {frames:>8} {n / ingest_s:>12.0f} {frames / ingest_s:>9.0f} {ingest_mb:>13.0f} "
                   f"{n / label_s:>11.0f} {frames / label_s:>8.0f} {label_mb:>13.0f} {per_frame:>13.0f}")
