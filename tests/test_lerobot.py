@@ -197,6 +197,20 @@ def test_a_foreign_lerobot_dataset_without_an_action_key_is_action_free_and_says
     assert sum("action-free" in m for m in said) == 1 and np.asarray(ds.frames).max() <= 3  # the black wrist camera
 
 
+def test_both_cameras_of_a_foreign_lerobot_dataset_in_one_ingest(tmp_path, capsys):
+    from lapa_cli.main import main
+
+    root = write_foreign_dataset(tmp_path / "so100")
+    assert main(["data", "ingest", str(root), "--out", str(tmp_path / "ds"), "--image-size", "0",
+                 "--image-topic", "observation.images.front", "--image-topic", "observation.images.wrist"]) == 0
+    front, wrist = Dataset(tmp_path / "ds"), Dataset(tmp_path / "ds", camera="observation.images.wrist")
+    assert front.cameras == ["observation.images.front", "observation.images.wrist"]
+    assert len(front.frames) == len(wrist.frames) == 27
+    np.testing.assert_allclose(np.asarray(front.frames[:10], float).mean(axis=(1, 2, 3)),
+                               [_frame_value(3 * k) for k in range(10)], atol=3)
+    assert np.asarray(wrist.frames).max() <= 3  # the black wrist camera, row for row beside the front one
+
+
 def test_bad_lerobot_inputs_are_one_line_errors(tmp_path, capsys):
     root = write_foreign_dataset(tmp_path / "so100")
     user_error(capsys, ["data", "ingest", str(root), "--out", str(tmp_path / "a")], "2 cameras",

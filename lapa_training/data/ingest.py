@@ -242,9 +242,6 @@ def _ingest_sources(sources: Iterable[Source], writer: DatasetWriter, options: I
             if src.kind == "dataset":
                 records = _merge_dataset(src.path, writer)
             elif src.kind == "lerobot":
-                if cameras:
-                    raise IngestError(f"{src.path}: a LeRobot dataset is ingested one camera at a time "
-                                      f"(one --image-topic naming its feature)")
                 records = read_lerobot(src.path, _lerobot_options(options), writer, warn)
             else:
                 writer.begin_episode()
@@ -350,7 +347,8 @@ def _bag_options(options: IngestOptions, instructions: dict[str, str] | None) ->
 
 def _lerobot_options(options: IngestOptions) -> LeRobotOptions:
     bag = options.bag
-    return LeRobotOptions(camera=bag.image_topic, action_key=options.action_key,
+    return LeRobotOptions(camera=bag.image_topic, extra_cameras=tuple(bag.extra_image_topics),
+                          action_key=options.action_key,
                           action_convention=options.action_convention, gripper_open=bag.gripper_open,
                           gripper_closed=bag.gripper_closed, rate_hz=bag.rate_hz,
                           window_s=options.window_s or ROBOT_WINDOW_S,

@@ -3,8 +3,9 @@
     lapa data ingest ~/lerobot/droid_subset --out runs/data/droid --image-topic observation.images.front \\
         --action-key observation.state --action-convention pose_rpy
 
-- Frames: the camera feature named by the first --image-topic (default: the dataset's only camera),
-  decoded with PyAV from its mp4 files (AV1, H.264, ...), or PNG/JPEG bytes for image features.
+- Frames: the camera feature named by --image-topic (default: the dataset's only camera), decoded
+  with PyAV from its mp4 files (AV1, H.264, ...), or PNG/JPEG bytes for image features. Several
+  --image-topic store several cameras, the first in frames/ (as for bags).
   A camera faster than --rate is subsampled by a whole stride (30 fps at 10 Hz: every 3rd frame).
 - Instructions: each episode's task (meta/tasks.parquet).
 - Actions: the float feature named by --action-key, read by --action-convention:
@@ -38,6 +39,7 @@ POSE_WIDTH = {"delta_rpy": 6, "pose_rpy": 6, "pose_quat_xyzw": 7, "pose_quat_wxy
 @dataclass
 class LeRobotOptions:
     camera: str | None = None  # feature key; None: the only camera
+    extra_cameras: tuple[str, ...] = ()  # more camera features, stored as the dataset's other cameras
     action_key: str | None = None
     action_convention: str = "delta_rpy"
     gripper_open: float | None = None  # the gripper column's value when open / closed (None: it is closure)
@@ -55,6 +57,7 @@ def read_lerobot(root: Path, options: LeRobotOptions, writer, warn: Callable[[st
     fps = float(info["fps"])
     key = _camera(root, info, options.camera)
     feature = info["features"][key]
+    extra = [_camera(root, info, name) for name in options.extra_cameras]
     if options.action_key is None:
         warn(f"{root}: no --action-key given: its episodes are ingested action-free (fine for latent pretraining)")
     else:
@@ -65,9 +68,9 @@ def read_lerobot(root: Path, options: LeRobotOptions, writer, warn: Callable[[st
     tasks = fmt.read_tasks(root)
     episodes = fmt.read_episodes(root)
     columns = ["episode_index", "frame_index", "task_index"] + ([options.action_key] if options.action_key else []) \
-        + ([key] if feature["dtype"] == "image" else [])
+        + [k for k in (key, *extra) if info["features"][k]["dtype"] == "image"]
     tables: dict[Path, dict[int, dict[str, Any]]] = {}  # data file -> episode -> its columns
-    videos = _VideoReader(root, key) if feature["dtype"] == "video" else None
+    videos = {k: _VideoReader(root, k) for k in (key, *extra) if info["features"][k]["dtype"] == "video"}
     records = []
     try:
         for ep in episodes:
@@ -85,12 +88,14 @@ def read_lerobot(root: Path, options: LeRobotOptions, writer, warn: Callable[[st
             if not instruction and not options.allow_empty_instruction:
                 raise IngestError(f"{root}: episode {ep['episode_index']} has no task (instruction)")
             writer.begin_episode()
-            if videos is not None:
-                for rgb in videos.frames(ep, info, keep, fps):
-                    writer.add_frame(rgb)
-            else:
-                for i in keep:
-                    writer.add_frame(_decode_image(rows[key][i], root, ep["episode_index"]))
+            for k in (key, *extra):
+                camera = None if k == key else k  # the first camera is the dataset's frames
+                if k in videos:
+                    for rgb in videos[k].frames(ep, info, keep, fps):
+                        writer.add_frame(rgb, camera=camera)
+                else:
+                    for i in keep:
+                        writer.add_frame(_decode_image(rows[k][i], root, ep["episode_index"]), camera=camera)
             actions = np.full((len(keep), bag_format.ACTION_DIM), np.nan, dtype=np.float32)
             if options.action_key:
                 actions = _actions(np.asarray(rows[options.action_key], dtype=np.float64), keep, stride, options)
@@ -99,14 +104,15 @@ def read_lerobot(root: Path, options: LeRobotOptions, writer, warn: Callable[[st
                       "fps": stored_fps, "window_frames": window_frames,
                       "provenance": {"kind": "lerobot", "source": str(root.resolve()),
                                      "codebase_version": info["codebase_version"], "robot_type": info.get("robot_type"),
-                                     "episode_index": int(ep["episode_index"]), "camera": key, "native_fps": fps,
+                                     "episode_index": int(ep["episode_index"]), "camera": key,
+                                     "cameras": [key, *extra] if extra else None, "native_fps": fps,
                                      "stride": stride, "num_source_frames": n,
                                      "action_source": options.action_key and
                                      f"{options.action_key} ({options.action_convention})"}}
             records.append(writer.end_episode(actions, keep / fps, record))
     finally:
-        if videos is not None:
-            videos.close()
+        for reader in videos.values():
+            reader.close()
     return records
 
 
