@@ -485,8 +485,10 @@ def test_a_slow_chunked_policy_still_commands_the_arm_at_the_control_rate(tmp_pa
     twists, _ = watch
     # each prediction takes 2.5 control periods; a chunk of 8 steps spans that twice over
     name, accel, period = "server_chunks", 0.5, 0.1
+    # the workspace box far away: near a wall it cuts the speed at once, as it must, whatever the acceleration
     server = _server(test_node, tmp_path, name=name, delta=(0, 0.008, 0, 0, 0, 0, 0),
-                     policy={"chunk_size": 8, "seconds_per_step": 0.25}, max_linear_accel=accel)
+                     policy={"chunk_size": 8, "seconds_per_step": 0.25}, max_linear_accel=accel,
+                     workspace_min="[-2.0, -2.0, -2.0]", workspace_max="[2.0, 2.0, 2.0]")
     try:
         assert "chunks of 8 steps predicted ahead" in server.output()
         client, action = _client(test_node, name)

@@ -356,10 +356,11 @@ def _run_goal(ros, name: str, **goal):
     client = ActionClient(node, FollowInstruction, f"/{name}/follow_instruction")
     with spinning(node):
         assert client.wait_for_server(timeout_sec=30)
-        feedback = []
+        feedback = []  # (goal id, feedback): a goal whose answer was lost may run beside the one resent
         for _ in range(3):
             future = client.send_goal_async(FollowInstruction.Goal(**goal),
-                                            feedback_callback=lambda f: feedback.append(f.feedback))
+                                            feedback_callback=lambda f: feedback.append((bytes(f.goal_id.uuid),
+                                                                                         f.feedback)))
             deadline = time.monotonic() + 5.0
             while not future.done() and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -371,7 +372,7 @@ def _run_goal(ros, name: str, **goal):
         assert handle.accepted
         result = handle.get_result_async()
         wait_for(result.done, 60, what="the goal's result")
-        return result.result(), feedback
+        return result.result(), [f for goal_id, f in feedback if goal_id == bytes(handle.goal_id.uuid)]
 
 
 def _tcp(pose) -> np.ndarray:
