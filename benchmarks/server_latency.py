@@ -268,14 +268,7 @@ def run_server_goals(args, checkpoint: Path, log_dir: Path) -> tuple[list[dict],
             time.sleep(0.3)  # the last twists reach the probe
     finally:
         for name in ("server", "sim"):
-            proc = procs[name]
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            _stop_process(procs[name])
         rclpy.try_shutdown()
         for fh in logs.values():
             fh.close()

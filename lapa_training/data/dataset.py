@@ -67,6 +67,21 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + (text.ljust(body_len - 1) + "\n").encode("latin1")
 
 
+def write_all(fd: int, buffers: list, path: Path) -> None:
+    """writev() all of buffers at the file position (retrying after a partial write)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    try:
+        while views:
+            written = os.writev(fd, views[:1024])
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if views and written:
+                views[0] = views[0][written:]
+    except OSError as e:
+        raise IngestError(f"{path}: cannot write ({e})") from e
+
+
 class GrowableArrayFile:
     """A .npy file that grows along its first axis; the row count in the header is written by flush().
 
@@ -140,18 +155,7 @@ class GrowableArrayFile:
             self._write(pending)
 
     def _write(self, buffers: list[memoryview]) -> None:
-        """writev() all of buffers at the file position (retrying after a partial write)."""
-        views = [memoryview(b).cast("B") for b in buffers]
-        try:
-            while views:
-                written = os.writev(self._file.fileno(), views[:1024])
-                while views and written >= len(views[0]):
-                    written -= len(views[0])
-                    views.pop(0)
-                if views and written:
-                    views[0] = views[0][written:]
-        except OSError as e:
-            raise IngestError(f"{self.path}: cannot write ({e})") from e
+        write_all(self._file.fileno(), buffers, self.path)
 
     def truncate(self, rows: int) -> None:
         """Drop every row from index rows on (used to undo a failed episode)."""

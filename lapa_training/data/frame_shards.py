@@ -144,11 +144,9 @@ class ShardedFrameWriter:
 
     def _write_pending(self) -> None:
         if self._pending:
-            try:
-                os.writev(self._file.fileno(), self._pending) if len(self._pending) < 1024 else \
-                    self._file.write(b"".join(self._pending))
-            except OSError as e:
-                raise IngestError(f"{self.dir}: cannot write ({e})") from e
+            from lapa_training.data.dataset import write_all
+
+            write_all(self._file.fileno(), self._pending, self.dir / shard_name(self.shard))
             self._pending, self._pending_bytes = [], 0
 
     def adopt(self, directory: Path) -> int:

@@ -133,7 +133,6 @@ def _export(ds: Dataset, root: Path, codec: str, robot_type: str | None, progres
     if not report.with_actions:
         report.warnings.append("no episode has actions: the export has no 'action' feature (fine for latent "
                                "pretraining; LeRobot policies need actions)")
-    tasks: list[str] = []
     task_of: dict[str, int] = {}
     for e in ds.episodes:
         task_of.setdefault(e.get("instruction") or "", len(task_of))
