@@ -45,7 +45,7 @@ def run_laq(args) -> int:
     from lapa_training.checkpoint import CheckpointError
     from lapa_training.data.dataset import Dataset
     from lapa_training.data.errors import IngestError
-    from lapa_training.laq import LAQModel
+    from lapa_training.laq.loading import load_laq
     from lapa_training.laq.evaluate_laq import MIN_EVAL_PAIRS, LAQEvalError, evaluate_laq, format_summary
     from lapa_training.trainer import latest_model_dir
 
@@ -62,7 +62,7 @@ def run_laq(args) -> int:
         raise UserError(" ".join(str(e).split())) from None
     try:
         checkpoint = latest_model_dir(args.checkpoint)
-        model = LAQModel.from_pretrained(checkpoint, map_location=device)
+        model = load_laq(checkpoint, map_location=device)
     except CheckpointError as e:
         raise UserError(" ".join(str(e).split())) from None
     try:

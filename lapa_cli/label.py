@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("label", help="label datasets' frame pairs with latent-action tokens (LAQ encoder)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--laq", type=Path, required=True,
-                   help="LAQ training run (its model/ or newest checkpoint) or checkpoint directory")
+                   help="LAQ training run (its model/ or newest checkpoint), checkpoint directory, or the LAPA "
+                        "release's LAQ converted by `lapa convert laq`")
     p.add_argument("--data", type=Path, nargs="+", required=True, metavar="DATASET", help="datasets to label")
     p.add_argument("--name", default="laq", help="labels folder name under <dataset>/labels/ (default laq)")
     p.add_argument("--window-frames", type=int,
@@ -37,7 +38,7 @@ def run(args) -> int:
     from lapa_training.checkpoint import CheckpointError, read_meta
     from lapa_training.data.errors import IngestError
     from lapa_training.laq.labelling import LabelError, label_dataset
-    from lapa_training.laq.modeling_laq import LAQModel
+    from lapa_training.laq.loading import load_laq
     from lapa_training.trainer import latest_model_dir
 
     if args.batch_size < 1:
@@ -52,7 +53,7 @@ def run(args) -> int:
     main_process = int(os.environ.get("RANK", "0") or 0) == 0
     try:
         checkpoint = latest_model_dir(args.laq)
-        model = LAQModel.from_pretrained(checkpoint)
+        model = load_laq(checkpoint)
         window = args.window_frames or read_meta(checkpoint).get("extra", {}).get("window_frames")
         for data in args.data:
             out = label_dataset(model, data, name=args.name, window_frames=window, batch_size=args.batch_size,

@@ -7,11 +7,11 @@ import argparse
 import os
 import sys
 
-from lapa_cli import UserError, data, demo, evaluate, label, record, run, sim, train
+from lapa_cli import UserError, convert, data, demo, evaluate, label, record, run, sim, train
 from lapa_core.child_processes import end_with_parent_if_asked
 
-SUBCOMMANDS = {"sim": sim, "record": record, "data": data, "train": train, "label": label, "eval": evaluate,
-               "run": run, "demo": demo}
+SUBCOMMANDS = {"sim": sim, "record": record, "data": data, "train": train, "label": label, "convert": convert,
+               "eval": evaluate, "run": run, "demo": demo}
 
 
 def parser() -> argparse.ArgumentParser:
