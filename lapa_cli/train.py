@@ -28,6 +28,14 @@ def _say(*lines: str) -> None:
             print(line)
 
 
+def named_presets() -> dict[str, Path]:
+    """The VLA presets of config/train/presets/: name -> file (a pretrained VLM and its training settings)."""
+    from lapa_sim.resources import share_file
+
+    folder = share_file("config", "train", "presets")
+    return {f.stem: f for f in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
 def _common(p, presets: tuple[str, ...]) -> None:
     p.add_argument("--data", type=Path, nargs="+", required=True, metavar="DATASET",
                    help="dataset directories (lapa data ingest); several are mixed")
@@ -35,7 +43,8 @@ def _common(p, presets: tuple[str, ...]) -> None:
     p.add_argument("--config", type=Path, help="YAML settings file with sections model/train/data")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. train.lr=3e-4 (repeatable)")
-    p.add_argument("--preset", choices=presets, help="model preset (default: the config file's, else tiny)")
+    p.add_argument("--preset", choices=presets, metavar="NAME",
+                   help=f"model preset: {', '.join(presets)} (default: the config file's, else tiny)")
     p.add_argument("--steps", type=int, help="training steps (train.steps)")
     p.add_argument("--batch-size", type=int, help="global batch size (train.batch_size)")
     p.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
@@ -47,10 +56,17 @@ def _common(p, presets: tuple[str, ...]) -> None:
 
 
 def _sections(args, sections=("model", "train", "data")) -> dict:
-    from lapa_training.run_config import load_run_config
+    from lapa_training.run_config import RunConfigError, load_run_config
 
     config = load_run_config(args.config, args.overrides, sections)
-    if args.preset:
+    named = named_presets().get(args.preset) if args.preset else None
+    if named is not None:  # a preset file: its settings first, the --config file and --set over them
+        try:
+            base = load_run_config(named, (), sections)
+        except RunConfigError as e:
+            raise UserError(str(e)) from None
+        config = {name: {**base[name], **config[name]} for name in sections}
+    elif args.preset:
         config["model"]["preset"] = args.preset
     for flag, key in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed")):
         if getattr(args, flag) is not None:
@@ -84,7 +100,7 @@ def add_pretrain_parser(sub) -> None:
                                    "latent: predict the LAQ tokens of `lapa label` (LAPA); action: predict the true "
                                    "actions (ACTIONVLA baseline); idm: train an inverse-dynamics model on --labelled, "
                                    "pseudo-label --data with it and predict those (VPT baseline).")
-    _common(p, ("tiny", "paper"))
+    _common(p, ("tiny", "paper", *named_presets()))
     p.add_argument("--objective", choices=("latent", "action", "idm"), required=True, help="what to predict")
     p.add_argument("--labels", help="latent labels name under <dataset>/labels/ (default laq)")
     p.add_argument("--labelled", type=Path, nargs="+", default=[], metavar="DATASET",
@@ -114,7 +130,7 @@ def add_finetune_parser(sub) -> None:
                        description="Train a fresh action head (equal-frequency bins fitted on the labelled data) on "
                                    "the train-split episodes of --data, from a pretrained run (--init) or from "
                                    "scratch; optionally end with a closed-loop evaluation in the simulator.")
-    _common(p, ("tiny", "paper"))
+    _common(p, ("tiny", "paper", *named_presets()))
     p.add_argument("--init", type=Path, help="pretrained VLA run or checkpoint (default: none, the SCRATCH baseline)")
     p.add_argument("--keep-head", action="store_true",
                    help="go on training --init's own action head and action bins (a run pretrained on actions, "

@@ -382,11 +382,34 @@ def _tcp(pose) -> np.ndarray:
 
 
 def test_the_server_runs_a_real_vla_checkpoint_and_the_arm_moves(ros, test_node, home, tiny_vla):
+    _the_arm_moves_as_the_checkpoint_says(ros, test_node, home, tiny_vla, "run_demo_vla_server")
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A finetuned-stage VLA on a tiny random Idefics3 (SmolVLM's family), read through its own processor."""
+    import torch
+
+    import tiny_vlms
+    from lapa_training.vla import ActionBins, VLAConfig, VLAModel
+
+    root = tmp_path_factory.mktemp("tiny_vlm")
+    torch.manual_seed(0)
+    model = VLAModel(VLAConfig.vlm(backbone=str(tiny_vlms.build("idefics3", root / "idefics3")), stage="finetune",
+                                   objective="action"))
+    model.set_action_bins(ActionBins.fit(np.random.default_rng(0).normal(size=(5000, 7)) * 0.005))
+    return Path(model.save_pretrained(root / "policy"))
+
+
+def test_the_server_runs_a_vlm_checkpoint_and_the_arm_moves(ros, test_node, home, tiny_vlm):
+    _the_arm_moves_as_the_checkpoint_says(ros, test_node, home, tiny_vlm, "run_demo_vlm_server")
+
+
+def _the_arm_moves_as_the_checkpoint_says(ros, test_node, home, checkpoint: Path, name: str) -> None:
     start = _tcp(home)
-    server = _server(test_node, "run_demo_vla_server", tiny_vla)
+    server = _server(test_node, name, checkpoint)
     try:
-        result, feedback = _run_goal(ros, "run_demo_vla_server", instruction="go to the red block",
-                                     max_steps=15)
+        result, feedback = _run_goal(ros, name, instruction="go to the red block", max_steps=15)
         time.sleep(0.2)
         moved = _tcp(home) - start
     finally:

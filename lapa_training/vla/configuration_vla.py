@@ -47,7 +47,7 @@ TINY_LANGUAGE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num
                                      tie_word_embeddings=False)
 
 # Keys that change how a model trains or runs but not its weights.
-TRAINING_ONLY_KEYS = ("freeze_vision", "freeze_language", "control_rate", "zero_init_head")
+TRAINING_ONLY_KEYS = ("freeze_vision", "freeze_language", "control_rate", "zero_init_head", "lora_dropout")
 # Keys that only shape the heads: a checkpoint loaded with its heads replaced may differ in these.
 HEAD_KEYS = ("objective", "stage", "latent_tokens", "codebook_size", "num_bins", "chunk_size", "head_hidden",
              "action_head_type", "action_spread_floor")
@@ -77,6 +77,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 @dataclass
 class VLAConfig:
+    # a pretrained vision-language model (hub id or directory, e.g. "HuggingFaceTB/SmolVLM-500M-Instruct"):
+    # its vision tower, connector, LM, processor and prompt format replace the three fields below
+    # (lapa_training/vla/vlm_backbone.py); None: vision encoder + language model + a fresh projector
+    backbone: str | None = None
+    processor_overrides: dict[str, Any] = field(default_factory=dict)  # AutoProcessor kwargs (backbone)
+    lora_rank: int = 0  # > 0 (backbone): LoRA adapters of this rank train instead of the LM's weights
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
     vision_backbone: str = TINY  # "tiny", a Hugging Face id ("google/siglip-base-patch16-224") or a directory
     language_backbone: str = TINY  # "tiny", a Hugging Face id ("Qwen/Qwen2.5-0.5B") or a directory
     tokenizer: str | None = None  # None: the language backbone's ("byte" for tiny); "byte", an id or a directory
@@ -138,7 +146,7 @@ class VLAConfig:
                     setattr(self, name, tuple(float(v) for v in value))
                 except (TypeError, ValueError):
                     pass  # validate() reports it
-        for name in ("vision_overrides", "language_overrides"):
+        for name in ("vision_overrides", "language_overrides", "processor_overrides"):
             value = getattr(self, name)
             if value is None or isinstance(value, dict):
                 setattr(self, name, dict(value or {}))  # own copy; anything else is reported by validate()
@@ -162,10 +170,26 @@ class VLAConfig:
         provenance (the checkpoint holds the backbones) and the source directory may be gone."""
         for name in ("vision_backbone", "language_backbone"):
             _check_backbone_name(name, getattr(self, name), exists=check_backbones)
+        if self.backbone is not None:
+            _check_backbone_name("backbone", self.backbone, exists=check_backbones)
+            for name, off in (("vision_film", False), ("keypoints", 0), ("text_first", False)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"VLAConfig.{name} is for the tiny composed backbones; with a VLM backbone "
+                                     f"({self.backbone}) leave it at {off!r}")
+        if not _is_int(self.lora_rank) or self.lora_rank < 0:
+            raise ValueError(f"VLAConfig.lora_rank must be an integer >= 0 (0 = off), got {self.lora_rank!r}")
+        if self.lora_rank and self.backbone is None:
+            raise ValueError("VLAConfig.lora_rank needs a VLM backbone (VLAConfig.backbone)")
+        if self.lora_rank and self.freeze_language:
+            raise ValueError("VLAConfig.lora_rank trains adapters on the language model: set freeze_language false")
+        if not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+            raise ValueError(f"VLAConfig.lora_alpha must be positive, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"VLAConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.tokenizer is not None and self.tokenizer != BYTE_TOKENIZER:
             _check_backbone_name("tokenizer", self.tokenizer, exists=check_backbones,
                                  extra=f"'{BYTE_TOKENIZER}' (the built-in byte-level tokenizer), ")
-        for name in ("vision_overrides", "language_overrides"):
+        for name in ("vision_overrides", "language_overrides", "processor_overrides"):
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
                 raise ValueError(f"VLAConfig.{name} must be a dict of backbone config keys, got {value!r}")
@@ -256,6 +280,17 @@ class VLAConfig:
         return cls(**{**dict(vision_backbone="google/siglip-base-patch16-224",
                              language_backbone="Qwen/Qwen2.5-0.5B",
                              prompt_template="In: What action should the robot take to {instruction}?\nOut:",
+                             max_text_tokens=96), **overrides}).validate()
+
+    @classmethod
+    def vlm(cls, **overrides) -> "VLAConfig":
+        """A pretrained vision-language model (``backbone``) under the paper's recipe: its vision tower
+        frozen, its connector and language model trained, the final state read by the heads. The named
+        presets (config/train/presets/) set the backbone and its training settings."""
+        overrides = drop_removed_keys(overrides)
+        if not overrides.get("backbone"):
+            raise ValueError("the vlm preset needs model.backbone: a Hugging Face id or directory of a VLM")
+        return cls(**{**dict(prompt_template="What action should the robot take to {instruction}?",
                              max_text_tokens=96), **overrides}).validate()
 
     def finetune(self, **overrides) -> "VLAConfig":

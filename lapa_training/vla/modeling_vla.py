@@ -53,6 +53,7 @@ from lapa_training.vla.backbones import EOS_TOKEN, PAD_TOKEN, byte_tokenizer  # 
 from lapa_training.vla.configuration_vla import (BYTE_TOKENIZER, HEAD_KEYS, POLICY_TYPE, RESOLVED_KEYS, TINY,
                                                  TRAINING_ONLY_KEYS, VLAConfig, migrate_vla_config)
 from lapa_training.vla.processor_vla import VLAProcessor, action_bin_tables
+from lapa_training.vla.vlm_backbone import PROCESSOR_DIR, VLMBackbone
 
 TOKENIZER_DIR = "tokenizer"
 BINS_FILE = "action_bins.json"
@@ -119,10 +120,35 @@ class VLAModel(nn.Module):
     (that is how ``from_pretrained`` rebuilds a checkpoint without downloading)."""
 
     def __init__(self, config: VLAConfig, *, vision: nn.Module | None = None, language: nn.Module | None = None,
-                 tokenizer=None, action_bins: ActionBins | None = None):
+                 tokenizer=None, vlm: VLMBackbone | None = None, action_bins: ActionBins | None = None):
         super().__init__()
         # own copy, validated; backbone names are only checked where they are about to be loaded
         config = VLAConfig.from_dict(config.to_dict(), check_backbones=False)
+        self.vlm: VLMBackbone | None = None
+        self.vision = self.language = self.projector = self.processor = None
+        self.instruction_film = self.keypoint_logits = self.keypoint_readout = None
+        self.image_tokens = 0
+        if config.backbone is not None:
+            if vlm is None:
+                config.validate()
+                vlm = VLMBackbone.load(config.backbone, config.processor_overrides, _lora(config))
+            self.vlm = vlm
+            config.head_hidden = config.head_hidden or vlm.hidden_size
+            self.config = config.validate(check_backbones=False)
+        else:
+            self._build_composed(config, vision, language, tokenizer)
+        self.latent_head: MLPHead | None = None
+        self.action_head: MLPHead | None = None
+        self.action_bins: ActionBins | None = None
+        self._build_heads()
+        if action_bins is not None:
+            self.set_action_bins(action_bins)
+        self._apply_freezing()
+        self.load_report: LoadReport | None = None
+
+    def _build_composed(self, config: VLAConfig, vision: nn.Module | None, language: nn.Module | None,
+                        tokenizer) -> None:
+        """Vision encoder + projector + language model (+ FiLM, keypoints) as the config names them."""
         if vision is None or language is None or tokenizer is None:
             config.validate()
         if tokenizer is None:
@@ -160,7 +186,6 @@ class VLAModel(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        self.instruction_film: nn.Linear | None = None
         if config.vision_film:
             channels = getattr(self.vision, "film_channels", None)
             if channels is None:
@@ -169,9 +194,6 @@ class VLAModel(nn.Module):
             self.instruction_film = nn.Linear(lm_dim, 2 * sum(channels))
             nn.init.zeros_(self.instruction_film.weight)  # starts as the unconditioned tower
             nn.init.zeros_(self.instruction_film.bias)
-        self.keypoint_logits: nn.Module | None = None
-        self.keypoint_readout: nn.Module | None = None
-        self.image_tokens = 0
         if config.keypoints:
             with torch.no_grad():  # how many tokens this vision tower makes (class token or not)
                 probe = torch.zeros(1, 3, *self.image_size, dtype=next(self.vision.parameters()).dtype)
@@ -184,14 +206,6 @@ class VLAModel(nn.Module):
             self.register_buffer("token_grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
             self.keypoint_logits = nn.Linear(lm_dim, config.keypoints)
             self.keypoint_readout = nn.Linear(2 * config.keypoints, lm_dim)
-        self.latent_head: MLPHead | None = None
-        self.action_head: MLPHead | None = None
-        self.action_bins: ActionBins | None = None
-        self._build_heads()
-        if action_bins is not None:
-            self.set_action_bins(action_bins)
-        self._apply_freezing()
-        self.load_report: LoadReport | None = None
 
     # ---- sizes and parts -----------------------------------------------------------------
     @property
@@ -201,12 +215,13 @@ class VLAModel(nn.Module):
     @config.setter
     def config(self, config: VLAConfig) -> None:
         self.__dict__["_config"] = config
-        self.processor.prompt_template = config.prompt_template  # the processor reads instructions as it says
-        self.processor.max_text_tokens = config.max_text_tokens
+        if self.processor is not None:  # the processor reads instructions as the config says
+            self.processor.prompt_template = config.prompt_template
+            self.processor.max_text_tokens = config.max_text_tokens
 
     @property
     def tokenizer(self):
-        return self.processor.tokenizer
+        return self.vlm.tokenizer if self.vlm is not None else self.processor.tokenizer
 
     @property
     def head(self) -> str:
@@ -214,11 +229,17 @@ class VLAModel(nn.Module):
 
     @property
     def hidden_size(self) -> int:
+        if self.vlm is not None:
+            return self.vlm.hidden_size
         return int(self.language.get_input_embeddings().embedding_dim)
 
     @property
+    def _head(self) -> MLPHead:
+        return self.latent_head if self.latent_head is not None else self.action_head
+
+    @property
     def device(self) -> torch.device:
-        return self.projector[0].weight.device
+        return self._head.net[1].weight.device
 
     def _build_heads(self) -> None:
         cfg, dim = self.config, self.hidden_size
@@ -241,16 +262,20 @@ class VLAModel(nn.Module):
             self.set_action_bins(self.action_bins)
 
     def _apply_freezing(self) -> None:
-        self.vision.requires_grad_(not self.config.freeze_vision)
-        self.language.requires_grad_(not self.config.freeze_language)
+        if self.vlm is not None:
+            self.vlm.set_trainable(vision=not self.config.freeze_vision, language=not self.config.freeze_language)
+        else:
+            self.vision.requires_grad_(not self.config.freeze_vision)
+            self.language.requires_grad_(not self.config.freeze_language)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "VLAModel":
         super().train(mode)
         if self.config.freeze_vision:  # frozen parts stay in eval mode (no dropout, fixed norms)
-            self.vision.eval()
+            for module in (self.vlm.vision_modules() if self.vlm is not None else [self.vision]):
+                module.eval()
         if self.config.freeze_language:
-            self.language.eval()
+            (self.vlm.model.get_submodule(self.vlm.family.language) if self.vlm is not None else self.language).eval()
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -260,6 +285,10 @@ class VLAModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def parameter_counts(self) -> dict[str, int]:
+        heads = {"latent_head": self.latent_head, "action_head": self.action_head}
+        if self.vlm is not None:
+            return {**self.vlm.parameter_counts(),
+                    **{k: sum(p.numel() for p in m.parameters()) for k, m in heads.items() if m is not None}}
         parts = {"vision": self.vision, "projector": self.projector, "language": self.language,
                  "instruction_film": self.instruction_film, "keypoint_logits": self.keypoint_logits,
                  "keypoint_readout": self.keypoint_readout, "latent_head": self.latent_head,
@@ -276,6 +305,15 @@ class VLAModel(nn.Module):
             setattr(self, name, table.to(device))
 
     # ---- inputs --------------------------------------------------------------------------
+    def prepare_inputs(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """uint8 RGB images (B, H, W, 3) and B instructions -> the keyword inputs of forward, on the
+        model's device: pixel_values, input_ids, attention_mask (and what a VLM's processor adds)."""
+        if self.vlm is not None:
+            return self.vlm.inputs(images, list(instructions), self.config.prompt_template, self.device,
+                                   self._head.net[1].weight.dtype)
+        ids, mask = self.tokenize(list(instructions))
+        return {"pixel_values": self.preprocess_images(images), "input_ids": ids, "attention_mask": mask}
+
     def preprocess_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 RGB (B, H, W, 3) or (H, W, 3), numpy or torch -> normalised float (B, 3, h, w) at the
         vision encoder's size and dtype. Non-square images are center-cropped to a square first (as
@@ -329,10 +367,16 @@ class VLAModel(nn.Module):
         return hidden[torch.arange(b, device=hidden.device), last]
 
     def final_hidden(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     attention_mask: torch.Tensor | None = None, **vlm_inputs: torch.Tensor) -> torch.Tensor:
         """The LM's final hidden state at the last non-pad position of [image tokens; text] (or, with
         config.text_first, [text; image tokens]) (B, D), plus, with config.keypoints, where the image
-        tokens' final states put each keypoint."""
+        tokens' final states put each keypoint. With a VLM backbone: its own sequence (vlm_inputs are
+        what its processor adds, e.g. pixel_attention_mask)."""
+        if self.vlm is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            return self.vlm.final_hidden({"pixel_values": pixel_values, "input_ids": input_ids,
+                                          "attention_mask": attention_mask, **vlm_inputs})
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != self.image_size:
             raise ValueError(f"pixel_values must be (B, 3, {self.image_size[0]}, {self.image_size[1]}) (use "
                              f"preprocess_images), got {tuple(pixel_values.shape)}")
@@ -381,14 +425,15 @@ class VLAModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                actions: torch.Tensor | np.ndarray | None = None) -> VLAOutput:
+                actions: torch.Tensor | np.ndarray | None = None, **vlm_inputs: torch.Tensor) -> VLAOutput:
         """pixel_values (B, 3, h, w) from preprocess_images; input_ids / attention_mask (B, T) from
         tokenize; labels (optional): latent head (B, L) token ids in [0, |C|); action head (B, k, 7)
         (or (B, 7) when k = 1) bin ids; IGNORE_INDEX (-100) positions are skipped. actions (optional,
         with labels, action head): the true actions the labels were encoded from, same shape, NaN
-        where unknown; the regression head is trained on them (else on the labels' bin values)."""
-        h = self.final_hidden(pixel_values, input_ids, attention_mask)
-        h = h.to((self.latent_head or self.action_head).net[1].weight.dtype)
+        where unknown; the regression head is trained on them (else on the labels' bin values). With a
+        VLM backbone, prepare_inputs gives the inputs (vlm_inputs: what its processor adds)."""
+        h = self.final_hidden(pixel_values, input_ids, attention_mask, **vlm_inputs)
+        h = h.to(self._head.net[1].weight.dtype)
         b, cfg = h.shape[0], self.config
         regression = self.action_head is not None and cfg.action_head_type == "regression"
         if self.latent_head is not None:
@@ -474,22 +519,23 @@ class VLAModel(nn.Module):
     # ---- inference -----------------------------------------------------------------------
     @torch.inference_mode()
     def predict_actions(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        attention_mask: torch.Tensor | None = None, **vlm_inputs: torch.Tensor
+                        ) -> tuple[np.ndarray, np.ndarray]:
         """-> (bin ids (B, k, 7) int64, actions (B, k, 7) float32 as decode_actions reads them)."""
         if self.action_head is None:
             raise RuntimeError("this model has a latent-action head, not an action head: finetune it first")
         if self.action_bins is None:
             raise RuntimeError("this model has no action bins (set_action_bins): cannot turn bins into actions")
-        out = self.forward(pixel_values, input_ids, attention_mask)
+        out = self.forward(pixel_values, input_ids, attention_mask, **vlm_inputs)
         return out.predictions.cpu().numpy(), self.decode_actions(out)
 
     @torch.inference_mode()
     def predict_latent(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       attention_mask: torch.Tensor | None = None, **vlm_inputs: torch.Tensor) -> torch.Tensor:
         """Latent-action tokens (B, L) int64."""
         if self.latent_head is None:
             raise RuntimeError("this model has an action head, not a latent-action head")
-        return self.forward(pixel_values, input_ids, attention_mask).predictions
+        return self.forward(pixel_values, input_ids, attention_mask, **vlm_inputs).predictions
 
     # ---- heads ---------------------------------------------------------------------------
     def replace_heads(self, config: VLAConfig | None = None, **overrides) -> LoadReport:
@@ -506,7 +552,7 @@ class VLAModel(nn.Module):
         check_config_compatible(self.config.to_dict(), new.to_dict(), source="being converted",
                                 ignore=HEAD_KEYS + TRAINING_ONLY_KEYS)
         before = {k for k in self.state_dict() if k.startswith(("latent_head.", "action_head."))}
-        device, dtype = self.device, self.projector[0].weight.dtype
+        device, dtype = self.device, self._head.net[1].weight.dtype
         self.config = new.validate(check_backbones=False)
         self.action_bins = None  # bins belong to the head's training data: fit them on the finetuning data
         self._build_heads()
@@ -522,6 +568,8 @@ class VLAModel(nn.Module):
     # ---- persistence ---------------------------------------------------------------------
     def checkpoint_config(self) -> dict[str, Any]:
         """What config.json holds: policy_type, the VLA config, and the backbone configs."""
+        if self.vlm is not None:
+            return {"policy_type": POLICY_TYPE, **self.config.to_dict(), "backbones": {"vlm": self.vlm.config_dict()}}
         return {"policy_type": POLICY_TYPE, **self.config.to_dict(),
                 "backbones": {"vision": backbone_config_dict(self.vision),
                               "language": backbone_config_dict(self.language)}}
@@ -532,7 +580,10 @@ class VLAModel(nn.Module):
         tokenizer, action bins), atomically; with `optimizer` (+ `scheduler`) also the trainer state
         that ``lapa_training.checkpoint.load_trainer_state`` restores."""
         def write_files(dest: Path) -> None:
-            self.tokenizer.save_pretrained(str(dest / TOKENIZER_DIR))
+            if self.vlm is not None:
+                self.vlm.save_processor(dest)
+            else:
+                self.tokenizer.save_pretrained(str(dest / TOKENIZER_DIR))
             if self.action_bins is not None:
                 self.action_bins.save(dest / BINS_FILE)
 
@@ -551,19 +602,25 @@ class VLAModel(nn.Module):
         LM, drop the saved head and build a fresh one for `config` (default: the saved config's
         ``finetune()``); `config` may then also differ in head keys. ``model.load_report`` lists
         the loaded, new and dropped keys."""
-        from lapa_training.checkpoint import CheckpointError, check_config_compatible, load_checkpoint, \
-            load_model_state
+        from lapa_training.checkpoint import CheckpointError, load_checkpoint
 
         state, saved, _ = load_checkpoint(directory, device=str(map_location))
         path = _resolved(directory)
         backbones = saved.get("backbones")
-        if not isinstance(backbones, dict) or not {"vision", "language"} <= set(backbones):
+        if not isinstance(backbones, dict) or not ({"vision", "language"} <= set(backbones) or "vlm" in backbones):
             raise CheckpointError(f"{path}/config.json has no backbone configs: not a VLA checkpoint written by "
                                   f"VLAModel.save_pretrained")
         try:
             saved_config = _saved_config(saved)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path} does not hold a valid VLA config: {e}") from e
+        bins = _saved_bins(path)
+        if "vlm" in backbones:
+            if not (path / PROCESSOR_DIR).is_dir():
+                raise CheckpointError(f"checkpoint {path} has no {PROCESSOR_DIR}/ directory")
+            vlm = VLMBackbone.from_saved(backbones["vlm"], path / PROCESSOR_DIR, str(path), _lora(saved_config))
+            model = cls(saved_config, vlm=vlm, action_bins=bins)
+            return model._finish_loading(state, path, saved_config, config, replace_heads, map_location)
         if not (path / TOKENIZER_DIR).is_dir():
             raise CheckpointError(f"checkpoint {path} has no {TOKENIZER_DIR}/ directory")
         from transformers import AutoTokenizer
@@ -572,15 +629,17 @@ class VLAModel(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
         except Exception as e:
             raise CheckpointError(f"cannot read the tokenizer of {path}: {e}") from e
-        bins = None
-        if (path / BINS_FILE).is_file():
-            try:
-                bins = ActionBins.load(path / BINS_FILE)
-            except ValueError as e:
-                raise CheckpointError(str(e)) from e
         vision = backbone_from_config_dict(backbones["vision"], "vision")
         language = backbone_from_config_dict(backbones["language"], "language")
         model = cls(saved_config, vision=vision, language=language, tokenizer=tokenizer, action_bins=bins)
+        return model._finish_loading(state, path, saved_config, config, replace_heads, map_location)
+
+    def _finish_loading(self, state: dict[str, torch.Tensor], path: Path, saved_config: VLAConfig,
+                        config: VLAConfig | None, replace_heads: bool, map_location) -> "VLAModel":
+        """The saved weights into this freshly built model, then heads replaced or the config set as asked."""
+        from lapa_training.checkpoint import check_config_compatible, load_model_state
+
+        model = self
         load_model_state(model, state, source=path)
         report = LoadReport(source=str(path), loaded=sorted(state))
         if replace_heads:
@@ -625,6 +684,21 @@ class VLAModel(nn.Module):
         model.config = config.validate(check_backbones=False)
         model._apply_freezing()
         return model
+
+
+def _saved_bins(path: Path) -> ActionBins | None:
+    from lapa_training.checkpoint import CheckpointError
+
+    if not (path / BINS_FILE).is_file():
+        return None
+    try:
+        return ActionBins.load(path / BINS_FILE)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _lora(config: VLAConfig) -> dict[str, Any]:
+    return {"rank": config.lora_rank, "alpha": float(config.lora_alpha), "dropout": float(config.lora_dropout)}
 
 
 def _saved_config(saved: dict[str, Any]) -> VLAConfig:

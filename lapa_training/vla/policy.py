@@ -55,14 +55,21 @@ class VLAPolicy:
 
     # ---- Policy protocol -----------------------------------------------------------------
     def reset(self, instruction: str) -> None:
-        """Start an episode: forget queued chunk steps; tokenize the instruction once."""
+        """Start an episode: forget queued chunk steps; tokenize the instruction once (a VLM's processor
+        tokenizes it with each image)."""
         self._queue.clear()
-        self._tokenized(instruction)
+        if self.model.vlm is None:
+            self._tokenized(instruction)
+        elif not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
+        self._instruction = instruction
 
     def act(self, image: np.ndarray, instruction: str) -> PolicyStep:
         """One control step: the (7,) end-effector delta for `image` (H, W, 3) uint8 RGB."""
         if instruction != self._instruction:
             self._queue.clear()
+            if self.model.vlm is not None:  # (the composed path records it when it tokenizes)
+                self._instruction = instruction
         if not self._queue:
             ids, actions = self._infer(image, instruction)
             for k in range(len(actions)):
@@ -89,9 +96,12 @@ class VLAPolicy:
     def _infer(self, image: np.ndarray, instruction: str) -> tuple[np.ndarray, np.ndarray]:
         """-> (bin ids (k, 7), actions (k, 7)) for one image."""
         _check_image(image)
-        input_ids, attention_mask = self._tokenized(instruction)
-        pixels = self.model.preprocess_images(image)
-        ids, actions = self.model.predict_actions(pixels, input_ids, attention_mask)
+        if self.model.vlm is not None:  # its processor reads image and prompt together
+            ids, actions = self.model.predict_actions(**self.model.prepare_inputs(image[None], [instruction]))
+        else:
+            input_ids, attention_mask = self._tokenized(instruction)
+            pixels = self.model.preprocess_images(image)
+            ids, actions = self.model.predict_actions(pixels, input_ids, attention_mask)
         if not np.isfinite(actions).all():
             raise RuntimeError(f"VLA policy {self.source} produced non-finite actions {actions[0]}")
         return ids[0], actions[0]

@@ -31,7 +31,7 @@ from lapa_training.vla.configuration_vla import VLAConfig
 from lapa_training.vla.modeling_vla import VLAModel
 from lapa_training.dataclass_dict import dataclass_kwargs
 
-PRESETS = ("tiny", "paper")
+PRESETS = ("tiny", "paper", "vlm")  # VLAConfig's presets; config/train/presets/ names VLMs for "vlm"
 VLA_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 3e-4, "batch_size": 32, "warmup_steps": 50, "grad_clip": 1.0,
                                       "weight_decay": 0.01}
 
@@ -57,7 +57,7 @@ class VLADataOptions:
 
 
 def vla_config_from_dict(d: dict[str, Any], **fixed) -> VLAConfig:
-    """A model section ({'preset': 'tiny'|'paper', field: value}) -> VLAConfig, with `fixed` keys set."""
+    """A model section ({'preset': 'tiny'|'paper'|'vlm', field: value}) -> VLAConfig, with `fixed` keys set."""
     d = {**dict(d), **fixed}
     preset = d.pop("preset", "tiny")
     if preset not in PRESETS:
@@ -181,16 +181,15 @@ class VLATrainJob:
 
     def _forward(self, model: nn.Module, batch: dict[str, Any], augment: bool):
         inner: VLAModel = getattr(model, "module", model)
-        pixels = inner.preprocess_images(batch["images"])
-        if augment:
-            pixels = augment_images(pixels)
-        ids, mask = inner.tokenize(batch["instructions"])
+        inputs = inner.prepare_inputs(batch["images"], batch["instructions"])
+        if augment and inner.vlm is None:  # a VLM's processor owns its pixels (tiled, patchified): not augmented
+            inputs["pixel_values"] = augment_images(inputs["pixel_values"])
         targets = batch["targets"]
         if inner.head == "latent":
-            labels = torch.as_tensor(targets, device=pixels.device)
-            return model(pixels, ids, mask, labels=labels), labels
+            labels = torch.as_tensor(targets, device=inner.device)
+            return model(**inputs, labels=labels), labels
         labels = inner.encode_actions(targets)
-        return model(pixels, ids, mask, labels=labels, actions=torch.from_numpy(targets)), labels
+        return model(**inputs, labels=labels, actions=torch.from_numpy(targets)), labels
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         out, _ = self._forward(model, batch, self.augment)

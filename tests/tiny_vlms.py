@@ -1,0 +1,87 @@
+"""Tiny random-weight vision-language models of real families, saved with their processors to a
+directory and loaded by path, as transformers' own tests build them: nothing is downloaded.
+
+Each has its family's real model class (AutoModelForImageTextToText), image processor (the PIL
+backend) and prompt format; the tokenizer is byte-level with the family's special tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FAMILIES = ("idefics3", "paligemma")
+IMAGE_SIZE = 64
+
+
+def byte_tokenizer(specials: list[str], **roles):
+    """A byte-level BPE tokenizer: the special tokens first (ids 0..), then the 256 byte symbols."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {s: i for i, s in enumerate(specials)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
+    fast.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in roles.values()]})
+    return fast
+
+
+def _text(vocab_size: int, **extra) -> dict:
+    return {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512), **extra}
+
+
+def _vision(**extra) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                image_size=IMAGE_SIZE, patch_size=16, **extra)
+
+
+# SmolVLM's chat format: "<|im_start|>User:<image>{text}<end_of_utterance>\nAssistant:"
+IDEFICS3_CHAT = ("<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+                 "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+                 "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+                 "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+                 "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def build(family: str, directory: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    if family == "idefics3":
+        from transformers import Idefics3Config, Idefics3ImageProcessorPil, Idefics3Processor
+
+        tok = byte_tokenizer(["<pad>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                              "<global-img>"], pad_token="<pad>", bos_token="<|im_start|>",
+                             eos_token="<end_of_utterance>")
+        images = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": IMAGE_SIZE},
+                                           max_image_size={"longest_edge": IMAGE_SIZE})
+        # (64 / 16)^2 patches, merged 2 x 2 by the connector: 4 image tokens
+        processor = Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4,
+                                      chat_template=IDEFICS3_CHAT)
+        config = Idefics3Config(vision_config=_vision(), text_config=dict(model_type="llama", **_text(len(tok)),
+                                                                          pad_token_id=0),
+                                scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                tie_word_embeddings=False)
+    elif family == "paligemma":
+        from transformers import PaliGemmaConfig, PaliGemmaProcessor, SiglipImageProcessorPil
+
+        tok = byte_tokenizer(["<pad>", "<bos>", "<eos>", "<image>"], pad_token="<pad>", bos_token="<bos>",
+                             eos_token="<eos>")
+        images = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        images.image_seq_length = (IMAGE_SIZE // 16) ** 2
+        processor = PaliGemmaProcessor(image_processor=images, tokenizer=tok)  # adds its location tokens
+        config = PaliGemmaConfig(vision_config=_vision(projection_dim=32),
+                                 text_config=_text(len(tok), head_dim=8, num_key_value_heads=1),
+                                 image_token_id=tok.convert_tokens_to_ids("<image>"), projection_dim=32)
+        config.vision_config.num_image_tokens = images.image_seq_length
+    else:
+        raise ValueError(f"no tiny {family}")
+    model = AutoModelForImageTextToText.from_config(config)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
