@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FAMILIES = ("idefics3", "paligemma")
+FAMILIES = ("idefics3", "paligemma", "qwen2_5_vl")
 IMAGE_SIZE = 64
 
 
@@ -79,9 +79,36 @@ def build(family: str, directory: Path, seed: int = 0) -> Path:
                                  text_config=_text(len(tok), head_dim=8, num_key_value_heads=1),
                                  image_token_id=tok.convert_tokens_to_ids("<image>"), projection_dim=32)
         config.vision_config.num_image_tokens = images.image_seq_length
+    elif family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessorPil
+
+        tok = byte_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                              "<|image_pad|>", "<|video_pad|>"], pad_token="<|endoftext|>", eos_token="<|im_end|>")
+        # every frame resized to 56 x 56 px: 4 x 4 patches of 14, merged 2 x 2: 4 image tokens
+        images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)
+        ids = {name: tok.convert_tokens_to_ids(f"<|{name}|>") for name in ("image_pad", "video_pad", "vision_start")}
+        config = Qwen2_5_VLConfig(
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                               fullatt_block_indexes=[0]),
+            text_config=_text(len(tok), rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+            image_token_id=ids["image_pad"], video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"])
+        # transformers builds Qwen2.5-VL's processor only with torchvision (its video half): the files a hub
+        # repository holds instead, which the backbone reads into its image-only processor
+        processor = None
+        tok.save_pretrained(directory)
+        images.save_pretrained(directory)
+        (directory / "chat_template.jinja").write_text(QWEN_CHAT)
     else:
         raise ValueError(f"no tiny {family}")
     model = AutoModelForImageTextToText.from_config(config)
     model.save_pretrained(directory)
-    processor.save_pretrained(directory)
+    if processor is not None:
+        processor.save_pretrained(directory)
     return directory
+
+
+QWEN_CHAT = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"
+             "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}"
+             "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+             "{% endif %}")

@@ -82,11 +82,12 @@ class VLMBackbone(nn.Module):
         if config.model_type not in FAMILIES:
             raise VLABuildError(f"backbone {name!r} is a {config.model_type!r} model; supported VLM families: "
                                 f"{', '.join(sorted(FAMILIES))} (or set vision_backbone and language_backbone)")
+        processor = load_processor(where, processor_overrides, config.model_type)
         try:
             full = AutoModelForImageTextToText.from_pretrained(where, dtype=torch.float32)
         except Exception as e:
             raise VLABuildError(f"cannot load VLM backbone {name!r}: {e}") from e
-        return cls(full.model, load_processor(where, processor_overrides), name, lora)  # the LM head is not kept
+        return cls(full.model, processor, name, lora)  # the LM head is not kept
 
     @classmethod
     def from_saved(cls, config_dict: dict[str, Any], processor_dir: Path, source: str,
@@ -100,7 +101,7 @@ class VLMBackbone(nn.Module):
             model = AutoModel.from_config(config, dtype=torch.float32)  # the base model: no LM head
         except Exception as e:
             raise VLABuildError(f"cannot rebuild the VLM backbone of {source} from its saved config: {e}") from e
-        return cls(model, load_processor(str(processor_dir)), source, lora)
+        return cls(model, load_processor(str(processor_dir), model_type=config.model_type), source, lora)
 
     def _add_lora(self, rank: int, alpha: float, dropout: float) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -203,12 +204,43 @@ class VLMBackbone(nn.Module):
         self.processor.save_pretrained(str(directory / PROCESSOR_DIR))
 
 
-def load_processor(where: str, overrides: dict[str, Any] | None = None):
+def load_processor(where: str, overrides: dict[str, Any] | None = None, model_type: str | None = None):
+    """The VLM's AutoProcessor. Qwen2.5-VL's is built with its video half, which transformers makes only
+    with torchvision; where that fails, the same processor for images alone (image_only_qwen_processor)."""
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(where, **dict(overrides or {}))
-    except ImportError as e:  # e.g. a processor whose video half needs torchvision
-        raise VLABuildError(f"cannot build the processor of {where!r}: {' '.join(str(e).split())[:300]}") from e
-    except Exception as e:
-        raise VLABuildError(f"cannot load the processor of {where!r}: {e}") from e
+        processor = AutoProcessor.from_pretrained(where, **dict(overrides or {}))
+        if not hasattr(processor, "image_processor"):  # AutoProcessor falls back on the bare tokenizer
+            raise ValueError(f"no image processor in {where} (found a {type(processor).__name__})")
+        return processor
+    except Exception as e:  # ImportError, or AttributeError from transformers' video registry without torchvision
+        if model_type == "qwen2_5_vl":
+            try:
+                return image_only_qwen_processor(where, overrides)
+            except Exception:
+                pass
+        raise VLABuildError(f"cannot load the processor of {where!r}: {' '.join(str(e).split())[:300]}") from e
+
+
+def image_only_qwen_processor(where: str, overrides: dict[str, Any] | None = None):
+    """Qwen2.5-VL's processor without a video processor: its tokenizer, image processor and chat template,
+    and its own code for images (each image's tokens from its patch grid, the multimodal token types)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class Qwen2_5_VLImageProcessorOnly(Qwen2_5_VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    images = AutoImageProcessor.from_pretrained(where, **dict(overrides or {}))
+    template = tokenizer.chat_template
+    chat_file = Path(where) / "chat_template.jinja"
+    if template is None and chat_file.is_file():
+        template = chat_file.read_text()
+    return Qwen2_5_VLImageProcessorOnly(image_processor=images, tokenizer=tokenizer, chat_template=template)
