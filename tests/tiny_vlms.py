@@ -9,24 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lapa_training.vla.backbones import byte_tokenizer
+
 FAMILIES = ("idefics3", "paligemma", "qwen2_5_vl")
 IMAGE_SIZE = 64
-
-
-def byte_tokenizer(specials: list[str], **roles):
-    """A byte-level BPE tokenizer: the special tokens first (ids 0..), then the 256 byte symbols."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {s: i for i, s in enumerate(specials)}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
-    fast.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in roles.values()]})
-    return fast
 
 
 def _text(vocab_size: int, **extra) -> dict:

@@ -25,19 +25,25 @@ class VLABuildError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # tokenizers
 # ---------------------------------------------------------------------------------------------
-def byte_tokenizer():
-    """A byte-level tokenizer built in code (no download): 256 byte symbols + <pad> (0) + <eos> (1)."""
+def byte_tokenizer(specials: tuple[str, ...] = (PAD_TOKEN, EOS_TOKEN), **roles: str):
+    """A byte-level tokenizer built in code (no download): the special tokens first (ids 0, 1, ...), then
+    the 256 byte symbols. Default: <pad> (0) and <eos> (1). `roles` name the pad/bos/eos tokens among
+    `specials`; the other specials become additional special tokens (a VLM's image tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {PAD_TOKEN: 0, EOS_TOKEN: 1}
+    roles = roles or {"pad_token": PAD_TOKEN, "eos_token": EOS_TOKEN}
+    vocab = {s: i for i, s in enumerate(specials)}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[symbol] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
-                                   padding_side="right")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="right", **roles)
+    extra = [s for s in specials if s not in roles.values()]
+    if extra:
+        fast.add_special_tokens({"additional_special_tokens": extra})
+    return fast
 
 
 def prepare_tokenizer(tokenizer, source: str):

@@ -310,7 +310,7 @@ class VLAModel(nn.Module):
         model's device: pixel_values, input_ids, attention_mask (and what a VLM's processor adds)."""
         if self.vlm is not None:
             return self.vlm.inputs(images, list(instructions), self.config.prompt_template, self.device,
-                                   self._head.net[1].weight.dtype)
+                                   next(self.vlm.parameters()).dtype)
         ids, mask = self.tokenize(list(instructions))
         return {"pixel_values": self.preprocess_images(images), "input_ids": ids, "attention_mask": mask}
 

@@ -226,7 +226,20 @@ def load_processor(where: str, overrides: dict[str, Any] | None = None, model_ty
 def image_only_qwen_processor(where: str, overrides: dict[str, Any] | None = None):
     """Qwen2.5-VL's processor without a video processor: its tokenizer, image processor and chat template,
     and its own code for images (each image's tokens from its patch grid, the multimodal token types)."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    images = AutoImageProcessor.from_pretrained(where, **dict(overrides or {}))
+    template = tokenizer.chat_template
+    chat_file = Path(where) / "chat_template.jinja"
+    if template is None and chat_file.is_file():
+        template = chat_file.read_text()
+    return qwen_processor_for_images(images, tokenizer, template)
+
+
+def qwen_processor_for_images(image_processor, tokenizer, chat_template: str | None):
+    """Qwen2.5-VL's processor class built without its video processor (see image_only_qwen_processor)."""
+    from transformers import Qwen2_5_VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
     class Qwen2_5_VLImageProcessorOnly(Qwen2_5_VLProcessor):
@@ -237,10 +250,5 @@ def image_only_qwen_processor(where: str, overrides: dict[str, Any] | None = Non
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
-    tokenizer = AutoTokenizer.from_pretrained(where)
-    images = AutoImageProcessor.from_pretrained(where, **dict(overrides or {}))
-    template = tokenizer.chat_template
-    chat_file = Path(where) / "chat_template.jinja"
-    if template is None and chat_file.is_file():
-        template = chat_file.read_text()
-    return Qwen2_5_VLImageProcessorOnly(image_processor=images, tokenizer=tokenizer, chat_template=template)
+    return Qwen2_5_VLImageProcessorOnly(image_processor=image_processor, tokenizer=tokenizer,
+                                        chat_template=chat_template)
