@@ -125,8 +125,8 @@ def policy_latency(args) -> None:
     ms = np.asarray(times) * 1e3
     p50, p99 = np.percentile(ms, 50), np.percentile(ms, 99)
     print(f"policy.act {h}x{w} frames, {torch.get_num_threads()} threads, chunk {policy.chunk_size}: "
-          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, mean {ms.mean():.2f} ms -> {1e3 / p50:.0f} Hz at p50, "
-          f"{1e3 / p99:.0f} Hz at p99, {1e3 / ms.mean():.0f} Hz sustained")
+          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, mean {ms.mean():.2f} ms -> {1e3 / p50:.3g} Hz at p50, "
+          f"{1e3 / p99:.3g} Hz at p99, {1e3 / ms.mean():.3g} Hz sustained")
     if policy.chunk_size > 1:
         inf = ms[np.asarray(inferred)]
         print(f"  calls that ran the model ({len(inf)} of {len(ms)}): p50 {np.percentile(inf, 50):.2f} ms, "

@@ -23,6 +23,7 @@ did: its loss curve is identical on the same hardware and process count (tests/t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -66,6 +67,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    # micro-batches per optimizer step: each process runs batch_size / (processes x grad_accum_steps)
+    # samples at a time and steps once per batch_size (a large batch in a small GPU's memory)
+    grad_accum_steps: int = 1
+    # recompute activations in the backward pass instead of keeping them (transformers backbones): less
+    # memory for a pretrained VLM, about a third more compute
+    gradient_checkpointing: bool = False
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPUs; auto = bf16 where supported)
     val_every: int = 200
     save_every: int = 500
@@ -79,7 +86,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         problems = []
-        for name in ("steps", "batch_size", "val_every", "save_every", "log_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "val_every", "save_every", "log_every", "keep_checkpoints",
+                     "grad_accum_steps"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"train.{name} must be >= 1 (got {getattr(self, name)})")
         if not self.lr > 0:
@@ -93,6 +101,8 @@ class TrainConfig:
         if not isinstance(self.keep_best, str) or (self.keep_best and not self.keep_best.startswith("val_")):
             problems.append(f"train.keep_best must be a validation metric such as val_loss, or empty (got "
                             f"{self.keep_best!r})")
+        if not isinstance(self.gradient_checkpointing, bool):
+            problems.append(f"train.gradient_checkpointing must be true or false (got {self.gradient_checkpointing!r})")
         if self.precision not in PRECISIONS:
             problems.append(f"train.precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if problems:
@@ -245,15 +255,20 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=self._mixed_precision(cfg.precision),
                                        cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
         acc = self.accelerator
-        if cfg.batch_size % acc.num_processes:
-            raise TrainingError(f"train.batch_size {cfg.batch_size} must be divisible by the number of "
-                                f"processes ({acc.num_processes})")
+        if cfg.batch_size % (acc.num_processes * cfg.grad_accum_steps):
+            raise TrainingError(f"train.batch_size {cfg.batch_size} must be divisible by the number of processes "
+                                f"({acc.num_processes}) times train.grad_accum_steps ({cfg.grad_accum_steps})")
         self.per_process = cfg.batch_size // acc.num_processes
         self.step = 0
         self.best: tuple[float, int] | None = None  # train.keep_best: (value, step) of best/
         self._prepare_run_dir(resume, overwrite, run_info or {})
 
         model = job.model
+        if cfg.gradient_checkpointing:
+            enable = getattr(model, "enable_gradient_checkpointing", None)
+            if enable is None:
+                raise TrainingError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+            enable()
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
@@ -319,13 +334,7 @@ class Trainer:
             while self.step < cfg.steps:
                 torch.manual_seed(step_seed(cfg.seed, self.step, acc.process_index))
                 batch = job.batch(self.step, acc.process_index, acc.num_processes, self.per_process)
-                batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with acc.autocast():
-                    loss, metrics = job.loss(self.model, batch)
-                if not torch.isfinite(loss.detach()):
-                    raise TrainingError(f"loss is {loss.item()} at step {self.step}; stopping (the last good "
-                                        f"checkpoint is kept). Lower train.lr or check the data.")
-                acc.backward(loss)
+                loss, metrics = self._accumulate(batch)
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
                 self.wrapped_optimizer.step()
                 self.wrapped_optimizer.zero_grad(set_to_none=True)
@@ -360,6 +369,24 @@ class Trainer:
             raise
         bar.close()
         return self.save_final()
+
+    def _accumulate(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward and backward over the batch in train.grad_accum_steps micro-batches (gradients
+        synchronised across processes on the last only); -> the mean loss and metrics."""
+        acc, n = self.accelerator, self.cfg.grad_accum_steps
+        losses, metrics = [], []
+        for i, part in enumerate(micro_batches(batch, n)):
+            part = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in part.items()}
+            with acc.no_sync(self.model) if i < n - 1 else contextlib.nullcontext():
+                with acc.autocast():
+                    loss, found = self.job.loss(self.model, part)
+                if not torch.isfinite(loss.detach()):
+                    raise TrainingError(f"loss is {loss.item()} at step {self.step}; stopping (the last good "
+                                        f"checkpoint is kept). Lower train.lr or check the data.")
+                acc.backward(loss / n if n > 1 else loss)
+            losses.append(loss.detach())
+            metrics.append(found)
+        return (losses[0] if n == 1 else torch.stack(losses).mean()), _mean(metrics)
 
     def _log(self, line: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -482,6 +509,18 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def micro_batches(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """A batch (tensors, arrays and lists of equal length; anything else shared) in n equal parts."""
+    if n == 1:
+        return [batch]
+    sizes = {len(v) for v in batch.values() if isinstance(v, (torch.Tensor, np.ndarray, list, tuple))}
+    if len(sizes) != 1 or next(iter(sizes)) % n:
+        raise TrainingError(f"cannot cut a batch of sizes {sorted(sizes)} into {n} equal micro-batches")
+    size = next(iter(sizes)) // n
+    return [{k: v[i * size:(i + 1) * size] if isinstance(v, (torch.Tensor, np.ndarray, list, tuple)) else v
+             for k, v in batch.items()} for i in range(n)]
 
 
 def _mean(records: list[dict[str, float]]) -> dict[str, float]:

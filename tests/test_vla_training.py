@@ -251,3 +251,29 @@ def test_keep_head_goes_on_training_the_action_pretrained_head_with_its_bins(lab
     # nor any other key of the model it keeps as it is
     user_error(capsys, ["train", "finetune", "--init", str(pre), "--keep-head", "--set", "model.keypoints=4", *base],
                "keypoints cannot change")
+
+
+def test_gradient_accumulation_takes_the_same_steps_as_the_whole_batch(labelled_data, tmp_path):
+    """train.grad_accum_steps 2: two micro-batches of 4 and one optimizer step give the weights one batch of 8 gives."""
+    runs = {}
+    for accum in (1, 2):
+        run = tmp_path / f"accum{accum}"
+        finetune([labelled_data], run, {"zero_init_head": False}, {**FAST, "batch_size": 8, "grad_accum_steps": accum,
+                                                                    "steps": 3, "val_every": 100},
+                 {**SMALL, "episodes": 4, "augment": False}, progress=False)
+        runs[accum] = VLAModel.from_pretrained(run / "model").state_dict()
+    start = VLAModel.from_pretrained(tmp_path / "accum1" / "model")  # (only for the key list)
+    moved = 0
+    for key in start.state_dict():
+        torch.testing.assert_close(runs[2][key], runs[1][key], rtol=1e-4, atol=1e-6)
+        moved += int(runs[1][key].dtype.is_floating_point and bool(runs[1][key].abs().sum() > 0))
+    assert moved > 0
+    losses = {a: [r["loss"] for r in read_metrics(tmp_path / f"accum{a}" / "metrics.jsonl") if "loss" in r]
+              for a in (1, 2)}
+    np.testing.assert_allclose(losses[2], losses[1], rtol=1e-4)
+
+
+def test_a_batch_that_does_not_split_into_micro_batches_is_refused(labelled_data, tmp_path, capsys):
+    user_error(capsys, ["train", "finetune", "--data", str(labelled_data), "--out", str(tmp_path / "run"),
+                        "--batch-size", "6", "--set", "train.grad_accum_steps=4"],
+               "train.batch_size 6", "train.grad_accum_steps (4)")

@@ -182,3 +182,22 @@ def test_latent_pretraining_then_finetuning_through_the_commands(vlm_dirs, sim_d
     assert vision and all(torch.equal(pretrained.state_dict()[k], finetuned.state_dict()[k]) for k in vision)
     step = load_policy(tmp_path / "ft" / "model").act(images(1)[0], "go to the red block")
     assert np.isfinite(step.delta).all()
+
+
+def test_gradient_checkpointing_recomputes_to_the_same_gradients(vlm_dirs):
+    import copy
+
+    torch.manual_seed(0)
+    plain = VLAModel(vlm_config(vlm_dirs["idefics3"], objective="latent"))
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.enable_gradient_checkpointing()
+    assert checkpointed.vlm.model.is_activation_checkpointing and not plain.vlm.model.is_activation_checkpointing
+    labels = torch.tensor([[1, 2, 3, 4], [0, 5, 0, 6]])
+    inputs = plain.prepare_inputs(images(2), INSTRUCTIONS[:2])
+    for model in (plain, checkpointed):
+        model.train()
+        model(**inputs, labels=labels).loss.backward()
+    grads = dict(checkpointed.named_parameters())
+    for name, p in plain.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6)

@@ -278,6 +278,13 @@ class VLAModel(nn.Module):
             (self.vlm.model.get_submodule(self.vlm.family.language) if self.vlm is not None else self.language).eval()
         return self
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the transformers backbones' activations in the backward pass (train.gradient_checkpointing)."""
+        modules = [self.vlm.model] if self.vlm is not None else [self.language, self.vision]
+        for module in modules:
+            if getattr(module, "supports_gradient_checkpointing", False):
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
