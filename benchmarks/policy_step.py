@@ -210,12 +210,15 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=1, help="tiny preset action chunk size")
     ap.add_argument("--train-steps", type=int, default=60, help="training steps timed (0: skip the training half)")
     ap.add_argument("--batch", type=int, default=32, help="training batch size")
-    ap.add_argument("--preset", help="a VLM preset of config/train/presets/ at full size, random weights "
-                                     "(benchmarks/vlm_architectures/); skips the training half")
+    ap.add_argument("--preset", choices=sorted(p.stem for p in ARCHITECTURES.glob("*.json")),
+                    help="a VLM preset of config/train/presets/ at full size, random weights "
+                         "(benchmarks/vlm_architectures/); skips the training half")
     ap.add_argument("--device", default="cpu", help="--preset: torch device (default cpu)")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="--preset: the VLM's dtype")
     ap.add_argument("--warmup", type=int, default=20, help="untimed act() calls first (default 20)")
     args = ap.parse_args()
+    if args.preset and args.checkpoint:
+        ap.error("--preset builds its own model: give --preset or --checkpoint, not both")
     if args.preset:
         args.train_steps = 0
     torch.set_num_threads(args.threads)

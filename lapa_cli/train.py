@@ -65,7 +65,15 @@ def _sections(args, sections=("model", "train", "data")) -> dict:
             base = load_run_config(named, (), sections)
         except RunConfigError as e:
             raise UserError(str(e)) from None
-        config = {name: {**base[name], **config[name]} for name in sections}
+        theirs = config["model"].get("preset", base["model"].get("preset"))
+        if theirs != base["model"].get("preset"):
+            raise UserError(f"--preset {args.preset} is a model.preset {base['model'].get('preset')!r} preset, but the "
+                            f"settings ask for model.preset {theirs!r}; leave model.preset out of them")
+        merged = {name: {**base[name], **config[name]} for name in sections}
+        for key, value in base["model"].items():  # dict settings (processor_overrides) merge key by key
+            if isinstance(value, dict) and isinstance(config["model"].get(key), dict):
+                merged["model"][key] = {**value, **config["model"][key]}
+        config = merged
     elif args.preset:
         config["model"]["preset"] = args.preset
     for flag, key in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed")):

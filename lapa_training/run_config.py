@@ -15,6 +15,7 @@ Values of overrides are parsed as YAML (``--set train.lr=3e-4``, ``--set model.a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, .
                 continue
             if not isinstance(values, dict):
                 raise RunConfigError(f"{path}: section {name!r} must be a mapping of settings")
-            config[name].update(values)
+            config[name].update(_numbers(values))
     for item in overrides:
         key, sep, text = item.partition("=")
         section, dot, name = key.strip().partition(".")
@@ -58,5 +59,19 @@ def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, .
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
-        config[section][name] = value
+        config[section][name] = _numbers(value)
     return config
+
+
+_EXPONENT_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 reads 3e-4 (no dot) as a string; a setting written so means the number."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value

@@ -268,7 +268,10 @@ class Trainer:
             enable = getattr(model, "enable_gradient_checkpointing", None)
             if enable is None:
                 raise TrainingError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
-            enable()
+            try:
+                enable()
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))

@@ -179,3 +179,16 @@ def test_setting_values_survive_the_yaml_parser():
     overrides = [setting("model", k, v)[1] for k, v in values.items()]
     assert load_run_config(None, overrides)["model"] == values
     assert json.dumps(values)  # (plain data)
+
+
+def test_numbers_written_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 3e-4 as a string; README's own `--set train.lr=3e-4` means the number."""
+    from lapa_training.run_config import load_run_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  lr: 1e-3\n  warmup_steps: 10\nmodel:\n  action_spread_floor: [1e-3, 5e-3]\n"
+                      "  prompt_template: 'go 1e5 times: {instruction}'\n")
+    config = load_run_config(recipe, ["train.min_lr_ratio=5E-2", "model.name=1e-3x"])
+    assert config["train"] == {"lr": 1e-3, "warmup_steps": 10, "min_lr_ratio": 5e-2}
+    assert config["model"]["action_spread_floor"] == [1e-3, 5e-3]
+    assert config["model"]["prompt_template"] == "go 1e5 times: {instruction}" and config["model"]["name"] == "1e-3x"

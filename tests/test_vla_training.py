@@ -277,3 +277,12 @@ def test_a_batch_that_does_not_split_into_micro_batches_is_refused(labelled_data
     user_error(capsys, ["train", "finetune", "--data", str(labelled_data), "--out", str(tmp_path / "run"),
                         "--batch-size", "6", "--set", "train.grad_accum_steps=4"],
                "train.batch_size 6", "train.grad_accum_steps (4)")
+
+
+def test_settings_the_models_cannot_train_with_are_one_line_errors(labelled_data, tmp_path, capsys):
+    # the tiny recipe's image tokens read the instruction from the LM's cache, which checkpointing drops
+    user_error(capsys, ["train", "finetune", "--data", str(labelled_data), "--out", str(tmp_path / "ft"),
+                        "--steps", "1", "--set", "train.gradient_checkpointing=true"], "model.text_first")
+    # LAQ's codebook replacement counts forward passes
+    user_error(capsys, ["train", "laq", "--data", str(labelled_data), "--out", str(tmp_path / "laq"),
+                        "--steps", "1", "--set", "train.grad_accum_steps=2"], "train.grad_accum_steps must be 1 for LAQ")

@@ -201,3 +201,34 @@ def test_gradient_checkpointing_recomputes_to_the_same_gradients(vlm_dirs):
     for name, p in plain.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_named_preset_is_the_base_the_settings_go_over(tmp_path):
+    """--preset NAME: the preset file first, then --config and --set; dict settings merge key by key."""
+    import argparse
+
+    from lapa_cli import UserError
+    from lapa_cli.train import _sections, named_presets
+
+    assert {"smolvlm-500m", "smolvlm2-500m", "paligemma-3b", "qwen2.5-vl-3b"} <= set(named_presets())
+    args = argparse.Namespace(config=None, preset="smolvlm-500m", steps=None, batch_size=8, lr=None, seed=None,
+                              overrides=["model.processor_overrides={max_image_size: {longest_edge: 256}}",
+                                         "train.lr=3e-5"])
+    config = _sections(args)
+    assert config["model"]["preset"] == "vlm" and config["model"]["backbone"] == "HuggingFaceTB/SmolVLM-500M-Instruct"
+    assert config["model"]["processor_overrides"] == {"do_image_splitting": False,
+                                                      "max_image_size": {"longest_edge": 256}}
+    assert config["train"]["lr"] == 3e-5 and config["train"]["batch_size"] == 8
+    assert config["train"]["precision"] == "bf16"  # from the preset
+    for name in named_presets():  # every preset file makes a valid VLA config (no download: names only)
+        from lapa_training.vla.train_vla import vla_config_from_dict
+
+        cfg = _sections(argparse.Namespace(config=None, preset=name, steps=None, batch_size=None, lr=None,
+                                           seed=None, overrides=[]))
+        model = vla_config_from_dict(cfg["model"])
+        assert model.backbone and model.freeze_vision
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  preset: tiny\n")
+    with pytest.raises(UserError, match="leave model.preset out"):
+        _sections(argparse.Namespace(config=recipe, preset="smolvlm-500m", steps=None, batch_size=None, lr=None,
+                                     seed=None, overrides=[]))

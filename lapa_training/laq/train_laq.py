@@ -170,6 +170,11 @@ def train_laq(data: list[str | Path], out: str | Path, model_section: dict[str, 
 
     config = laq_config_from_dict(model_section)
     train_cfg = TrainConfig.from_dict({**LAQ_TRAIN_DEFAULTS, **train_section})
+    if train_cfg.grad_accum_steps != 1:
+        # NSVQ counts every training forward as a step of its dead-code schedule and may replace codes
+        # between micro-batches
+        raise TrainingError("train.grad_accum_steps must be 1 for LAQ: its codebook replacement runs per forward "
+                            "pass; lower train.batch_size or use more processes instead")
     options = LAQDataOptions.from_dict(data_section)
     if not data:
         raise TrainingError("no dataset given (--data)")

@@ -47,7 +47,7 @@ TINY_LANGUAGE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num
                                      tie_word_embeddings=False)
 
 # Keys that change how a model trains or runs but not its weights.
-TRAINING_ONLY_KEYS = ("freeze_vision", "freeze_language", "control_rate", "zero_init_head", "lora_dropout")
+TRAINING_ONLY_KEYS = ("freeze_vision", "freeze_language", "control_rate", "zero_init_head")
 # Keys that only shape the heads: a checkpoint loaded with its heads replaced may differ in these.
 HEAD_KEYS = ("objective", "stage", "latent_tokens", "codebook_size", "num_bins", "chunk_size", "head_hidden",
              "action_head_type", "action_spread_floor")
@@ -135,7 +135,7 @@ class VLAConfig:
     image_mean: tuple[float, float, float] | None = None  # None: the vision backbone's (0.5 for tiny)
     image_std: tuple[float, float, float] | None = None
     prompt_template: str = "{instruction}"
-    max_text_tokens: int = 64  # instructions are cut to this many tokens
+    max_text_tokens: int = 64  # instructions are cut to this many tokens (composed backbones; a VLM's prompt is not cut)
     control_rate: float = 10.0  # Hz of the actions (metadata for the policy)
 
     def __post_init__(self):
@@ -290,8 +290,8 @@ class VLAConfig:
         overrides = drop_removed_keys(overrides)
         if not overrides.get("backbone"):
             raise ValueError("the vlm preset needs model.backbone: a Hugging Face id or directory of a VLM")
-        return cls(**{**dict(prompt_template="What action should the robot take to {instruction}?",
-                             max_text_tokens=96), **overrides}).validate()
+        return cls(**{**dict(prompt_template="What action should the robot take to {instruction}?"),
+                      **overrides}).validate()
 
     def finetune(self, **overrides) -> "VLAConfig":
         """The config of the finetuning model for this (pretrained) one: stage finetune, action head."""

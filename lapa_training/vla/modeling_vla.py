@@ -280,6 +280,12 @@ class VLAModel(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the transformers backbones' activations in the backward pass (train.gradient_checkpointing)."""
+        if self.vlm is None and self.config.text_first:
+            # the image tokens attend to the instruction through the LM's key/value cache, which
+            # transformers' checkpointed layers drop in training
+            raise ValueError("train.gradient_checkpointing does not work with model.text_first (the image tokens "
+                             "read the instruction from the LM's cache); use it with text_first false or a VLM "
+                             "backbone")
         modules = [self.vlm.model] if self.vlm is not None else [self.language, self.vision]
         for module in modules:
             if getattr(module, "supports_gradient_checkpointing", False):

@@ -68,7 +68,9 @@ class VLAPolicy:
         """One control step: the (7,) end-effector delta for `image` (H, W, 3) uint8 RGB."""
         if instruction != self._instruction:
             self._queue.clear()
-            if self.model.vlm is not None:  # (the composed path records it when it tokenizes)
+            if self.model.vlm is not None:  # (the composed path checks and records it when it tokenizes)
+                if not isinstance(instruction, str):
+                    raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
                 self._instruction = instruction
         if not self._queue:
             ids, actions = self._infer(image, instruction)

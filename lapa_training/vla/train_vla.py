@@ -174,6 +174,8 @@ class VLATrainJob:
         images = gather_frames(self.datasets, sub.which, sub.index)
         instructions = [self.datasets[int(k)].episodes[int(self.datasets[int(k)].episode_index[i])]["instruction"]
                         for k, i in zip(sub.which, sub.index)]
+        if self.model.vlm is not None:  # its processor reads numpy frames on the CPU: no trip to the GPU and back
+            return {"images": images, "instructions": instructions, "targets": sub.targets}
         return {"images": torch.from_numpy(images), "instructions": instructions, "targets": sub.targets}
 
     def batch(self, step: int, rank: int, world: int, size: int) -> dict[str, Any]:
@@ -182,7 +184,7 @@ class VLATrainJob:
     def _forward(self, model: nn.Module, batch: dict[str, Any], augment: bool):
         inner: VLAModel = getattr(model, "module", model)
         inputs = inner.prepare_inputs(batch["images"], batch["instructions"])
-        if augment and inner.vlm is None:  # a VLM's processor owns its pixels (tiled, patchified): not augmented
+        if augment:
             inputs["pixel_values"] = augment_images(inputs["pixel_values"])
         targets = batch["targets"]
         if inner.head == "latent":
@@ -328,7 +330,7 @@ def pretrain(objective: str, data: list[str | Path], out: str | Path, model_sect
                                 "episodes; see `lapa data info`)")
         bins = ActionBins.fit(train.targets.reshape(-1, 7), config.num_bins)
         model = VLAModel(config, action_bins=bins)
-    augment = bool(opts.augment) if opts.augment is not None else False
+    augment = (bool(opts.augment) if opts.augment is not None else False) and model.vlm is None
     info["augment"] = augment
     job = VLATrainJob(model, datasets, train, val, seed=train_cfg.seed, augment=augment, val_source=val_source,
                       info=info)
@@ -384,7 +386,8 @@ def finetune(data: list[str | Path], out: str | Path, model_section: dict[str, A
     info = {"objective": "finetune", "init": str(Path(init).resolve()) if init else None, "keep_head": keep_head,
             "data": [str(Path(p).resolve()) for p in data], "labelled_episodes": used,
             "val_samples": opts.val_samples, "effective_bins": list(bins.num_bins)}
-    augment = True if opts.augment is None else bool(opts.augment)
+    # a VLM's processor owns its pixels (tiled, patchified): the composed backbones' augmentation is not for it
+    augment = (True if opts.augment is None else bool(opts.augment)) and model.vlm is None
     info["augment"] = augment  # recorded in run.json: it changes what the model learns
     job = VLATrainJob(model, datasets, train, val, seed=train_cfg.seed, augment=augment, val_source=val_source,
                       info=info)

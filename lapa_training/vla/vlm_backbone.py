@@ -107,8 +107,11 @@ class VLMBackbone(nn.Module):
         from peft import LoraConfig, inject_adapter_in_model
 
         pattern = rf"^{self.family.language}\..*\.({'|'.join(LORA_TARGETS)})$"
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern),
-                                self.model)
+        try:
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                               target_modules=pattern), self.model)
+        except ValueError as e:  # peft: no target module found
+            raise VLABuildError(f"backbone {self.source!r}: cannot add LoRA to its language model: {e}") from e
         if not any("lora_" in n for n, _ in self.model.named_parameters()):
             raise VLABuildError(f"backbone {self.source!r}: no LoRA target ({', '.join(LORA_TARGETS)}) in its "
                                 f"language model")
@@ -215,25 +218,31 @@ def load_processor(where: str, overrides: dict[str, Any] | None = None, model_ty
             raise ValueError(f"no image processor in {where} (found a {type(processor).__name__})")
         return processor
     except Exception as e:  # ImportError, or AttributeError from transformers' video registry without torchvision
+        also = ""
         if model_type == "qwen2_5_vl":
             try:
                 return image_only_qwen_processor(where, overrides)
-            except Exception:
-                pass
-        raise VLABuildError(f"cannot load the processor of {where!r}: {' '.join(str(e).split())[:300]}") from e
+            except Exception as fallback:
+                also = f"; nor for images alone: {' '.join(str(fallback).split())[:200]}"
+        raise VLABuildError(f"cannot load the processor of {where!r}: {' '.join(str(e).split())[:300]}{also}") from e
 
 
 def image_only_qwen_processor(where: str, overrides: dict[str, Any] | None = None):
     """Qwen2.5-VL's processor without a video processor: its tokenizer, image processor and chat template,
     and its own code for images (each image's tokens from its patch grid, the multimodal token types)."""
     from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.utils import cached_file
 
     tokenizer = AutoTokenizer.from_pretrained(where)
     images = AutoImageProcessor.from_pretrained(where, **dict(overrides or {}))
     template = tokenizer.chat_template
-    chat_file = Path(where) / "chat_template.jinja"
-    if template is None and chat_file.is_file():
-        template = chat_file.read_text()
+    for name in ("chat_template.jinja", "chat_template.json"):  # a directory or the hub cache
+        path = None if template else cached_file(where, name, _raise_exceptions_for_missing_entries=False)
+        if path:
+            text = Path(path).read_text()
+            template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+    if not template:
+        raise VLABuildError(f"{where!r} has no chat template (its prompt format)")
     return qwen_processor_for_images(images, tokenizer, template)
 
 
