@@ -5,6 +5,7 @@ could ever do. `lapa label` adds reading the frames from the dataset's memory ma
 (and resize), and writing the tokens. Goal: ratio >= 0.8.
 
     .venv/bin/python benchmarks/label.py [--data DATASET] [--preset tiny] [--batch 256] [--threads 2]
+    .venv/bin/python benchmarks/label.py --preset official --device cuda   # the LAPA release's LAQ, random weights
 
 Without --data, a simulator dataset is generated in a temporary folder (about 20 s).
 """
@@ -36,7 +37,8 @@ def make_dataset(root: Path, size: int, episodes: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, help="dataset to label (default: generate one)")
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper", "official"],
+                    help="official: the LAPA release's architecture (what `lapa convert laq` loads)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--episodes", type=int, default=4, help="episodes per task when generating")
     ap.add_argument("--threads", type=int, default=2)
@@ -44,9 +46,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = getattr(LAQConfig, args.preset)()
     torch.manual_seed(0)
-    model = LAQModel(cfg).to(args.device).eval()
+    if args.preset == "official":
+        from lapa_training.laq.configuration_official_laq import OfficialLAQConfig
+        from lapa_training.laq.modeling_official_laq import OfficialLAQModel
+
+        cfg = OfficialLAQConfig()
+        model = OfficialLAQModel(cfg).to(args.device).eval()
+    else:
+        cfg = getattr(LAQConfig, args.preset)()
+        model = LAQModel(cfg).to(args.device).eval()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     with tempfile.TemporaryDirectory() as tmp:

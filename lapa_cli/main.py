@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except UserError as e:
-        print(f"lapa {args.command}: error: {e}", file=sys.stderr)
+        print(f"lapa {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
         return 2
 
 
