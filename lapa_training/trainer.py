@@ -255,6 +255,10 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=self._mixed_precision(cfg.precision),
                                        cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
         acc = self.accelerator
+        if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+            # checkpoints are written from rank 0's unsharded module; sharded weights need a collective gather
+            raise TrainingError(f"{acc.distributed_type.name} launches are not supported yet: train the 3 B presets "
+                                f"with LoRA (their default) under plain data parallelism (docs/SCALE_OUT.md)")
         if cfg.batch_size % (acc.num_processes * cfg.grad_accum_steps):
             raise TrainingError(f"train.batch_size {cfg.batch_size} must be divisible by the number of processes "
                                 f"({acc.num_processes}) times train.grad_accum_steps ({cfg.grad_accum_steps})")
