@@ -286,3 +286,14 @@ def test_settings_the_models_cannot_train_with_are_one_line_errors(labelled_data
     # LAQ's codebook replacement counts forward passes
     user_error(capsys, ["train", "laq", "--data", str(labelled_data), "--out", str(tmp_path / "laq"),
                         "--steps", "1", "--set", "train.grad_accum_steps=2"], "train.grad_accum_steps must be 1 for LAQ")
+
+
+def test_a_sharded_launch_is_refused_in_one_line(labelled_data, tmp_path, capsys, monkeypatch):
+    """FSDP needs GPUs, so its launch is stood in for: the loop must refuse it before training."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    user_error(capsys, ["train", "finetune", "--data", str(labelled_data), "--out", str(tmp_path / "ft"),
+                        "--steps", "1"], "FSDP launches are not supported yet")
+    assert not (tmp_path / "ft" / "model").exists()
