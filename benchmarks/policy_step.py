@@ -56,7 +56,8 @@ def preset_policy(name: str, chunk_size: int, device: str, dtype: torch.dtype):
     from lapa_training.vla import ActionBins, VLAConfig, VLAModel
     from lapa_training.vla.backbones import byte_tokenizer
     from lapa_training.vla.policy import VLAPolicy
-    from lapa_training.vla.vlm_backbone import VLMBackbone, qwen_processor_for_images
+    from lapa_training.vla.image_only_processors import qwen_processor_for_images
+    from lapa_training.vla.vlm_backbone import VLMBackbone
 
     spec = json.loads((ARCHITECTURES / f"{name}.json").read_text())
     preset = load_run_config(Path(__file__).parents[1] / "config" / "train" / "presets" / f"{name}.yaml")["model"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lapa_training.vla.backbones import byte_tokenizer
 
-FAMILIES = ("idefics3", "paligemma", "qwen2_5_vl")
+FAMILIES = ("idefics3", "smolvlm", "paligemma", "qwen2_5_vl")
 IMAGE_SIZE = 64
 
 
@@ -53,6 +53,25 @@ def build(family: str, directory: Path, seed: int = 0) -> Path:
                                                                           pad_token_id=0),
                                 scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
                                 tie_word_embeddings=False)
+    elif family == "smolvlm":  # SmolVLM2
+        from transformers import SmolVLMConfig, SmolVLMImageProcessorPil
+
+        tok = byte_tokenizer(["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
+                              "<image>", "<global-img>"], pad_token="<|endoftext|>", bos_token="<|im_start|>",
+                             eos_token="<end_of_utterance>")
+        images = SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": IMAGE_SIZE},
+                                          max_image_size={"longest_edge": IMAGE_SIZE})
+        config = SmolVLMConfig(vision_config=_vision(), text_config=dict(model_type="llama", **_text(len(tok)),
+                                                                         pad_token_id=0),
+                               scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                               tie_word_embeddings=False)
+        # transformers builds SmolVLM2's processor only with torchvision and num2words (its video half): the
+        # files its hub repository holds instead, which the backbone reads into its image-only processor
+        processor = None
+        tok.save_pretrained(directory)
+        images.save_pretrained(directory)
+        (directory / "chat_template.jinja").write_text(IDEFICS3_CHAT)
+        (directory / "processor_config.json").write_text('{"image_seq_len": 4, "processor_class": "SmolVLMProcessor"}')
     elif family == "paligemma":
         from transformers import PaliGemmaConfig, PaliGemmaProcessor, SiglipImageProcessorPil
 

@@ -38,7 +38,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "idefics3": Family("vision_model", "connector", "text_model"),  # SmolVLM
-    "smolvlm": Family("vision_model", "connector", "text_model"),  # SmolVLM2 (its processor needs torchvision)
+    "smolvlm": Family("vision_model", "connector", "text_model"),  # SmolVLM2 (SmolVLA's backbone)
     "paligemma": Family("vision_tower", "multi_modal_projector", "language_model"),
     "qwen2_5_vl": Family("visual", "visual.merger", "language_model"),  # the merger sits inside `visual`
 }
@@ -208,9 +208,12 @@ class VLMBackbone(nn.Module):
 
 
 def load_processor(where: str, overrides: dict[str, Any] | None = None, model_type: str | None = None):
-    """The VLM's AutoProcessor. Qwen2.5-VL's is built with its video half, which transformers makes only
-    with torchvision; where that fails, the same processor for images alone (image_only_qwen_processor)."""
+    """The VLM's AutoProcessor. Qwen2.5-VL's and SmolVLM2's are built with their video halves, which
+    transformers makes only with torchvision; where that fails, the same processor for images alone
+    (image_only_processors.py)."""
     from transformers import AutoProcessor
+
+    from lapa_training.vla.image_only_processors import IMAGE_ONLY
 
     try:
         processor = AutoProcessor.from_pretrained(where, **dict(overrides or {}))
@@ -219,45 +222,9 @@ def load_processor(where: str, overrides: dict[str, Any] | None = None, model_ty
         return processor
     except Exception as e:  # ImportError, or AttributeError from transformers' video registry without torchvision
         also = ""
-        if model_type == "qwen2_5_vl":
+        if model_type in IMAGE_ONLY:
             try:
-                return image_only_qwen_processor(where, overrides)
+                return IMAGE_ONLY[model_type](where, overrides)
             except Exception as fallback:
                 also = f"; nor for images alone: {' '.join(str(fallback).split())[:200]}"
         raise VLABuildError(f"cannot load the processor of {where!r}: {' '.join(str(e).split())[:300]}{also}") from e
-
-
-def image_only_qwen_processor(where: str, overrides: dict[str, Any] | None = None):
-    """Qwen2.5-VL's processor without a video processor: its tokenizer, image processor and chat template,
-    and its own code for images (each image's tokens from its patch grid, the multimodal token types)."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-    from transformers.utils import cached_file
-
-    tokenizer = AutoTokenizer.from_pretrained(where)
-    images = AutoImageProcessor.from_pretrained(where, **dict(overrides or {}))
-    template = tokenizer.chat_template
-    for name in ("chat_template.jinja", "chat_template.json"):  # a directory or the hub cache
-        path = None if template else cached_file(where, name, _raise_exceptions_for_missing_entries=False)
-        if path:
-            text = Path(path).read_text()
-            template = json.loads(text)["chat_template"] if name.endswith(".json") else text
-    if not template:
-        raise VLABuildError(f"{where!r} has no chat template (its prompt format)")
-    return qwen_processor_for_images(images, tokenizer, template)
-
-
-def qwen_processor_for_images(image_processor, tokenizer, chat_template: str | None):
-    """Qwen2.5-VL's processor class built without its video processor (see image_only_qwen_processor)."""
-    from transformers import Qwen2_5_VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class Qwen2_5_VLImageProcessorOnly(Qwen2_5_VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return Qwen2_5_VLImageProcessorOnly(image_processor=image_processor, tokenizer=tokenizer,
-                                        chat_template=chat_template)
