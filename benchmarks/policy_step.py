@@ -56,7 +56,7 @@ def preset_policy(name: str, chunk_size: int, device: str, dtype: torch.dtype):
     from lapa_training.vla import ActionBins, VLAConfig, VLAModel
     from lapa_training.vla.backbones import byte_tokenizer
     from lapa_training.vla.policy import VLAPolicy
-    from lapa_training.vla.image_only_processors import qwen_processor_for_images
+    from lapa_training.vla.image_only_processors import qwen_processor_for_images, smolvlm_processor_for_images
     from lapa_training.vla.vlm_backbone import VLMBackbone
 
     spec = json.loads((ARCHITECTURES / f"{name}.json").read_text())
@@ -68,6 +68,8 @@ def preset_policy(name: str, chunk_size: int, device: str, dtype: torch.dtype):
     kind = spec["processor"]["class"]
     if kind == "image_only_qwen":
         processor = qwen_processor_for_images(images, tok, spec["chat_template"])
+    elif kind == "image_only_smolvlm":
+        processor = smolvlm_processor_for_images(images, tok, spec["chat_template"], spec["processor"]["image_seq_len"])
     elif kind == "PaliGemmaProcessor":
         images.image_seq_length = seq_length
         processor = transformers.PaliGemmaProcessor(image_processor=images, tokenizer=tok)  # adds its own tokens
