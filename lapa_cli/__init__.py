@@ -32,3 +32,20 @@ def torch_device(name: str):
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def add_targets(sub, name: str, actions: dict, dest: str, metavar: str, **parser_kwargs):
+    """`lapa NAME <target>`: a subcommand whose targets are ACTIONS {target: (add_parser, run)}."""
+    p = sub.add_parser(name, **parser_kwargs)
+    targets = p.add_subparsers(dest=dest, metavar=metavar)
+    for add, _ in actions.values():
+        add(targets)
+    return p
+
+
+def chosen_target(args, actions: dict, dest: str, missing: str):
+    """The run function of the target the user named, or a UserError saying `missing`."""
+    chosen = getattr(args, dest)
+    if chosen is None:
+        raise UserError(missing)
+    return actions[chosen][1]

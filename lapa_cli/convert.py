@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from lapa_cli import UserError
+from lapa_cli import UserError, add_targets, chosen_target
 
 
 # ---------------------------------------------------------------- laq
@@ -60,15 +60,13 @@ ACTIONS: dict[str, tuple[Callable, Callable[..., int]]] = {
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert published models into this project's checkpoints",
-                       description="Convert published models into this project's checkpoint format. Targets: " +
-                                   ", ".join(ACTIONS) + ".")
-    targets = p.add_subparsers(dest="convert_command", metavar="<target>")
-    for add, _ in ACTIONS.values():
-        add(targets)
+    add_targets(sub, "convert", ACTIONS, "convert_command", "<target>",
+                help="convert published models into this project's checkpoints",
+                description="Convert published models into this project's checkpoint format. Targets: " +
+                            ", ".join(ACTIONS) + ".")
 
 
 def run(args) -> int:
-    if args.convert_command is None:
-        raise UserError(f"give a target: {', '.join(ACTIONS)} (see lapa convert --help)")
-    return int(ACTIONS[args.convert_command][1](args) or 0)
+    run_target = chosen_target(args, ACTIONS, "convert_command",
+                               f"give a target: {', '.join(ACTIONS)} (see lapa convert --help)")
+    return int(run_target(args) or 0)

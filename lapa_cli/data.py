@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from lapa_cli import UserError
+from lapa_cli import UserError, add_targets, chosen_target
 
 
 # ---------------------------------------------------------------- ingest
@@ -364,19 +364,17 @@ ACTIONS: dict[str, tuple[Callable, Callable[..., int]]] = {
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="datasets: ingest rosbags, videos and LeRobot datasets, inspect, export",
-                       description="Datasets for LAPA training. Actions: " + ", ".join(ACTIONS) + ".")
-    actions = p.add_subparsers(dest="data_command", metavar="<action>")
-    for add, _ in ACTIONS.values():
-        add(actions)
+    add_targets(sub, "data", ACTIONS, "data_command", "<action>",
+                help="datasets: ingest rosbags, videos and LeRobot datasets, inspect, export",
+                description="Datasets for LAPA training. Actions: " + ", ".join(ACTIONS) + ".")
 
 
 def run(args) -> int:
     from lapa_training.data.errors import IngestError
 
-    if args.data_command is None:
-        raise UserError(f"give an action: {', '.join(ACTIONS)} (see lapa data --help)")
+    run_action = chosen_target(args, ACTIONS, "data_command",
+                               f"give an action: {', '.join(ACTIONS)} (see lapa data --help)")
     try:
-        return int(ACTIONS[args.data_command][1](args) or 0)
+        return int(run_action(args) or 0)
     except IngestError as e:
         raise UserError(" ".join(str(e).split())) from None

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from lapa_cli import UserError, torch_device
+from lapa_cli import UserError, add_targets, chosen_target, torch_device
 
 
 # ---------------------------------------------------------------- laq
@@ -204,14 +204,11 @@ ACTIONS: dict[str, tuple[Callable, Callable[..., int]]] = {
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate trained models: diagnostics reports",
-                       description="Diagnostics reports of trained models. Targets: " + ", ".join(ACTIONS) + ".")
-    targets = p.add_subparsers(dest="eval_command", metavar="<target>")
-    for add, _ in ACTIONS.values():
-        add(targets)
+    add_targets(sub, "eval", ACTIONS, "eval_command", "<target>", help="evaluate trained models: diagnostics reports",
+                description="Diagnostics reports of trained models. Targets: " + ", ".join(ACTIONS) + ".")
 
 
 def run(args) -> int:
-    if args.eval_command is None:
-        raise UserError(f"give a target: {', '.join(ACTIONS)} (see lapa eval --help)")
-    return int(ACTIONS[args.eval_command][1](args) or 0)
+    run_target = chosen_target(args, ACTIONS, "eval_command",
+                               f"give a target: {', '.join(ACTIONS)} (see lapa eval --help)")
+    return int(run_target(args) or 0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lapa_cli import UserError
+from lapa_cli import UserError, add_targets, chosen_target
 
 
 def _say(*lines: str) -> None:
@@ -203,11 +203,9 @@ ACTIONS = {"laq": (add_laq_parser, run_laq), "pretrain": (add_pretrain_parser, r
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train models: laq (stage 1), pretrain (stage 2), finetune (stage 3)",
-                       description=__doc__.split("\n\n")[0])
-    actions = p.add_subparsers(dest="action", metavar="<job>")
-    for add, _ in ACTIONS.values():
-        add(actions)
+    add_targets(sub, "train", ACTIONS, "action", "<job>",
+                help="train models: laq (stage 1), pretrain (stage 2), finetune (stage 3)",
+                description=__doc__.split("\n\n")[0])
 
 
 def run(args) -> int:
@@ -216,9 +214,8 @@ def run(args) -> int:
     from lapa_training.trainer import TrainingError
     from lapa_training.vla.modeling_vla import VLABuildError
 
-    if args.action is None:
-        raise UserError(f"name what to train: {', '.join(ACTIONS)}")
+    run_job = chosen_target(args, ACTIONS, "action", f"name what to train: {', '.join(ACTIONS)}")
     try:
-        return ACTIONS[args.action][1](args)
+        return run_job(args)
     except (TrainingError, RunConfigError, CheckpointError, VLABuildError) as e:
         raise UserError(str(e)) from None

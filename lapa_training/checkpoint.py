@@ -286,11 +286,11 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, 
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing keys {_abbrev(missing)}")
+            parts.append(f"missing keys {abbreviate(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys {_abbrev(unexpected)}")
+            parts.append(f"unexpected keys {abbreviate(unexpected)}")
         if shapes:
-            parts.append(f"shape mismatches {_abbrev(shapes)}")
+            parts.append(f"shape mismatches {abbreviate(shapes)}")
         raise CheckpointError(f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 
@@ -334,7 +334,8 @@ def _show(v) -> str:
     return json.dumps(_norm(v)) if not isinstance(v, str) or v == "<missing>" else repr(v)
 
 
-def _abbrev(items: list[str], n: int = 8) -> str:
+def abbreviate(items: list[str], n: int = 8) -> str:
+    """The first n items, joined, and how many more there are (for errors that list keys)."""
     return ", ".join(items[:n]) + (f" ... ({len(items) - n} more)" if len(items) > n else "")
 
 

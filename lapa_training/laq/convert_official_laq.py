@@ -21,10 +21,18 @@ from typing import Any
 
 import torch
 
+from lapa_training.checkpoint import abbreviate
 from lapa_training.laq.configuration_official_laq import DOWNSAMPLING, OfficialLAQConfig
 from lapa_training.laq.modeling_official_laq import OfficialLAQModel
 
 DDP_PREFIX = "module."  # a state dict saved from a DistributedDataParallel wrapper
+
+
+# (config field, the release's tensor whose first dimension it is, that tensor's dimensions)
+SIZE_TENSORS = (("heads", "spatial_rel_pos_bias.net.2.weight", 2),
+                ("dim_head", "enc_spatial_transformer.layers.0.1.q_scale", 1),
+                ("code_dim", "vq.project_in.weight", 2),
+                ("codebook_size", "vq.codebooks", 2))
 
 
 class ConversionError(ValueError):
@@ -45,7 +53,7 @@ def read_release_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
     bad = sorted(str(k) for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v))
     if bad:
-        raise ConversionError(f"{path} is not a flat state dict: {_abbrev(bad)} are not named tensors")
+        raise ConversionError(f"{path} is not a flat state dict: [{abbreviate(bad)}] are not named tensors")
     return {k[len(DDP_PREFIX):] if k.startswith(DDP_PREFIX) else k: v for k, v in obj.items()}
 
 
@@ -60,18 +68,10 @@ def infer_config(state: dict[str, torch.Tensor], *, image_size: int = 256, num_t
         patch = math.isqrt(int(proj.shape[1]) // defaults.channels)
         if patch * patch * defaults.channels == proj.shape[1]:
             sizes["patch_size"] = patch
-    heads = state.get("spatial_rel_pos_bias.net.2.weight")
-    if heads is not None and heads.ndim == 2:
-        sizes["heads"] = int(heads.shape[0])
-    q_scale = state.get("enc_spatial_transformer.layers.0.1.q_scale")
-    if q_scale is not None and q_scale.ndim == 1:
-        sizes["dim_head"] = int(q_scale.shape[0])
-    project_in = state.get("vq.project_in.weight")
-    if project_in is not None and project_in.ndim == 2:
-        sizes["code_dim"] = int(project_in.shape[0])
-    codebook = state.get("vq.codebooks")
-    if codebook is not None and codebook.ndim == 2:
-        sizes["codebook_size"] = int(codebook.shape[0])
+    for field, key, ndim in SIZE_TENSORS:  # each size is the first dimension of one tensor
+        tensor = state.get(key)
+        if tensor is not None and tensor.ndim == ndim:
+            sizes[field] = int(tensor.shape[0])
     for field, prefix in (("spatial_depth", "enc_spatial_transformer"), ("temporal_depth", "enc_temporal_transformer")):
         layers = {int(m.group(1)) for k in state if (m := re.match(rf"{prefix}\.layers\.(\d+)\.", k))}
         if layers:
@@ -150,7 +150,7 @@ def convert_release_state(state: dict[str, torch.Tensor], config: OfficialLAQCon
     shapes = [f"{k} {tuple(state[k].shape)} (expected {shape})" for k, (_, shape) in mapping.items()
               if k in state and tuple(state[k].shape) != shape]
     if missing or unexpected or shapes:
-        parts = [f"{label} {_abbrev(keys)}" for label, keys in
+        parts = [f"{label} [{abbreviate(keys, 6)}]" for label, keys in
                  (("missing", missing), ("unexpected", unexpected), ("misshapen", shapes)) if keys]
         raise ConversionError(f"{source} does not fit the release's LAQ ({_describe(config)}): " + "; ".join(parts))
     model = OfficialLAQModel(config)
@@ -182,8 +182,3 @@ def _sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _abbrev(items: list[str], n: int = 6) -> str:
-    shown = ", ".join(items[:n])
-    return f"[{shown}{f', ... ({len(items)} in all)' if len(items) > n else ''}]"

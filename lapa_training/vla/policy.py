@@ -58,20 +58,13 @@ class VLAPolicy:
         """Start an episode: forget queued chunk steps; tokenize the instruction once (a VLM's processor
         tokenizes it with each image)."""
         self._queue.clear()
-        if self.model.vlm is None:
-            self._tokenized(instruction)
-        elif not isinstance(instruction, str):
-            raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
-        self._instruction = instruction
+        self._take(instruction)
 
     def act(self, image: np.ndarray, instruction: str) -> PolicyStep:
         """One control step: the (7,) end-effector delta for `image` (H, W, 3) uint8 RGB."""
         if instruction != self._instruction:
             self._queue.clear()
-            if self.model.vlm is not None:  # (the composed path checks and records it when it tokenizes)
-                if not isinstance(instruction, str):
-                    raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
-                self._instruction = instruction
+            self._take(instruction)
         if not self._queue:
             ids, actions = self._infer(image, instruction)
             for k in range(len(actions)):
@@ -86,6 +79,16 @@ class VLAPolicy:
         return self._infer(image, instruction)[1].astype(np.float64)
 
     # ---- internals -----------------------------------------------------------------------
+    def _take(self, instruction: str) -> None:
+        """Check and record a new instruction; the composed path tokenizes it once here (a VLM's
+        processor reads it with each image)."""
+        if self.model.vlm is None:
+            self._tokenized(instruction)
+        elif not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
+        else:
+            self._instruction = instruction
+
     def _tokenized(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(instruction, str):
             raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")

@@ -63,6 +63,7 @@ class VLMBackbone(nn.Module):
         self.family = FAMILIES[model_type]
         self.source = source
         processor.tokenizer.padding_side = "right"  # the last real token of each row is its length - 1
+        self._prompts: dict[tuple[str, str], str] = {}  # (template, instruction) -> prompt: one render each
         self.lora = dict(lora or {})
         if self.lora.get("rank", 0) > 0:
             self._add_lora(**self.lora)
@@ -165,13 +166,21 @@ class VLMBackbone(nn.Module):
     def prompts(self, instructions: Sequence[str], template: str) -> list[str]:
         """Each instruction in `template`, inside the VLM's chat format with one image before it (its
         processor's own prompt format where it has no chat template, e.g. PaliGemma)."""
-        texts = [template.format(instruction=str(s).strip()) for s in instructions]
-        if getattr(self.processor, "chat_template", None):
-            return [self.processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
-                add_generation_prompt=True, tokenize=False) for t in texts]
-        image_token = getattr(self.processor, "image_token", None) or "<image>"
-        return [image_token + t for t in texts]
+        return [self._prompt(template, str(s)) for s in instructions]
+
+    def _prompt(self, template: str, instruction: str) -> str:
+        key = (template, instruction)
+        if key not in self._prompts:  # the control loop asks for the same instruction at every step
+            if len(self._prompts) >= 4096:  # a training corpus has many: keep the cache bounded
+                self._prompts.clear()
+            text = template.format(instruction=instruction.strip())
+            if getattr(self.processor, "chat_template", None):
+                self._prompts[key] = self.processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+                    add_generation_prompt=True, tokenize=False)
+            else:
+                self._prompts[key] = (getattr(self.processor, "image_token", None) or "<image>") + text
+        return self._prompts[key]
 
     def inputs(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str], template: str,
                device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
