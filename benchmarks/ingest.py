@@ -2,8 +2,11 @@
 
     .venv/bin/python benchmarks/ingest.py [--frames 600] [--size 128] [--storage mcap] [--repeats 9]
                                           [--sources twist,tf,joints] [--frame-codec raw,jpeg]
+                                          [--bag-images rgb8]
 
-For each action source, writes a synthetic episode bag: rgb8 frames + gripper at 10 Hz, and
+For each action source, writes a synthetic episode bag: frames + gripper at 10 Hz (frames as rgb8
+sensor_msgs/Image, or with --bag-images jpeg as the CompressedImage JPEGs (quality 90) that
+image_transport records), and
   twist:  TwistStamped commands at 10 Hz (as `lapa data generate` writes them);
   tf:     /tf at 50 Hz (the Panda's 7 joint transforms) + /tf_static (hand and TCP), as
           robot_state_publisher publishes them;
@@ -30,11 +33,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from lapa_training.data import bag_format
 from lapa_training.data.bag_format import typestore
 from lapa_training.data.bag_reader import BagOptions
+from lapa_training.data.images import IMAGE_TYPES
 from lapa_training.data.ingest import IngestOptions, ingest
 
 
@@ -43,7 +48,7 @@ URDF = ROOT / "urdf" / "lapa_panda.urdf"
 STATE_RATE = 5  # TF and joint-state messages per frame (50 Hz at 10 Hz frames)
 
 
-def write_bag(path: Path, frames: int, size: int, storage: str, source: str) -> None:
+def write_bag(path: Path, frames: int, size: int, storage: str, source: str, images: str = "rgb8") -> None:
     from rosbags.rosbag2 import StoragePlugin, Writer
 
     ts = typestore()
@@ -58,7 +63,13 @@ def write_bag(path: Path, frames: int, size: int, storage: str, source: str) -> 
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     with Writer(path, version=9, storage_plugin=plugin) as w:
         w.set_custom_data("lapa.instruction", "push the red block left")
-        img = w.add_connection(bag_format.IMAGE_TOPIC, "sensor_msgs/msg/Image", typestore=ts)
+        if images == "jpeg":
+            bgr = [np.ascontiguousarray(p[..., ::-1]) for p in pixels]
+            jpegs = [cv2.imencode(".jpg", b, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].reshape(-1) for b in bgr]
+            img = w.add_connection(bag_format.IMAGE_TOPIC + "/compressed", "sensor_msgs/msg/CompressedImage",
+                                   typestore=ts)
+        else:
+            img = w.add_connection(bag_format.IMAGE_TOPIC, "sensor_msgs/msg/Image", typestore=ts)
         gr = w.add_connection(bag_format.GRIPPER_TOPIC, "std_msgs/msg/Float64", typestore=ts)
         vec = t["geometry_msgs/msg/Vector3"]
         t0 = 1_700_000_000 * 10**9
@@ -68,9 +79,14 @@ def write_bag(path: Path, frames: int, size: int, storage: str, source: str) -> 
             if source == "twist" else None
         for k in range(frames):
             t_ns = t0 + k * 100_000_000
-            msg = t["sensor_msgs/msg/Image"](header=header(t_ns, "camera"), height=size, width=size, encoding="rgb8",
-                                             is_bigendian=0, step=3 * size, data=pixels[k % 16].reshape(-1))
-            w.write(img, t_ns, ts.serialize_cdr(msg, "sensor_msgs/msg/Image"))
+            if images == "jpeg":
+                msg = t["sensor_msgs/msg/CompressedImage"](header=header(t_ns, "camera"),
+                                                           format="rgb8; jpeg compressed bgr8", data=jpegs[k % 16])
+            else:
+                msg = t["sensor_msgs/msg/Image"](header=header(t_ns, "camera"), height=size, width=size,
+                                                 encoding="rgb8", is_bigendian=0, step=3 * size,
+                                                 data=pixels[k % 16].reshape(-1))
+            w.write(img, t_ns, ts.serialize_cdr(msg, msg.__msgtype__))
             if tw is not None:
                 v = rng.normal(size=6) * 0.05
                 twist = t["geometry_msgs/msg/TwistStamped"](
@@ -133,7 +149,7 @@ def bare_read(path: Path) -> int:
     with Reader(path) as reader:
         for conn, _, raw in reader.messages():
             ts.deserialize_cdr(raw, conn.msgtype)
-            n += conn.msgtype == "sensor_msgs/msg/Image"
+            n += conn.msgtype in IMAGE_TYPES
     return n
 
 
@@ -177,6 +193,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--sources", default="twist,tf,joints", help="action sources to measure, comma-separated")
     ap.add_argument("--frame-codec", default="raw,jpeg", help="dataset frame codecs to measure, comma-separated")
+    ap.add_argument("--bag-images", choices=("rgb8", "jpeg"), default="rgb8",
+                    help="the bag's frames: rgb8 Image, or CompressedImage JPEG (kept as recorded in JPEG shards)")
     args = ap.parse_args()
     for codec in args.frame_codec.split(","):
         for source in args.sources.split(","):
@@ -187,7 +205,7 @@ def measure(args, source: str, codec: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lapa-bench-ingest-"))
     try:
         bag, out = tmp / "episode", tmp / "datasets"
-        write_bag(bag, args.frames, args.size, args.storage, source)
+        write_bag(bag, args.frames, args.size, args.storage, source, args.bag_images)
         os.sync()  # no write-back of the new bag during the measurements
         out.mkdir()
         bare_read(bag)  # warm the page cache and the typestore for both
@@ -201,7 +219,7 @@ def measure(args, source: str, codec: str) -> None:
         what = {"twist": "twists", "tf": f"/tf at {10 * STATE_RATE} Hz",
                 "joints": f"/joint_states at {10 * STATE_RATE} Hz + URDF"}[source]
         source = f"{source}, {codec} frames"
-        print(f"[{source}] bag: {args.frames} rgb8 {args.size}x{args.size} frames + {what} + gripper, "
+        print(f"[{source}] bag: {args.frames} {args.bag_images} {args.size}x{args.size} frames + {what} + gripper, "
               f"{args.storage}, {mb:.1f} MiB")
         print(f"[{source}] bare rosbags read + deserialize: {fps_base:9.0f} frames/s  ({t_base * 1e3:7.1f} ms)")
         print(f"[{source}] full ingest to dataset:          {fps_ingest:9.0f} frames/s  ({t_ingest * 1e3:7.1f} ms)")

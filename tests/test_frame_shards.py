@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lapa_training.data import bag_format
+from lapa_training.data.bag_reader import BagOptions
 from lapa_training.data.dataset import Dataset, DatasetWriter, gather_frames
 from lapa_training.data.frame_shards import INDEX_NPY, ShardedFrameWriter, ShardedFrames
 from lapa_training.data.ingest import IngestOptions, ingest
@@ -164,3 +166,84 @@ def test_ingest_in_two_processes_makes_the_dataset_one_process_makes(tmp_path, b
     with pytest.raises(Exception, match="zz_broken"):  # without --skip-bad: nothing written, nothing left
         ingest(inputs, tmp_path / "three", IngestOptions(workers=2, **{**opts, "skip_bad": False}))
     assert not (tmp_path / "three").exists() and not list(tmp_path.glob(".three*"))
+
+
+def _jpeg(rgb: np.ndarray, **params) -> bytes:
+    import cv2
+
+    flags = [v for k, v in params.items() for v in (getattr(cv2, k), v)]
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), flags)
+    assert ok
+    return data.tobytes()
+
+
+def test_jpeg_info_reads_the_frame_header_and_refuses_what_is_not_one_whole_jpeg():
+    from lapa_training.data.images import jpeg_info
+
+    rgb = smooth_frames(1, 24, seed=3)[0][:20]  # 20 high, 24 wide
+    data = _jpeg(rgb)
+    assert jpeg_info(data) == (20, 24, 3, False)
+    assert jpeg_info(data + b"\0\0\0") == (20, 24, 3, False)  # a driver's padded buffer
+    assert jpeg_info(_jpeg(rgb, IMWRITE_JPEG_PROGRESSIVE=1)) == (20, 24, 3, False)
+    assert jpeg_info(_jpeg(rgb[..., :1].repeat(3, -1))).components == 3
+    import cv2
+    grey = cv2.imencode(".jpg", rgb[..., 0])[1].tobytes()
+    assert jpeg_info(grey).components == 1
+    assert jpeg_info(data[:-40]) is None  # cut short: no end marker
+    assert jpeg_info(b"\x89PNG\r\n\x1a\n" + data[8:]) is None
+    assert jpeg_info(b"") is None and jpeg_info(data[:2] + data[-2:]) is None
+    exif = data[:2] + b"\xff\xe1\x00\x10Exif\0\0" + bytes(8) + data[2:]
+    assert jpeg_info(exif) == (20, 24, 3, True)
+
+
+def test_camera_jpegs_are_stored_as_recorded_when_no_resize_is_needed(tmp_path):
+    import cv2
+
+    from tests.test_ingest import M, STEP, T0, header, string, write_bag
+
+    front, wrist = smooth_frames(6, 32, seed=4), smooth_frames(6, 24, seed=5)
+    front_jpegs = [_jpeg(f) for f in front]
+    wrist_jpegs = [_jpeg(f) for f in wrist]
+    grey = cv2.imencode(".jpg", front[5][..., 1])[1].tobytes()  # one grey frame: decoded, colour kept apart
+
+    def compressed(t, data):
+        return M["sensor_msgs/msg/CompressedImage"](header=header(t, "camera"), format="rgb8; jpeg compressed bgr8",
+                                                    data=np.frombuffer(data, np.uint8))
+
+    msgs = [(bag_format.INSTRUCTION_TOPIC, T0, string("look"))]
+    for k in (0, 1, 3, 4, 5):  # frame 2 missing: the ingest holds frame 1 over the gap
+        t = T0 + k * STEP
+        msgs.append(("/front/compressed", t, compressed(t, grey if k == 5 else front_jpegs[k])))
+        msgs.append(("/wrist/compressed", t, compressed(t, wrist_jpegs[k])))
+    bag = write_bag(tmp_path / "bag", msgs)
+
+    def run(out, codec, size):
+        ingest([bag], out, IngestOptions(image_size=size, frame_codec=codec, progress=False, warn=lambda m: None,
+                                         bag=BagOptions(image_topic="/front/compressed",
+                                                         extra_image_topics=("/wrist/compressed",))))
+        return Dataset(out), Dataset(out, camera="/wrist/compressed")
+
+    kept, kept_wrist = run(tmp_path / "kept", "jpeg", 0)
+    index = np.load(tmp_path / "kept/frames" / INDEX_NPY)
+    shard = (tmp_path / "kept/frames/shard-00000.jpg").read_bytes()
+    stored = [shard[o:o + n] for _, o, n in index]
+    assert stored[:5] == [front_jpegs[k] for k in (0, 1, 1, 3, 4)]  # byte for byte, the held frame once on disk
+    assert index[2].tolist() == index[1].tolist()
+    wrist_index = np.load(tmp_path / "kept/frames.wrist_compressed" / INDEX_NPY)
+    wrist_shard = (tmp_path / "kept/frames.wrist_compressed/shard-00000.jpg").read_bytes()
+    assert [wrist_shard[o:o + n] for _, o, n in wrist_index] == [wrist_jpegs[k] for k in (0, 1, 1, 3, 4, 5)]
+    assert kept.frames.shape == (6, 32, 32, 3) and kept_wrist.frames.shape == (6, 24, 24, 3)
+    decoded = [cv2.cvtColor(cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+               for j in front_jpegs]
+    np.testing.assert_array_equal(np.asarray(kept.frames[:5]), np.stack([decoded[k] for k in (0, 1, 1, 3, 4)]))
+    assert np.ptp(np.asarray(kept.frames[5]).astype(int), axis=2).max() == 0  # the grey frame, decoded to RGB
+    assert kept.episodes[0]["provenance"]["encoding"].endswith("stored as recorded")
+
+    raw, _ = run(tmp_path / "raw", "raw", 0)  # format v1: decoded, the same pixels
+    np.testing.assert_array_equal(np.asarray(raw.frames[:5]), np.asarray(kept.frames[:5]))  # 5: re-encoded
+    assert "stored as recorded" not in raw.episodes[0]["provenance"]["encoding"]
+    small, _ = run(tmp_path / "small", "jpeg", 16)  # a resize: decoded, resized, encoded again
+    assert small.frames.shape == (6, 16, 16, 3)
+    assert "stored as recorded" not in small.episodes[0]["provenance"]["encoding"]
+    assert psnr(np.asarray(small.frames[:2]), [cv2.resize(d, (16, 16), interpolation=cv2.INTER_AREA)
+                                               for d in decoded[:2]]).min() > 30.0

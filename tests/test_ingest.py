@@ -137,6 +137,9 @@ def test_cdr_readers_match_typestore(little):
     assert (f.stamp_ns, f.frame_id, f.height, f.width, f.encoding, f.step) == (T0 + 123, "camera", 5, 7, "rgb8", 24)
     assert bytes(f.data) == bytes(img.data)
     assert cdr.header_stamp_ns(raw) == T0 + 123
+    jpeg = compressed_msg(T0 + 7, pixels, "jpg")
+    c = cdr.compressed_image(bytes(TS.serialize_cdr(jpeg, jpeg.__msgtype__, little_endian=little)))
+    assert (c.stamp_ns, c.frame_id, c.format, bytes(c.data)) == (T0 + 7, "camera", "jpg", bytes(jpeg.data))
     tw = twist_msg(T0 + 5, [0.1, -0.2, 0.3, -0.4, 0.5, -0.6], frame="a_frame_of_odd_length")
     stamp, frame, values = cdr.twist_stamped(bytes(TS.serialize_cdr(tw, tw.__msgtype__, little_endian=little)))
     assert (stamp, frame) == (T0 + 5, "a_frame_of_odd_length")

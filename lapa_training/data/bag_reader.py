@@ -41,7 +41,8 @@ from lapa_training.data.errors import IncompleteEpisode, IngestError
 from lapa_training.data.joint_states import JointStateHistory
 from lapa_training.data.kinematics import RobotModel
 from lapa_training.data.tf_tree import TransformError, TransformHistory
-from lapa_training.data.images import IMAGE_TYPE, IMAGE_TYPES, compressed_msg_to_rgb, raw_image_to_rgb
+from lapa_training.data.images import (COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, IMAGE_TYPES, compressed_msg_to_rgb,
+                                        jpeg_info, raw_image_to_rgb)
 
 TWIST_TYPES = ("geometry_msgs/msg/TwistStamped", "geometry_msgs/msg/Twist")
 POSE_TYPES = ("geometry_msgs/msg/PoseStamped",)
@@ -61,7 +62,8 @@ REORDER_WINDOW = 16  # images; a camera's stamps are at most this many messages 
 
 
 class FrameSink(Protocol):
-    """Where frames go as they are resampled (DatasetWriter implements it); camera names another camera's."""
+    """Where frames go as they are resampled (DatasetWriter implements it); camera names another camera's.
+    A sink may also take a camera's JPEG as it is: add_jpeg(data, JpegInfo, camera) -> False to refuse."""
 
     def add_frame(self, rgb: np.ndarray, camera: str | None = None) -> None: ...
 
@@ -462,12 +464,32 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
             seen[topic] = {"encoding": kind, "native_size": [int(rgb.shape[1]), int(rgb.shape[0])]}
         return rgb
 
-    def emitter(topic: str | None):
+    add_jpeg = getattr(sink, "add_jpeg", None)
+
+    def stored_as_recorded(raw: bytes, topic: str, camera: str | None) -> bool:
+        """A camera's JPEG handed to a sink that keeps JPEG frames of its size: no decode, no re-encode."""
+        try:
+            msg = cdr.compressed_image(raw)
+        except Exception as e:
+            raise IngestError(f"{path}: cannot parse {COMPRESSED_IMAGE_TYPE} on {topic} ({type(e).__name__}: {e})") \
+                from e
+        info = jpeg_info(msg.data) if "compresseddepth" not in msg.format.lower() else None
+        if info is None or not add_jpeg(msg.data, info, camera=camera):
+            return False
+        if topic not in seen:
+            seen[topic] = {"encoding": f"compressed {msg.format}, stored as recorded",
+                           "native_size": [info.width, info.height]}
+        return True
+
+    def emitter(camera: str | None):
+        topic = camera or image_topic
+        passthrough = add_jpeg is not None and topics[topic][0] == COMPRESSED_IMAGE_TYPE
+
         def emit(raw: bytes, repeat: bool) -> None:
             if repeat:
-                sink.repeat_frame(camera=topic)
-            else:
-                sink.add_frame(decode(raw, topic or image_topic), camera=topic)
+                sink.repeat_frame(camera=camera)
+            elif not (passthrough and stored_as_recorded(raw, topic, camera)):
+                sink.add_frame(decode(raw, topic), camera=camera)
         return emit
 
     followers = {t: _FollowerCamera(tol_ns, emitter(t)) for t in found.cameras}

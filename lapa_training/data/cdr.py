@@ -78,6 +78,26 @@ def image(raw) -> ImageFields:
                        memoryview(raw)[start:start + size])
 
 
+class CompressedImageFields(NamedTuple):
+    stamp_ns: int
+    frame_id: str
+    format: str
+    data: memoryview  # the compressed bytes, a view into the message
+
+
+def compressed_image(raw) -> CompressedImageFields:
+    """sensor_msgs/msg/CompressedImage."""
+    le = _little(raw)
+    stamp, frame_id, pos = _header(raw, le)
+    fmt, pos = _string(raw, pos, le)
+    pos = _align(pos, 4)
+    (size,) = _U32[le].unpack_from(raw, pos)
+    start = pos + 4
+    if start + size > len(raw):
+        raise ValueError(f"compressed image data truncated ({len(raw) - start} of {size} bytes)")
+    return CompressedImageFields(stamp, frame_id, fmt, memoryview(raw)[start:start + size])
+
+
 def twist_stamped(raw) -> tuple[int, str, tuple[float, ...]]:
     """geometry_msgs/msg/TwistStamped: (stamp [ns], frame_id, (vx, vy, vz, wx, wy, wz))."""
     le = _little(raw)

@@ -39,7 +39,7 @@ import numpy as np
 from lapa_training.data import bag_format
 from lapa_training.data.errors import IngestError
 from lapa_training.data.frame_shards import ShardedFrames, ShardedFrameWriter
-from lapa_training.data.images import fit_square
+from lapa_training.data.images import JpegInfo, fit_square
 
 FORMAT_NAME = "lapa-dataset"
 FORMAT_VERSION = 1  # raw frames (frames.npy)
@@ -320,11 +320,11 @@ class DatasetWriter:
             name: _frame_store(self.dir / camera_file(name, i, frame_codec), frame_codec,
                                tuple(shapes[name]) if shapes.get(name) else self.frame_shape)
             for i, name in enumerate(self.cameras) if i > 0}
-        self._last_extra: dict[str, np.ndarray] = {}
+        self._last_extra: dict[str, np.ndarray | bytes] = {}  # bytes: a JPEG stored as recorded
         self._files = (self.frames, self.actions, self.timestamps, self.episode_index, *self.extra.values())
         self._start_counts = (len(self.records), self.frames.rows)
         self._episode_start: int | None = None
-        self._last_frame: np.ndarray | None = None
+        self._last_frame: np.ndarray | bytes | None = None
         self._closed = False
 
     @property
@@ -360,6 +360,38 @@ class DatasetWriter:
         self.frames.append(frame)
         self._last_frame = frame
 
+    def add_jpeg(self, data: bytes, info: JpegInfo, camera: str | None = None) -> bool:
+        """Store a camera's JPEG as it is when the dataset keeps JPEG frames of its size (no decode, no
+        second lossy encode); False when it does not, and the caller adds the decoded frame instead."""
+        if self.frame_codec != "jpeg" or info.components != 3 or info.exif:
+            return False
+        shape = (info.height, info.width, 3)
+        if self.image_size and shape != (self.image_size, self.image_size, 3):
+            return False
+        extra = self.extra.get(camera) if camera is not None else None
+        held = extra.row_shape if extra is not None else self.frame_shape
+        if held is not None and shape != held:
+            return False  # add_frame reports the mismatch with its own message
+        if self._episode_start is None:
+            self.begin_episode()
+        data = bytes(data)
+        if extra is not None:
+            extra.append_encoded(data, shape)
+            self._last_extra[camera] = data
+            return True
+        if self.frame_shape is None:
+            self._set_frame_shape(shape)
+        self.frames.append_encoded(data, shape)
+        self._last_frame = data
+        return True
+
+    @staticmethod
+    def _append_again(store, last: np.ndarray | bytes) -> None:
+        if isinstance(last, bytes):
+            store.append_encoded(last, store.row_shape)
+        else:
+            store.append(last)
+
     def _set_frame_shape(self, shape: tuple[int, ...]) -> None:
         self.frame_shape = shape
         self.frames.row_shape = shape
@@ -383,11 +415,11 @@ class DatasetWriter:
         if camera is not None and camera in self.extra:
             if camera not in self._last_extra:
                 raise RuntimeError(f"repeat_frame({camera!r}) before add_frame()")
-            self.extra[camera].append(self._last_extra[camera])
+            self._append_again(self.extra[camera], self._last_extra[camera])
             return
         if self._last_frame is None:
             raise RuntimeError("repeat_frame() before add_frame()")
-        self.frames.append(self._last_frame)
+        self._append_again(self.frames, self._last_frame)
 
     def add_frames(self, frames: np.ndarray, camera: str | None = None) -> None:
         """Append frames (n, H, W, 3) that already have the dataset's shape (used to merge datasets)."""

@@ -58,7 +58,7 @@ class ShardedFrameWriter:
         from lapa_training.data.dataset import GrowableArrayFile
 
         self._pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="lapa-jpeg")
-        self._queue: deque = deque()  # futures of encoded frames (None: the frame before, again), in order
+        self._queue: deque = deque()  # in order: encoder futures, JPEG bytes taken as they are, None (a repeat)
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.quality = int(quality)
@@ -67,7 +67,7 @@ class ShardedFrameWriter:
         self.index = GrowableArrayFile(self.dir / INDEX_NPY, np.int64, (3,))
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._last: np.ndarray | None = None  # the last frame appended (a repeat of it reuses its bytes)
+        self._last: np.ndarray | bytes | None = None  # the last frame appended (a repeat of it reuses its bytes)
         self._last_row: tuple[int, int, int] | None = None  # the index row of the last frame written
         self._open_shard_after(self.index.rows)
 
@@ -117,13 +117,28 @@ class ShardedFrameWriter:
         while len(self._queue) > IN_FLIGHT:
             self._write_next()
 
+    def append_encoded(self, data: bytes, shape: tuple[int, ...]) -> None:
+        """One frame that is already a JPEG of `shape` (H, W, 3), stored as it is: a camera's own
+        JPEG needs no decode and no second lossy encode. The same bytes object again is a repeat."""
+        if self.row_shape is None:
+            self.row_shape = tuple(shape)
+        if tuple(shape) != self.row_shape:
+            raise ValueError(f"{self.dir.name}: a JPEG of {tuple(shape)}, expected {self.row_shape}")
+        if self._last is not None and self._last is data:
+            self._queue.append(None)
+        else:
+            self._queue.append(data)
+            self._last = data
+        while len(self._queue) > IN_FLIGHT:
+            self._write_next()
+
     def _write_next(self) -> None:
         """Write the oldest queued frame: its bytes (the encoder's result) and its index row."""
         job = self._queue.popleft()
         if job is None:
             self.index.append(np.asarray(self._last_row, np.int64))
             return
-        data = job.result()
+        data = job if isinstance(job, bytes) else job.result()
         if self.position + len(data) > SHARD_BYTES and self.position > 0:
             self._write_pending()
             self._file.close()
@@ -192,7 +207,7 @@ class ShardedFrameWriter:
                     (self.dir / shard_name(self.shard)).unlink(missing_ok=True)
         finally:
             for job in self._queue:
-                if job is not None:
+                if job is not None and not isinstance(job, bytes):
                     job.cancel()
             self._queue.clear()
             self._pool.shutdown(wait=True)

@@ -7,6 +7,8 @@ All functions return ``uint8`` arrays of shape (H, W, 3) in RGB order. Decoding 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import cv2
 import numpy as np
 
@@ -98,6 +100,48 @@ def compressed_msg_to_rgb(msg) -> np.ndarray:
     if bgr is None:
         raise IngestError(f"cannot decode compressed image (format '{msg.format}', {data.size} bytes)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+class JpegInfo(NamedTuple):
+    height: int
+    width: int
+    components: int  # 3: colour (YCbCr), 1: grey, 4: CMYK/YCCK
+    exif: bool  # an Exif block, which may rotate the decoded image
+
+
+# start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic)
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_info(data) -> JpegInfo | None:
+    """Size and colour components of a complete JPEG, read from its frame header without decoding;
+    None when the bytes are not one whole JPEG (no start/end marker, cut short, no frame header)."""
+    data = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
+    end = len(data)
+    while end > 2 and data[end - 1] == 0:  # some drivers pad the buffer after the end marker
+        end -= 1
+    if end < 4 or data[0] != 0xFF or data[1] != 0xD8 or data[end - 2] != 0xFF or data[end - 1] != 0xD9:
+        return None
+    pos, exif = 2, False
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker in _SOF_MARKERS:
+            if pos + 10 > end or length < 8:
+                return None
+            height = (data[pos + 5] << 8) | data[pos + 6]
+            width = (data[pos + 7] << 8) | data[pos + 8]
+            return JpegInfo(height, width, data[pos + 9], exif) if height and width else None
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        exif = exif or (marker == 0xE1 and bytes(data[pos + 4:pos + 8]) == b"Exif")
+        pos += 2 + length
+    return None
 
 
 def fit_square(rgb: np.ndarray, size: int) -> np.ndarray:
