@@ -52,11 +52,14 @@ class CheckpointError(Exception):
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, config: dict[str, Any], *,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, step: int = 0,
-                    extra: dict[str, Any] | None = None, write_files: Callable[[Path], None] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, write_files: Callable[[Path], None] | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write model weights + config (+ optimizer/scheduler/RNG state when optimizer is given) to
     `directory`, atomically replacing an earlier checkpoint there. `write_files(dir)` may add files
     of the model's own (a tokenizer, action bins); they are part of the same atomic swap and their
-    sizes are checked on load like the rest. Returns the directory."""
+    sizes are checked on load like the rest. `state_dict` and `optimizer_state` stand in for the
+    model's and optimizer's own (a sharded run's, gathered whole). Returns the directory."""
     target = Path(directory)
     if target.exists() and not (target / META_FILE).is_file() and (not target.is_dir() or any(target.iterdir())):
         raise CheckpointError(f"refusing to overwrite {target}: it exists and is not a checkpoint "
@@ -69,10 +72,10 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, config: dict[
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         os.chmod(tmp, 0o755)
-        save_file(_unshared(model.state_dict()), str(tmp / MODEL_FILE))
+        save_file(_unshared(model.state_dict() if state_dict is None else state_dict), str(tmp / MODEL_FILE))
         (tmp / CONFIG_FILE).write_text(config_text)
         if optimizer is not None:
-            tensors, state = _trainer_state(optimizer, scheduler, step)
+            tensors, state = _trainer_state(optimizer, scheduler, step, optimizer_state)
             save_file(tensors, str(tmp / TRAINER_TENSORS_FILE))
             (tmp / TRAINER_JSON_FILE).write_text(_dumps(state, "trainer state"))
         if write_files is not None:
@@ -131,9 +134,10 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _trainer_state(optimizer, scheduler, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _trainer_state(optimizer, scheduler, step: int, sd: dict[str, Any] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
-    sd = optimizer.state_dict()
+    sd = optimizer.state_dict() if sd is None else sd
     state_scalars: dict[str, dict[str, Any]] = {}
     state_tensors: dict[str, list[str]] = {}
     for pid, entries in sd["state"].items():

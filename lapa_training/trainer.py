@@ -245,20 +245,21 @@ class Trainer:
     def __init__(self, job: TrainJob, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                  overwrite: bool = False, progress: bool = True, run_info: dict[str, Any] | None = None,
                  callbacks: list[Callable[[int, dict[str, float]], None]] | None = None, keep: tuple[str, ...] = ()):
-        from accelerate import Accelerator
+        from lapa_training import sharding
 
         self.job, self.cfg = job, cfg.validate()
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.callbacks = list(callbacks or [])
         self.keep = tuple(keep)
-        self.accelerator = Accelerator(mixed_precision=self._mixed_precision(cfg.precision),
-                                       cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+        try:
+            self.accelerator = sharding.accelerator_for(self._mixed_precision(cfg.precision))
+            self.sharded = sharding.is_sharded(self.accelerator)
+        except sharding.ShardingError as e:
+            raise TrainingError(str(e)) from None
         acc = self.accelerator
-        if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
-            # checkpoints are written from rank 0's unsharded module; sharded weights need a collective gather
-            raise TrainingError(f"{acc.distributed_type.name} launches are not supported yet: train the 3 B presets "
-                                f"with LoRA (their default) under plain data parallelism (docs/SCALE_OUT.md)")
+        if self.sharded and not getattr(job, "shardable", False):
+            raise TrainingError(f"{type(job.model).__name__} trains data-parallel only (launch without FSDP)")
         if cfg.batch_size % (acc.num_processes * cfg.grad_accum_steps):
             raise TrainingError(f"train.batch_size {cfg.batch_size} must be divisible by the number of processes "
                                 f"({acc.num_processes}) times train.grad_accum_steps ({cfg.grad_accum_steps})")
@@ -281,7 +282,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         if resume and checkpoint_dirs(self.run_dir):
             self._resume(checkpoint_dirs(self.run_dir)[-1])
+        resumed = None
+        if self.sharded and self.optimizer.state:  # loaded into whole parameters: it goes in again once sharded
+            resumed = self.optimizer.state_dict(), sharding.optimizer_parameter_names(model, self.optimizer)
+            self.optimizer.state.clear()
         self.model, self.wrapped_optimizer = acc.prepare(model, self.optimizer)
+        if resumed is not None:
+            sharding.load_optimizer_state(self.model, self.optimizer, *resumed)
 
     # ---- setup ---------------------------------------------------------------------------
     @staticmethod
@@ -296,8 +303,8 @@ class Trainer:
         acc, run = self.accelerator, self.run_dir
         if acc.is_main_process:
             prepare_run_dir(run, resume=resume, overwrite=overwrite, keep=self.keep)
-            info = {"train": self.cfg.to_dict(), "model": self.job.model_config(),
-                    "processes": acc.num_processes, "mixed_precision": acc.mixed_precision, **run_info}
+            info = {"train": self.cfg.to_dict(), "model": self.job.model_config(), "processes": acc.num_processes,
+                    "sharded": self.sharded, "mixed_precision": acc.mixed_precision, **run_info}
             (run / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         acc.wait_for_everyone()
 
@@ -402,22 +409,28 @@ class Trainer:
 
     def _validate(self, bar) -> None:
         acc = self.accelerator
-        if acc.is_main_process:
+        if acc.is_main_process or self.sharded:  # a sharded forward pass needs every process
             model = acc.unwrap_model(self.model)
             model.eval()
             with torch.no_grad(), acc.autocast():
                 metrics = self.job.validate(model)
             model.train()
-            self._log({"step": self.step, **metrics})
-            shown = {k: f"{v:.4g}" for k, v in list(metrics.items())[:2]}
-            bar.write(f"step {self.step}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
-            plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
+            if self.sharded:  # every process decides about best/ on the main process's numbers
+                shared = [metrics]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                metrics = shared[0]
+            if acc.is_main_process:
+                self._log({"step": self.step, **metrics})
+                shown = {k: f"{v:.4g}" for k, v in list(metrics.items())[:2]}
+                bar.write(f"step {self.step}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+                plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
             if self.cfg.keep_best:
                 self._keep_if_best(metrics)
         acc.wait_for_everyone()
 
     def _keep_if_best(self, metrics: dict[str, float]) -> None:
-        """Main process: write best/ when this validation's keep_best metric is the lowest so far."""
+        """Write best/ when this validation's keep_best metric is the lowest so far (the main
+        process; every process when sharded, as the weights are gathered from all)."""
         name = self.cfg.keep_best
         if name not in metrics:
             raise TrainingError(f"train.keep_best is {name!r}, but validation reports only "
@@ -425,7 +438,7 @@ class Trainer:
         value = float(metrics[name])
         if self.best is None or value < self.best[0]:
             self._write(self.run_dir / BEST_DIR, with_trainer_state=False,
-                        best={"metric": name, "value": value, "step": self.step})
+                        best={"metric": name, "value": value, "step": self.step}, state=self._gather(False))
             self.best = (value, self.step)
 
     def _read_best(self) -> tuple[float, int] | None:
@@ -451,7 +464,7 @@ class Trainer:
         gradients; NSVQ syncs its codebook replacements). A fingerprint of all parameters and
         buffers is compared across processes; a mismatch is an error, not a silent bad model."""
         acc = self.accelerator
-        if acc.num_processes == 1:
+        if acc.num_processes == 1 or self.sharded:  # sharded: no replicas to compare
             return
         model = acc.unwrap_model(self.model)
         with torch.no_grad():
@@ -488,14 +501,32 @@ class Trainer:
     def _save(self, directory: Path, with_trainer_state: bool) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        state = self._gather(with_trainer_state)
         if acc.is_main_process:
-            self._write(directory, with_trainer_state)
+            self._write(directory, with_trainer_state, state=state)
         acc.wait_for_everyone()
 
-    def _write(self, directory: Path, with_trainer_state: bool, best: dict[str, Any] | None = None) -> None:
-        """Main process: write a checkpoint of the current weights (no synchronisation)."""
+    def _gather(self, with_optimizer: bool) -> dict[str, Any]:
+        """Every process, when sharded: the whole weights (and optimizer state) for the main
+        process to write; {} otherwise (the main process writes its own replica)."""
+        if not self.sharded:
+            return {}
+        from lapa_training import sharding
+
+        state = {"state_dict": sharding.full_model_state(self.accelerator, self.model)}
+        if with_optimizer:
+            state["optimizer_state"] = sharding.full_optimizer_state(self.model, self.optimizer)
+        return state
+
+    def _write(self, directory: Path, with_trainer_state: bool, best: dict[str, Any] | None = None,
+               state: dict[str, Any] | None = None) -> None:
+        """Main process: write a checkpoint of the current weights (no synchronisation); `state`:
+        _gather's whole tensors of a sharded run."""
+        if not self.accelerator.is_main_process:
+            return
         model = self.accelerator.unwrap_model(self.model)
         kwargs = dict(optimizer=self.optimizer, scheduler=self.scheduler) if with_trainer_state else {}
+        kwargs.update(state or {})
         extra = {"train": self.cfg.to_dict(), **getattr(self.job, "checkpoint_extra", lambda: {})()}
         if best is not None:
             extra["best"] = best

@@ -288,12 +288,13 @@ def test_settings_the_models_cannot_train_with_are_one_line_errors(labelled_data
                         "--steps", "1", "--set", "train.grad_accum_steps=2"], "train.grad_accum_steps must be 1 for LAQ")
 
 
-def test_a_sharded_launch_is_refused_in_one_line(labelled_data, tmp_path, capsys, monkeypatch):
-    """FSDP needs GPUs, so its launch is stood in for: the loop must refuse it before training."""
+def test_a_deepspeed_launch_is_refused_in_one_line(labelled_data, tmp_path, capsys, monkeypatch):
+    """DeepSpeed needs GPUs, so its launch is stood in for: the loop must refuse it before training
+    (FSDP2 runs: tests/test_scale_out.py)."""
     import accelerate
     from accelerate.utils import DistributedType
 
-    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
     user_error(capsys, ["train", "finetune", "--data", str(labelled_data), "--out", str(tmp_path / "ft"),
-                        "--steps", "1"], "FSDP launches are not supported yet")
+                        "--steps", "1"], "DeepSpeed launches are not supported")
     assert not (tmp_path / "ft" / "model").exists()

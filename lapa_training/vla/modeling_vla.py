@@ -588,10 +588,11 @@ class VLAModel(nn.Module):
                               "language": backbone_config_dict(self.language)}}
 
     def save_pretrained(self, directory: str | Path, *, optimizer: torch.optim.Optimizer | None = None,
-                        scheduler: Any = None, step: int = 0, extra: dict | None = None) -> Path:
+                        scheduler: Any = None, step: int = 0, extra: dict | None = None, **gathered) -> Path:
         """Write a self-contained checkpoint (weights incl. frozen vision, config + backbone configs,
         tokenizer, action bins), atomically; with `optimizer` (+ `scheduler`) also the trainer state
-        that ``lapa_training.checkpoint.load_trainer_state`` restores."""
+        that ``lapa_training.checkpoint.load_trainer_state`` restores. `gathered`: a sharded run's
+        whole tensors (save_checkpoint's state_dict, optimizer_state)."""
         def write_files(dest: Path) -> None:
             if self.vlm is not None:
                 self.vlm.save_processor(dest)
@@ -603,7 +604,7 @@ class VLAModel(nn.Module):
         from lapa_training.checkpoint import save_checkpoint
 
         return save_checkpoint(directory, self, self.checkpoint_config(), optimizer=optimizer, scheduler=scheduler,
-                               step=step, extra=extra, write_files=write_files)
+                               step=step, extra=extra, write_files=write_files, **gathered)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, config: VLAConfig | None = None, replace_heads: bool = False,

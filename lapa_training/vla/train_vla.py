@@ -149,6 +149,8 @@ class VLATrainJob:
     """Latent targets -> cross-entropy over L positions of |C|; action targets -> bin ids, cross-
     entropy over k x 7 positions. Images are augmented (finetuning) after preprocessing."""
 
+    shardable = True  # FSDP: no state outside the parameters that processes must keep equal (lapa_training.sharding)
+
     def __init__(self, model: VLAModel, datasets: list[Dataset], train: Samples, val: Samples, *,
                  seed: int, augment: bool, val_source: str, info: dict[str, Any]):
         if len(train) == 0:
