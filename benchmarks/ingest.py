@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/ingest.py [--frames 600] [--size 128] [--storage mcap] [--repeats 9]
                                           [--sources twist,tf,joints] [--frame-codec raw,jpeg]
-                                          [--bag-images rgb8]
+                                          [--bag-images rgb8] [--pixels camera]
 
 For each action source, writes a synthetic episode bag: frames + gripper at 10 Hz (frames as rgb8
 sensor_msgs/Image, or with --bag-images jpeg as the CompressedImage JPEGs (quality 90) that
-image_transport records), and
+image_transport records; the pixels are 16 frames of the simulator's camera during a reach, or with
+--pixels noise uniform noise, JPEG's worst case), and
   twist:  TwistStamped commands at 10 Hz (as `lapa data generate` writes them);
   tf:     /tf at 50 Hz (the Panda's 7 joint transforms) + /tf_static (hand and TCP), as
           robot_state_publisher publishes them;
@@ -48,13 +49,29 @@ URDF = ROOT / "urdf" / "lapa_panda.urdf"
 STATE_RATE = 5  # TF and joint-state messages per frame (50 Hz at 10 Hz frames)
 
 
-def write_bag(path: Path, frames: int, size: int, storage: str, source: str, images: str = "rgb8") -> None:
+def camera_frames(count: int, size: int) -> np.ndarray:
+    """`count` frames of the simulator's front camera while the arm moves: what a camera records."""
+    from lapa_sim.env import TabletopEnv
+
+    env = TabletopEnv(image_size=(size, size))
+    env.reset("reach", seed=0)
+    rng = np.random.default_rng(0)
+    frames = []
+    for _ in range(count):
+        twist = np.concatenate([rng.normal(size=3) * 0.05, np.zeros(3)])
+        env.step(twist, gripper=1.0)
+        frames.append(env.render())
+    return np.stack(frames)
+
+
+def write_bag(path: Path, frames: int, size: int, storage: str, source: str, images: str = "rgb8",
+              pixels: str = "camera") -> None:
     from rosbags.rosbag2 import StoragePlugin, Writer
 
     ts = typestore()
     t = ts.types
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8)
+    pixels = camera_frames(16, size) if pixels == "camera" else rng.integers(0, 256, (16, size, size, 3), np.uint8)
 
     def header(t_ns: int, frame: str):
         return t["std_msgs/msg/Header"](stamp=t["builtin_interfaces/msg/Time"](sec=t_ns // 10**9, nanosec=t_ns % 10**9),
@@ -195,6 +212,8 @@ def main() -> None:
     ap.add_argument("--frame-codec", default="raw,jpeg", help="dataset frame codecs to measure, comma-separated")
     ap.add_argument("--bag-images", choices=("rgb8", "jpeg"), default="rgb8",
                     help="the bag's frames: rgb8 Image, or CompressedImage JPEG (kept as recorded in JPEG shards)")
+    ap.add_argument("--pixels", choices=("camera", "noise"), default="camera",
+                    help="what the frames show: the simulator's camera, or uniform noise (JPEG's worst case)")
     args = ap.parse_args()
     for codec in args.frame_codec.split(","):
         for source in args.sources.split(","):
@@ -205,7 +224,7 @@ def measure(args, source: str, codec: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lapa-bench-ingest-"))
     try:
         bag, out = tmp / "episode", tmp / "datasets"
-        write_bag(bag, args.frames, args.size, args.storage, source, args.bag_images)
+        write_bag(bag, args.frames, args.size, args.storage, source, args.bag_images, args.pixels)
         os.sync()  # no write-back of the new bag during the measurements
         out.mkdir()
         bare_read(bag)  # warm the page cache and the typestore for both
@@ -219,7 +238,7 @@ def measure(args, source: str, codec: str) -> None:
         what = {"twist": "twists", "tf": f"/tf at {10 * STATE_RATE} Hz",
                 "joints": f"/joint_states at {10 * STATE_RATE} Hz + URDF"}[source]
         source = f"{source}, {codec} frames"
-        print(f"[{source}] bag: {args.frames} {args.bag_images} {args.size}x{args.size} frames + {what} + gripper, "
+        print(f"[{source}] bag: {args.frames} {args.bag_images} {args.size}x{args.size} {args.pixels} frames + {what} + gripper, "
               f"{args.storage}, {mb:.1f} MiB")
         print(f"[{source}] bare rosbags read + deserialize: {fps_base:9.0f} frames/s  ({t_base * 1e3:7.1f} ms)")
         print(f"[{source}] full ingest to dataset:          {fps_ingest:9.0f} frames/s  ({t_ingest * 1e3:7.1f} ms)")

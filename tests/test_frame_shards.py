@@ -128,6 +128,37 @@ def test_a_writer_that_died_leaves_the_dataset_as_its_last_close(tmp_path):
     assert len(ShardedFrames(tmp_path / "frames", (16, 16, 3))) == 3
 
 
+def test_frames_encoded_in_batches_come_back_in_order_across_shards_repeats_and_a_cut(tmp_path, monkeypatch):
+    from lapa_training.data import frame_shards
+
+    monkeypatch.setattr(frame_shards, "SHARD_BYTES", 3000)  # a new shard every few frames
+    frames = smooth_frames(30, 24, seed=3)
+    w = ShardedFrameWriter(tmp_path / "frames", (24, 24, 3))
+    expected = []
+    for k in range(21):  # two full batches and part of a third, a repeat inside the second
+        frame = frames[k]
+        w.append(frame)
+        expected.append(k)
+        if k == 9:
+            w.append(frame)  # the same array again: a repeat
+            expected.append(k)
+    assert w.rows == 22
+    w.truncate(14)  # frames still waiting in the open batch go with the cut
+    del expected[14:]
+    for k in range(21, 30):
+        w.append(frames[k])
+        expected.append(k)
+    w.close()
+    stored = ShardedFrames(tmp_path / "frames", (24, 24, 3))
+    index = np.load(tmp_path / "frames" / INDEX_NPY)
+    assert len(stored) == len(expected) == 23 and index[:, 0].max() >= 3
+    assert np.array_equal(index[9], index[10])
+    assert psnr(frames[expected], np.asarray(stored)).min() > 30.0
+    # each frame is closest to its own original: none swapped within or between batches
+    distance = ((np.asarray(stored, float)[:, None] - frames[None].astype(float)) ** 2).mean(axis=(2, 3, 4))
+    assert distance.argmin(axis=1).tolist() == expected
+
+
 def test_several_cameras_in_jpeg_shards(tmp_path):
     w = DatasetWriter(tmp_path / "ds", image_size=16, frame_codec="jpeg", cameras=["/front", "/wrist"])
     for level in (10, 200):

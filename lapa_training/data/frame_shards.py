@@ -28,13 +28,16 @@ def shard_name(number: int) -> str:
     return f"shard-{number:05d}.jpg"
 
 
-def _encode(rgb: np.ndarray, quality: int) -> bytes:
+def _encode(frames: list[np.ndarray], quality: int) -> list[bytes]:
     import cv2
 
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise IngestError(f"cannot encode a {rgb.shape} frame as JPEG")
-    return data.tobytes()
+    encoded = []
+    for rgb in frames:
+        ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            raise IngestError(f"cannot encode a {rgb.shape} frame as JPEG")
+        encoded.append(data.tobytes())
+    return encoded
 
 
 def is_sharded(path: Path) -> bool:
@@ -43,6 +46,15 @@ def is_sharded(path: Path) -> bool:
 
 ENCODE_THREADS = min(4, os.cpu_count() or 1)  # cv2.imencode releases the GIL: encoding overlaps reading
 IN_FLIGHT = 64  # frames queued for encoding before append waits for the oldest
+ENCODE_BATCH = 8  # frames per encoder task: a task's hand-off between threads costs about a frame's encoding
+
+
+class _Batch:
+    """Frames encoded by one encoder task; `future` is None until the batch is submitted."""
+
+    def __init__(self):
+        self.frames: list[np.ndarray] = []
+        self.future = None
 
 
 class ShardedFrameWriter:
@@ -58,22 +70,24 @@ class ShardedFrameWriter:
         from lapa_training.data.dataset import GrowableArrayFile
 
         self._pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="lapa-jpeg")
-        self._queue: deque = deque()  # in order: encoder futures, JPEG bytes taken as they are, None (a repeat)
+        self._queue: deque = deque()  # in order: (batch, i) to encode, JPEG bytes taken as they are, None (a repeat)
+        self._batch: _Batch | None = None  # the batch new frames join until it is full or needed
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.quality = int(quality)
         self.row_shape = tuple(row_shape) if row_shape is not None else None
         self.batch_bytes = batch_bytes
         self.index = GrowableArrayFile(self.dir / INDEX_NPY, np.int64, (3,))
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] = []  # JPEG bytes not yet written, and below their index rows
         self._pending_bytes = 0
+        self._pending_rows: list[tuple[int, int, int]] = []
         self._last: np.ndarray | bytes | None = None  # the last frame appended (a repeat of it reuses its bytes)
         self._last_row: tuple[int, int, int] | None = None  # the index row of the last frame written
         self._open_shard_after(self.index.rows)
 
     @property
     def rows(self) -> int:
-        return self.index.rows + len(self._queue)
+        return self.index.rows + len(self._pending_rows) + len(self._queue)
 
     def _open_shard_after(self, rows: int) -> None:
         """Continue the shard that holds the last of `rows` frames, cut after its last indexed byte;
@@ -112,7 +126,12 @@ class ShardedFrameWriter:
         if self._last is not None and self._last is rows:  # the same frame again: the same bytes
             self._queue.append(None)
         else:
-            self._queue.append(self._pool.submit(_encode, rows, self.quality))
+            if self._batch is None:
+                self._batch = _Batch()
+            self._queue.append((self._batch, len(self._batch.frames)))
+            self._batch.frames.append(rows)
+            if len(self._batch.frames) == ENCODE_BATCH:
+                self._submit()
             self._last = rows
         while len(self._queue) > IN_FLIGHT:
             self._write_next()
@@ -132,13 +151,23 @@ class ShardedFrameWriter:
         while len(self._queue) > IN_FLIGHT:
             self._write_next()
 
+    def _submit(self) -> None:
+        self._batch.future = self._pool.submit(_encode, self._batch.frames, self.quality)
+        self._batch = None
+
     def _write_next(self) -> None:
         """Write the oldest queued frame: its bytes (the encoder's result) and its index row."""
         job = self._queue.popleft()
         if job is None:
-            self.index.append(np.asarray(self._last_row, np.int64))
+            self._pending_rows.append(self._last_row)
             return
-        data = job if isinstance(job, bytes) else job.result()
+        if isinstance(job, bytes):
+            data = job
+        else:
+            batch, i = job
+            if batch.future is None:
+                self._submit()
+            data = batch.future.result()[i]
         if self.position + len(data) > SHARD_BYTES and self.position > 0:
             self._write_pending()
             self._file.close()
@@ -148,7 +177,7 @@ class ShardedFrameWriter:
         self._pending.append(data)
         self._pending_bytes += len(data)
         self.position += len(data)
-        self.index.append(np.asarray(self._last_row, np.int64))
+        self._pending_rows.append(self._last_row)
         if self._pending_bytes >= self.batch_bytes:
             self._write_pending()
 
@@ -158,11 +187,15 @@ class ShardedFrameWriter:
         self._write_pending()
 
     def _write_pending(self) -> None:
+        """The queued bytes, then their index rows: one write each, not a system call per frame."""
         if self._pending:
             from lapa_training.data.dataset import write_all
 
             write_all(self._file.fileno(), self._pending, self.dir / shard_name(self.shard))
             self._pending, self._pending_bytes = [], 0
+        if self._pending_rows:
+            self.index.append(np.asarray(self._pending_rows, np.int64))
+            self._pending_rows = []
 
     def adopt(self, directory: Path) -> int:
         """Append every frame of another store of the same shape by moving its shards in (renumbered
@@ -207,11 +240,12 @@ class ShardedFrameWriter:
                     (self.dir / shard_name(self.shard)).unlink(missing_ok=True)
         finally:
             for job in self._queue:
-                if job is not None and not isinstance(job, bytes):
-                    job.cancel()
+                if isinstance(job, tuple) and job[0].future is not None:
+                    job[0].future.cancel()
             self._queue.clear()
+            self._batch = None
             self._pool.shutdown(wait=True)
-            self._pending, self._pending_bytes = [], 0
+            self._pending, self._pending_bytes, self._pending_rows = [], 0, []
             self._file.close()
             self.index.close(write_header=False)
 
