@@ -81,7 +81,7 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, config: dict[
         if write_files is not None:
             write_files(tmp)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step), "model_class": type(model).__name__,
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step), "model_class": _class_name(model),
                 "has_trainer_state": optimizer is not None, "files": files, "extra": extra_obj}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         for p in tmp.rglob("*"):
@@ -92,6 +92,11 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, config: dict[
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _class_name(model: torch.nn.Module) -> str:
+    """The model's own class name (FSDP2 puts a class of its own, FSDP<name>, in front of it)."""
+    return next(c.__name__ for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed"))
 
 
 def _backup_path(target: Path) -> Path:

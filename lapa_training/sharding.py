@@ -120,4 +120,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         groups.append({**group, "params": names[start:start + count]})
         start += count
     by_name = {"state": {names[int(k)]: v for k, v in state["state"].items()}, "param_groups": groups}
-    set_optimizer_state_dict(model, optimizer, by_name, options=_options())
+    try:  # not strict: a parameter that never had a gradient has no state, as in an unsharded resume
+        set_optimizer_state_dict(model, optimizer, by_name, options=_options(strict=False))
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ShardingError(f"cannot put the checkpoint's optimizer state into the sharded model: {e}") from None

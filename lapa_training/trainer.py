@@ -288,7 +288,10 @@ class Trainer:
             self.optimizer.state.clear()
         self.model, self.wrapped_optimizer = acc.prepare(model, self.optimizer)
         if resumed is not None:
-            sharding.load_optimizer_state(self.model, self.optimizer, *resumed)
+            try:
+                sharding.load_optimizer_state(self.model, self.optimizer, *resumed)
+            except sharding.ShardingError as e:
+                raise TrainingError(str(e)) from None
 
     # ---- setup ---------------------------------------------------------------------------
     @staticmethod
@@ -376,7 +379,11 @@ class Trainer:
                     t_window = time.perf_counter()
         except KeyboardInterrupt:
             bar.close()
-            if self.step > 0:
+            if self.sharded:  # the processes stop at different collectives: a gather now would hang
+                if acc.is_main_process:
+                    print(f"\ninterrupted at step {self.step}; a sharded run keeps its last step checkpoint "
+                          f"(train.save_every); continue with --resume")
+            elif self.step > 0:
                 where = self.save_step_checkpoint()
                 if acc.is_main_process:
                     print(f"\ninterrupted at step {self.step}; saved {where}; continue with --resume")

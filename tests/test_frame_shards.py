@@ -132,6 +132,7 @@ def test_frames_encoded_in_batches_come_back_in_order_across_shards_repeats_and_
     from lapa_training.data import frame_shards
 
     monkeypatch.setattr(frame_shards, "SHARD_BYTES", 3000)  # a new shard every few frames
+    monkeypatch.setattr(frame_shards, "IN_FLIGHT", 3)  # frames written while a batch is still open
     frames = smooth_frames(30, 24, seed=3)
     w = ShardedFrameWriter(tmp_path / "frames", (24, 24, 3))
     expected = []
@@ -142,7 +143,7 @@ def test_frames_encoded_in_batches_come_back_in_order_across_shards_repeats_and_
         if k == 9:
             w.append(frame)  # the same array again: a repeat
             expected.append(k)
-    assert w.rows == 22
+        assert w.rows == len(expected)
     w.truncate(14)  # frames still waiting in the open batch go with the cut
     del expected[14:]
     for k in range(21, 30):
@@ -157,6 +158,28 @@ def test_frames_encoded_in_batches_come_back_in_order_across_shards_repeats_and_
     # each frame is closest to its own original: none swapped within or between batches
     distance = ((np.asarray(stored, float)[:, None] - frames[None].astype(float)) ** 2).mean(axis=(2, 3, 4))
     assert distance.argmin(axis=1).tolist() == expected
+
+
+def test_a_frame_that_does_not_encode_fails_alone_and_its_episode_is_cut(tmp_path, monkeypatch):
+    import cv2
+
+    from lapa_training.data.errors import IngestError
+
+    frames = smooth_frames(5, 16, seed=4)
+    real, bad = cv2.imencode, cv2.cvtColor(frames[2], cv2.COLOR_RGB2BGR)
+    monkeypatch.setattr(cv2, "imencode", lambda ext, img, params: (False, None) if np.array_equal(img, bad)
+                        else real(ext, img, params))
+    w = ShardedFrameWriter(tmp_path / "frames", (16, 16, 3))
+    for k in (0, 1, 2, 3):  # one batch: the frames before the bad one are written
+        w.append(frames[k])
+    with pytest.raises(IngestError, match="cannot encode"):
+        w.flush()
+    w.truncate(2)  # the failed episode goes, and nothing of it raises again
+    w.append(frames[4])
+    w.close()
+    stored = np.asarray(ShardedFrames(tmp_path / "frames", (16, 16, 3)), float)
+    distance = ((stored[:, None] - frames[None].astype(float)) ** 2).mean(axis=(2, 3, 4))
+    assert distance.argmin(axis=1).tolist() == [0, 1, 4]
 
 
 def test_several_cameras_in_jpeg_shards(tmp_path):

@@ -28,15 +28,14 @@ def shard_name(number: int) -> str:
     return f"shard-{number:05d}.jpg"
 
 
-def _encode(frames: list[np.ndarray], quality: int) -> list[bytes]:
+def _encode(frames: list[np.ndarray], quality: int) -> list[bytes | IngestError]:
+    """Each frame's JPEG, or its error: one bad frame fails alone, not the frames batched with it."""
     import cv2
 
-    encoded = []
+    encoded: list[bytes | IngestError] = []
     for rgb in frames:
         ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-        if not ok:
-            raise IngestError(f"cannot encode a {rgb.shape} frame as JPEG")
-        encoded.append(data.tobytes())
+        encoded.append(data.tobytes() if ok else IngestError(f"cannot encode a {rgb.shape} frame as JPEG"))
     return encoded
 
 
@@ -168,6 +167,8 @@ class ShardedFrameWriter:
             if batch.future is None:
                 self._submit()
             data = batch.future.result()[i]
+            if isinstance(data, IngestError):
+                raise data
         if self.position + len(data) > SHARD_BYTES and self.position > 0:
             self._write_pending()
             self._file.close()
