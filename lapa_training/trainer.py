@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lapa_training import sharding
 from lapa_training.checkpoint import META_FILE, CheckpointError, check_config_compatible, load_checkpoint, \
     load_model_state, load_trainer_state, read_meta, save_checkpoint
 from lapa_training.dataclass_dict import dataclass_kwargs
@@ -245,8 +246,6 @@ class Trainer:
     def __init__(self, job: TrainJob, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                  overwrite: bool = False, progress: bool = True, run_info: dict[str, Any] | None = None,
                  callbacks: list[Callable[[int, dict[str, float]], None]] | None = None, keep: tuple[str, ...] = ()):
-        from lapa_training import sharding
-
         self.job, self.cfg = job, cfg.validate()
         self.run_dir = Path(run_dir)
         self.progress = progress
@@ -518,8 +517,6 @@ class Trainer:
         process to write; {} otherwise (the main process writes its own replica)."""
         if not self.sharded:
             return {}
-        from lapa_training import sharding
-
         state = {"state_dict": sharding.full_model_state(self.accelerator, self.model)}
         if with_optimizer:
             state["optimizer_state"] = sharding.full_optimizer_state(self.model, self.optimizer)

@@ -63,7 +63,8 @@ REORDER_WINDOW = 16  # images; a camera's stamps are at most this many messages 
 
 class FrameSink(Protocol):
     """Where frames go as they are resampled (DatasetWriter implements it); camera names another camera's.
-    A sink may also take a camera's JPEG as it is: add_jpeg(data, JpegInfo, camera) -> False to refuse."""
+    A sink whose frame_codec is "jpeg" may also take a camera's JPEG as it is: add_jpeg(data, JpegInfo,
+    camera) -> False to refuse."""
 
     def add_frame(self, rgb: np.ndarray, camera: str | None = None) -> None: ...
 
@@ -464,7 +465,8 @@ def _read_open_bag(path: Path, reader, options: BagOptions, sink: FrameSink) -> 
             seen[topic] = {"encoding": kind, "native_size": [int(rgb.shape[1]), int(rgb.shape[0])]}
         return rgb
 
-    add_jpeg = getattr(sink, "add_jpeg", None)
+    # a sink of raw frames decodes every JPEG anyway: it is not offered them, nor are they parsed twice
+    add_jpeg = getattr(sink, "add_jpeg", None) if getattr(sink, "frame_codec", None) == "jpeg" else None
 
     def stored_as_recorded(raw: bytes, topic: str, camera: str | None) -> bool:
         """A camera's JPEG handed to a sink that keeps JPEG frames of its size: no decode, no re-encode."""

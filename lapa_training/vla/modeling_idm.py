@@ -149,7 +149,7 @@ class IDMModel(nn.Module):
 
     # ---- persistence ---------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, optimizer=None, scheduler=None, step: int = 0,
-                        extra: dict | None = None, **gathered) -> Path:
+                        extra: dict | None = None) -> Path:
         from lapa_training.checkpoint import save_checkpoint
 
         def write_files(dest: Path) -> None:
@@ -157,7 +157,7 @@ class IDMModel(nn.Module):
                 self.action_bins.save(dest / BINS_FILE)
 
         return save_checkpoint(directory, self, self.config.to_dict(), optimizer=optimizer, scheduler=scheduler,
-                               step=step, extra=extra, write_files=write_files, **gathered)
+                               step=step, extra=extra, write_files=write_files)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "IDMModel":
