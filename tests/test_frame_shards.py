@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -161,8 +162,6 @@ def test_frames_encoded_in_batches_come_back_in_order_across_shards_repeats_and_
 
 
 def test_a_frame_that_does_not_encode_fails_alone_and_its_episode_is_cut(tmp_path, monkeypatch):
-    import cv2
-
     from lapa_training.data.errors import IngestError
 
     frames = smooth_frames(5, 16, seed=4)
@@ -223,8 +222,6 @@ def test_ingest_in_two_processes_makes_the_dataset_one_process_makes(tmp_path, b
 
 
 def _jpeg(rgb: np.ndarray, **params) -> bytes:
-    import cv2
-
     flags = [v for k, v in params.items() for v in (getattr(cv2, k), v)]
     ok, data = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), flags)
     assert ok
@@ -240,7 +237,6 @@ def test_jpeg_info_reads_the_frame_header_and_refuses_what_is_not_one_whole_jpeg
     assert jpeg_info(data + b"\0\0\0") == (20, 24, 3, False)  # a driver's padded buffer
     assert jpeg_info(_jpeg(rgb, IMWRITE_JPEG_PROGRESSIVE=1)) == (20, 24, 3, False)
     assert jpeg_info(_jpeg(rgb[..., :1].repeat(3, -1))).components == 3
-    import cv2
     grey = cv2.imencode(".jpg", rgb[..., 0])[1].tobytes()
     assert jpeg_info(grey).components == 1
     assert jpeg_info(data[:-40]) is None  # cut short: no end marker
@@ -251,8 +247,6 @@ def test_jpeg_info_reads_the_frame_header_and_refuses_what_is_not_one_whole_jpeg
 
 
 def test_camera_jpegs_are_stored_as_recorded_when_no_resize_is_needed(tmp_path):
-    import cv2
-
     from tests.test_ingest import M, STEP, T0, header, string, write_bag
 
     front, wrist = smooth_frames(6, 32, seed=4), smooth_frames(6, 24, seed=5)

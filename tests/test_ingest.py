@@ -297,6 +297,25 @@ def test_camera_faster_than_control_rate_with_jitter(tmp_path):
     assert not ds.episodes[0]["has_actions"]
 
 
+def test_images_out_of_stamp_order_are_put_back_and_one_past_the_window_is_dropped(tmp_path):
+    """Image 3 arrives just after image 4 (put back in place); image 9 arrives after the reorder window
+    has passed it on (dropped and counted: the frame before stands in for it)."""
+    from lapa_training.data.bag_reader import REORDER_WINDOW
+
+    n = REORDER_WINDOW + 20
+    late = {3: T0 + 4 * STEP + 1_000_000, 9: T0 + (9 + REORDER_WINDOW + 2) * STEP}
+    msgs = [(bag_format.INSTRUCTION_TOPIC, T0, string("wait"))]
+    for k in range(n):
+        stamp = T0 + k * STEP
+        msgs.append((bag_format.IMAGE_TOPIC, late.get(k, stamp), image_msg(stamp, np.full((4, 4, 3), k, np.uint8))))
+    warnings: list[str] = []
+    ingest([write_bag(tmp_path / "shuffled", msgs)], tmp_path / "ds", quiet(image_size=4, warn=warnings.append))
+    ds = Dataset(tmp_path / "ds")
+    assert [int(f[0, 0, 0]) for f in np.asarray(ds.frames)] == [8 if k == 9 else k for k in range(n)]
+    assert ds.episodes[0]["provenance"]["late_images_dropped"] == 1
+    assert any("shuffled" in w and "1 images arrived more than" in w for w in warnings), warnings
+
+
 def test_image_gaps_are_reported_and_bridged(tmp_path):
     msgs = [(bag_format.INSTRUCTION_TOPIC, T0, string("wait"))]
     for k in (0, 1, 2, 8, 9):  # camera dropped out for 0.6 s

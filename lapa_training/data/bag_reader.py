@@ -232,6 +232,36 @@ def _header_ns(header, receive_ns: int) -> int:
     return _stamp_ns(header.stamp) or receive_ns
 
 
+class _StampOrder:
+    """One camera's images back in stamp order: each is held until REORDER_WINDOW later images have
+    arrived, then passed to accept(stamp, seq, payload) (seq: its arrival number); one stamped before
+    an image already passed on is late, counted and dropped."""
+
+    def __init__(self, accept: Callable[[int, int, Any], None]):
+        self.accept = accept
+        self.heap: list[tuple[int, int, Any]] = []
+        self.seq = 0
+        self.last_stamp: int | None = None
+        self.late = 0
+
+    def push(self, stamp: int, payload: Any) -> None:
+        heapq.heappush(self.heap, (stamp, self.seq, payload))
+        self.seq += 1
+        if len(self.heap) > REORDER_WINDOW:
+            self._pass(*heapq.heappop(self.heap))
+
+    def flush(self) -> None:
+        while self.heap:
+            self._pass(*heapq.heappop(self.heap))
+
+    def _pass(self, stamp: int, seq: int, payload: Any) -> None:
+        if self.last_stamp is not None and stamp < self.last_stamp:
+            self.late += 1
+            return
+        self.last_stamp = stamp
+        self.accept(stamp, seq, payload)
+
+
 class _Resampler:
     """Turns image stamps in arrival order into the fixed-rate frame grid.
 
@@ -243,8 +273,7 @@ class _Resampler:
     def __init__(self, period_ns: int, tol_ns: int, gap_ns: int, emit: Callable[[Any, bool], None],
                  on_step: Callable[[int], None] | None = None):
         self.period_ns, self.tol_ns, self.gap_ns, self.emit, self.on_step = period_ns, tol_ns, gap_ns, emit, on_step
-        self.heap: list[tuple[int, int, Any]] = []
-        self.seq = 0
+        self.order = _StampOrder(self._take)
         self.t0: int | None = None
         self.k = 0
         self.last_stamp: int | None = None
@@ -252,19 +281,16 @@ class _Resampler:
         self.candidate_seq = -1
         self.emitted_seq = -1
         self.count = 0
-        self.late = 0
         self.gaps: list[tuple[int, int]] = []  # (stamp before the gap, gap length) [ns]
 
+    @property
+    def late(self) -> int:
+        return self.order.late
+
     def push(self, stamp: int, payload: Any) -> None:
-        heapq.heappush(self.heap, (stamp, self.seq, payload))
-        self.seq += 1
-        if len(self.heap) > REORDER_WINDOW:
-            self._take(*heapq.heappop(self.heap))
+        self.order.push(stamp, payload)
 
     def _take(self, stamp: int, seq: int, payload: Any) -> None:
-        if self.last_stamp is not None and stamp < self.last_stamp:
-            self.late += 1  # older than an image already placed on the grid
-            return
         if self.t0 is None:
             self.t0 = stamp
         elif stamp - self.last_stamp > self.gap_ns:
@@ -283,8 +309,7 @@ class _Resampler:
         self.k += 1
 
     def finish(self) -> np.ndarray:
-        while self.heap:
-            self._take(*heapq.heappop(self.heap))
+        self.order.flush()
         if self.t0 is None:
             return np.zeros(0, dtype=np.int64)
         while self.t0 + self.k * self.period_ns <= self.last_stamp:
@@ -302,26 +327,21 @@ class _FollowerCamera:
 
     def __init__(self, tol_ns: int, emit: Callable[[Any, bool], None]):
         self.tol_ns, self.emit = tol_ns, emit
-        self.heap: list[tuple[int, int, Any]] = []
-        self.seq = 0
+        self.order = _StampOrder(self._accept)
         self.accepted: deque[tuple[int, int, Any]] = deque()  # in stamp order, from the candidate on
         self.pending: deque[int] = deque()  # grid times not emitted yet
-        self.last_stamp: int | None = None
         self.emitted_seq = -1
-        self.count = self.late = self.before_first = 0
+        self.count = self.before_first = 0
+
+    @property
+    def late(self) -> int:
+        return self.order.late
 
     def push(self, stamp: int, payload: Any) -> None:
-        heapq.heappush(self.heap, (stamp, self.seq, payload))
-        self.seq += 1
-        if len(self.heap) > REORDER_WINDOW:
-            self._accept(*heapq.heappop(self.heap))
+        self.order.push(stamp, payload)
 
     def _accept(self, stamp: int, seq: int, payload: Any) -> None:
-        if self.last_stamp is not None and stamp < self.last_stamp:
-            self.late += 1
-            return
         self.accepted.append((stamp, seq, payload))
-        self.last_stamp = stamp
         self.count += 1
         self._drain(final=False)
 
@@ -343,8 +363,7 @@ class _FollowerCamera:
             self.pending.popleft()
 
     def finish(self) -> None:
-        while self.heap:
-            self._accept(*heapq.heappop(self.heap))
+        self.order.flush()
         self._drain(final=True)
 
 

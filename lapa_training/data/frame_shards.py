@@ -5,7 +5,7 @@
 
 Frame i is one JPEG, decoded on its own (random access by index, about 0.1 ms at 128 x 128); a
 frame repeated (a camera slower than the control rate) is another index row to the same bytes.
-The index is a growable .npy (dataset.GrowableArrayFile): its header holds the row count, written
+The index is a growable .npy (growable_array.GrowableArrayFile): its header holds the row count, written
 at flush, so rows and bytes appended by a writer that died are dropped when the files are opened
 again. Datasets merge by moving shards and offsetting an index, without decoding.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lapa_training.data.errors import IngestError
+from lapa_training.data.growable_array import NPY_HEADER_BYTES, GrowableArrayFile, write_all
 
 INDEX_NPY = "index.npy"
 SHARD_BYTES = 1 << 30  # a new shard past 1 GiB: files small enough to copy and sync one at a time
@@ -57,7 +58,7 @@ class _Batch:
 
 
 class ShardedFrameWriter:
-    """Appends RGB frames as JPEG; the interface of dataset.GrowableArrayFile that DatasetWriter uses
+    """Appends RGB frames as JPEG; the interface of GrowableArrayFile that DatasetWriter uses
     (rows, row_shape, append, truncate, flush, close). Frames are encoded on a few threads while the
     caller reads the next ones, and written in order."""
 
@@ -65,8 +66,6 @@ class ShardedFrameWriter:
                  batch_bytes: int = 1 << 20):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
-
-        from lapa_training.data.dataset import GrowableArrayFile
 
         self._pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="lapa-jpeg")
         self._queue: deque = deque()  # in order: (batch, i) to encode, JPEG bytes taken as they are, None (a repeat)
@@ -106,7 +105,7 @@ class ShardedFrameWriter:
         row order and a repeated frame points to the bytes just before it."""
         if rows == 0:
             return 0, 0
-        index = np.memmap(self.index.path, np.int64, "r", offset=128, shape=(rows, 3))
+        index = np.memmap(self.index.path, np.int64, "r", offset=NPY_HEADER_BYTES, shape=(rows, 3))
         shard, offset, length = (int(v) for v in index[rows - 1])
         del index
         return shard, offset + length
@@ -122,18 +121,7 @@ class ShardedFrameWriter:
             self.row_shape = tuple(rows.shape)
         if tuple(rows.shape) != self.row_shape or rows.dtype != np.uint8:
             raise ValueError(f"{self.dir.name}: a frame of {rows.shape} {rows.dtype}, expected {self.row_shape} uint8")
-        if self._last is not None and self._last is rows:  # the same frame again: the same bytes
-            self._queue.append(None)
-        else:
-            if self._batch is None:
-                self._batch = _Batch()
-            self._queue.append((self._batch, len(self._batch.frames)))
-            self._batch.frames.append(rows)
-            if len(self._batch.frames) == ENCODE_BATCH:
-                self._submit()
-            self._last = rows
-        while len(self._queue) > IN_FLIGHT:
-            self._write_next()
+        self._push(rows, self._batched)
 
     def append_encoded(self, data: bytes, shape: tuple[int, ...]) -> None:
         """One frame that is already a JPEG of `shape` (H, W, 3), stored as it is: a camera's own
@@ -142,13 +130,28 @@ class ShardedFrameWriter:
             self.row_shape = tuple(shape)
         if tuple(shape) != self.row_shape:
             raise ValueError(f"{self.dir.name}: a JPEG of {tuple(shape)}, expected {self.row_shape}")
-        if self._last is not None and self._last is data:
+        self._push(data, lambda data: data)
+
+    def _push(self, frame: np.ndarray | bytes, job) -> None:
+        """Queue job(frame) (what _write_next writes), or a repeat when frame is the last frame again
+        (the same object: the same bytes); then write the oldest while more than IN_FLIGHT wait."""
+        if self._last is not None and self._last is frame:
             self._queue.append(None)
         else:
-            self._queue.append(data)
-            self._last = data
+            self._queue.append(job(frame))
+            self._last = frame
         while len(self._queue) > IN_FLIGHT:
             self._write_next()
+
+    def _batched(self, rgb: np.ndarray) -> tuple[_Batch, int]:
+        """rgb joins the open encoder batch (submitted when full): its place in that batch."""
+        if self._batch is None:
+            self._batch = _Batch()
+        place = (self._batch, len(self._batch.frames))
+        self._batch.frames.append(rgb)
+        if len(self._batch.frames) == ENCODE_BATCH:
+            self._submit()
+        return place
 
     def _submit(self) -> None:
         self._batch.future = self._pool.submit(_encode, self._batch.frames, self.quality)
@@ -190,8 +193,6 @@ class ShardedFrameWriter:
     def _write_pending(self) -> None:
         """The queued bytes, then their index rows: one write each, not a system call per frame."""
         if self._pending:
-            from lapa_training.data.dataset import write_all
-
             write_all(self._file.fileno(), self._pending, self.dir / shard_name(self.shard))
             self._pending, self._pending_bytes = [], 0
         if self._pending_rows:
