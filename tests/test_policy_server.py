@@ -30,22 +30,31 @@ STEP = 0.004  # m per 0.1 s step = 0.04 m/s, well inside the default speed clamp
 
 
 class Twists:
-    """Every twist the server publishes, with arrival times."""
+    """Every twist on the servo topic, with arrival times and the publisher that sent it."""
 
     def __init__(self, node):
-        self.items: list[tuple[float, np.ndarray]] = []
+        self.node = node
+        self.items: list[tuple[float, np.ndarray, bytes]] = []
         self.lock = threading.Lock()
         node.create_subscription(TwistStamped, TWIST, self._on, 50)
 
-    def _on(self, msg):
+    def _on(self, msg, info):
         t = msg.twist
+        gid = bytes((info.get("publisher_gid") or {}).get("data", b""))
         with self.lock:
             self.items.append((time.monotonic(), np.array([t.linear.x, t.linear.y, t.linear.z,
-                                                           t.angular.x, t.angular.y, t.angular.z])))
+                                                           t.angular.x, t.angular.y, t.angular.z]), gid))
 
-    def since(self, t0: float) -> list[tuple[float, np.ndarray]]:
+    def since(self, t0: float, node_name: str | None = None) -> list[tuple[float, np.ndarray]]:
+        """Twists that arrived from t0 on; node_name: only those the (running) node of that name sent,
+        for a check on one server's stream that another publisher on the topic must not pass or fail."""
+        gids = None
+        if node_name is not None:
+            gids = {bytes(i.endpoint_gid) for i in self.node.get_publishers_info_by_topic(TWIST)
+                    if i.node_name == node_name}
+            assert gids, f"{node_name} publishes no twists"
         with self.lock:
-            return [(t, v) for t, v in self.items if t >= t0]
+            return [(t, v) for t, v, gid in self.items if t >= t0 and (gids is None or gid in gids)]
 
     def last(self) -> np.ndarray | None:
         with self.lock:
@@ -499,8 +508,10 @@ def test_a_slow_chunked_policy_still_commands_the_arm_at_the_control_rate(tmp_pa
         result = _wait(handle.get_result_async())
         assert result.result.steps == 25 and "max_steps" in result.result.message, result.result.message
         time.sleep(0.2)
-        sent = np.array([v for _, v in twists.since(t0)])
-        moving = np.array([t for t, v in twists.since(t0) if v[1] > 1e-6])
+        own = twists.since(t0, node_name=name)
+        sent = np.array([v for _, v in own])
+        moving = np.array([t for t, v in own if v[1] > 1e-6])
+        others = len(twists.since(t0)) - len(own)
         assert min(latencies) >= 0.25  # every step came from a prediction that took 2.5 periods ...
         assert np.median(np.diff(moving)) < 0.5 * 0.25  # ... yet twists came at the control rate
         assert len(moving) >= 25
@@ -508,7 +519,7 @@ def test_a_slow_chunked_policy_still_commands_the_arm_at_the_control_rate(tmp_pa
         # the last (the stop that ends the goal is a zero twist at once, not rate-limited)
         live = np.flatnonzero(np.abs(sent[:, 1]) > 1e-6)
         change = np.linalg.norm(np.diff(sent[live[0]:live[-1] + 1, :3], axis=0), axis=1)
-        assert change.max() <= accel * period + 1e-9, sent[:, 1]
+        assert change.max() <= accel * period + 1e-9, (sent[:, 1], f"{others} twists from other publishers")
         assert np.allclose(sent[-1], 0)
 
         # cancelled while a prediction runs: stopped at once, and the late prediction never moves the arm
