@@ -65,6 +65,7 @@ class ScriptedTeleop(Node):
         self.stop_client = self.create_client(StopEpisode, f"{recorder_node}/stop")
         self.discard_client = self.create_client(Trigger, f"{recorder_node}/discard")
         self._types = (ResetEpisode, StartEpisode, StopEpisode)
+        self._recorder_name = recorder_node.strip("/").rsplit("/", 1)[-1]
         self.sent: list[tuple[int, np.ndarray, float | None]] = []  # (stamp ns, twist, gripper) this episode
 
     def _set(self, attr):
@@ -75,7 +76,8 @@ class ScriptedTeleop(Node):
 
     # ------------------------------------------------------------------ plumbing
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until the sim and recorder services and the sim's state topics are up."""
+        """Block until the sim and recorder services and the sim's state topics are up, and the
+        recorder subscribes to the command topics."""
         deadline = time.monotonic() + timeout
         for client in (self.reset_client, self.start_client, self.stop_client, self.discard_client):
             if not client.wait_for_service(timeout_sec=max(0.1, deadline - time.monotonic())):
@@ -85,6 +87,14 @@ class ScriptedTeleop(Node):
             if time.monotonic() > deadline:
                 raise TeleopError("no /ee_pose or object poses from the simulated arm")
             time.sleep(0.02)
+        # commands sent before the recorder's subscriptions match are lost to the bag (volatile topics)
+        for pub in (self.twist_pub, self.gripper_pub):
+            while not any(info.node_name == self._recorder_name
+                          for info in self.get_subscriptions_info_by_topic(pub.topic_name)):
+                if time.monotonic() > deadline:
+                    raise TeleopError(f"the recorder does not subscribe to {pub.topic_name} after {timeout:.0f} s: "
+                                      "does its configuration record the teleop's command topics?")
+                time.sleep(0.02)
 
     def _call(self, client, request, timeout: float = 10.0, resend: bool = False):
         """Call a service and wait for its answer. resend=True (services that accept the same request
