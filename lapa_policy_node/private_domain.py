@@ -62,6 +62,19 @@ def _try_lock(domain: int) -> int | None:
     return fd
 
 
+def claim_domain(domains: range) -> tuple[int, int]:
+    """A domain of `domains` that no other process on this machine holds, and the file descriptor
+    holding its lock (until it is closed or the process ends). Raises DomainError when all are held."""
+    candidates = list(domains)
+    random.shuffle(candidates)  # jobs starting together rarely try the same one first
+    for domain in candidates:
+        fd = _try_lock(domain)
+        if fd is not None:
+            return domain, fd
+    raise DomainError(f"no free private ROS domain on this machine: {len(domains)} lapa jobs already "
+                      f"hold domains {domains.start}-{domains.stop - 1} (locks in {LOCK_DIR})")
+
+
 def watch_hint(domain: int) -> str:
     """The line a job prints so that people can watch its nodes (ros2 topic echo, rviz2)."""
     return (f"nodes in a private ROS domain, this machine only (to watch: ROS_DOMAIN_ID={domain} "
@@ -77,15 +90,7 @@ def private_ros_domain() -> Iterator[int]:
     if rclpy.ok():  # this process's nodes already live in a domain: the job's must join them there
         yield rclpy.get_default_context().get_domain_id()
         return
-    candidates = list(PRIVATE_DOMAINS)
-    random.shuffle(candidates)  # jobs starting together rarely try the same one first
-    for domain in candidates:
-        fd = _try_lock(domain)
-        if fd is not None:
-            break
-    else:
-        raise DomainError(f"no free private ROS domain on this machine: {len(PRIVATE_DOMAINS)} lapa jobs already "
-                          f"hold domains {PRIVATE_DOMAINS.start}-{PRIVATE_DOMAINS.stop - 1} (locks in {LOCK_DIR})")
+    domain, fd = claim_domain(PRIVATE_DOMAINS)
     saved = {key: os.environ.get(key) for key in _ISOLATION}
     try:
         for key, value in {**_ISOLATION, "ROS_DOMAIN_ID": str(domain)}.items():

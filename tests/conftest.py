@@ -18,9 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from lapa_policy_node.private_domain import claim_domain
+
 ROOT = Path(__file__).resolve().parent.parent
 
-os.environ["ROS_DOMAIN_ID"] = str(random.Random(os.getpid() ^ time.time_ns()).randint(1, 100))
+# a domain no other test run or lapa job on this machine holds, locked for the whole run; 1-100: below
+# the private domains of lapa jobs, and Fast DDS's ports stay under the ephemeral range
+TEST_DOMAIN, _DOMAIN_LOCK = claim_domain(range(1, 101))
+os.environ["ROS_DOMAIN_ID"] = str(TEST_DOMAIN)
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
 os.environ["ROS_LOG_DIR"] = tempfile.mkdtemp(prefix="lapa-test-roslog-")

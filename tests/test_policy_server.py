@@ -192,11 +192,14 @@ def _wait(future, timeout=30.0):
     return future.result()
 
 
-def _send(client, action, feedback=None, **goal):
+def _send(client, action, feedback=None, sends: list[float] | None = None, **goal):
     """Send a goal; resend if the answer never comes. Right after discovery, DDS may not yet have
     matched the server's reply writer to this client, so the first reply can be lost (the goal then
-    runs unanswered and the resent one preempts it)."""
+    runs unanswered and the resent one preempts it, with a zero twist). sends: gets the time of
+    each send."""
     for _ in range(3):
+        if sends is not None:
+            sends.append(time.monotonic())
         future = client.send_goal_async(action.Goal(**goal), feedback_callback=feedback)
         deadline = time.monotonic() + 5.0
         while not future.done() and time.monotonic() < deadline:
@@ -501,17 +504,20 @@ def test_a_slow_chunked_policy_still_commands_the_arm_at_the_control_rate(tmp_pa
     try:
         assert "chunks of 8 steps predicted ahead" in server.output()
         client, action = _client(test_node, name)
-        latencies = []
+        latencies, sends = [], []
         t0 = time.monotonic()
         handle = _send(client, action, feedback=lambda f: latencies.append(f.feedback.policy_latency_s),
-                       instruction="slide left", max_steps=25)
+                       sends=sends, instruction="slide left", max_steps=25)
         result = _wait(handle.get_result_async())
         assert result.result.steps == 25 and "max_steps" in result.result.message, result.result.message
         time.sleep(0.2)
         own = twists.since(t0, node_name=name)
+        others = len(twists.since(t0)) - len(own)
+        if len(sends) > 1:  # a lost answer: the goal ran, went again, and ended or was preempted (a zero twist)
+            last_moving = max(i for i, (_, v) in enumerate(own) if v[1] > 1e-6)
+            own = own[max((i for i, (_, v) in enumerate(own[:last_moving]) if np.allclose(v, 0)), default=-1) + 1:]
         sent = np.array([v for _, v in own])
         moving = np.array([t for t, v in own if v[1] > 1e-6])
-        others = len(twists.since(t0)) - len(own)
         assert min(latencies) >= 0.25  # every step came from a prediction that took 2.5 periods ...
         assert np.median(np.diff(moving)) < 0.5 * 0.25  # ... yet twists came at the control rate
         assert len(moving) >= 25
@@ -519,7 +525,8 @@ def test_a_slow_chunked_policy_still_commands_the_arm_at_the_control_rate(tmp_pa
         # the last (the stop that ends the goal is a zero twist at once, not rate-limited)
         live = np.flatnonzero(np.abs(sent[:, 1]) > 1e-6)
         change = np.linalg.norm(np.diff(sent[live[0]:live[-1] + 1, :3], axis=0), axis=1)
-        assert change.max() <= accel * period + 1e-9, (sent[:, 1], f"{others} twists from other publishers")
+        assert change.max() <= accel * period + 1e-9, (sent[:, 1], f"{others} twists from other publishers, "
+                                                                   f"{len(sends)} goal sends")
         assert np.allclose(sent[-1], 0)
 
         # cancelled while a prediction runs: stopped at once, and the late prediction never moves the arm

@@ -16,7 +16,7 @@ import time
 
 from geometry_msgs.msg import PoseStamped, TwistStamped
 
-from tests.conftest import ROOT
+from conftest import ROOT
 
 SLACK = ["-p", "lapa_policy_server:camera_timeout:=2.0", "-p", "lapa_policy_server:pose_timeout:=2.0"]
 
@@ -64,6 +64,24 @@ def test_a_private_domain_replaces_the_shells_isolates_and_is_given_back(tmp_pat
                            "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
     assert r["after"] == r["before"] == shell
     assert r["full"] and "no free private ROS domain" in r["full"] and "1 lapa jobs already hold" in r["full"]
+
+
+def test_a_test_run_holds_its_domain_so_a_second_run_on_the_machine_takes_another():
+    from conftest import TEST_DOMAIN
+
+    assert os.environ["ROS_DOMAIN_ID"] == str(TEST_DOMAIN)
+    done = _python(f"""
+        from lapa_policy_node import private_domain as pd
+        try:
+            pd.claim_domain(range({TEST_DOMAIN}, {TEST_DOMAIN + 1}))
+            print("claimed")
+        except pd.DomainError as e:
+            print("refused:", e)
+        print(pd.claim_domain(range(1, 101))[0])
+    """, dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    refused, other = done.stdout.strip().splitlines()[-2:]
+    assert refused.startswith("refused: no free private ROS domain") and int(other) != TEST_DOMAIN
 
 
 def test_a_process_that_runs_rclpy_keeps_its_domain(tmp_path):

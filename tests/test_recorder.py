@@ -61,15 +61,18 @@ def test_teleop_episode_is_recorded_as_a_complete_bag(tmp_path, sim, teleop, sto
     arrays = []
     sub = teleop.create_subscription(DiagnosticArray, "/diagnostics", arrays.append, 50)
     rec = _recorder(tmp_path, storage=storage)
+    # /diagnostics: a status per recorded topic with its rate
+    def rate(topic: str) -> float:
+        found = [s for a in list(arrays) for s in a.status if s.name == f"lapa_recorder: {topic}"]
+        return float({kv.key: kv.value for kv in found[-1].values}["rate_hz"]) if found else 0.0
+
     try:
         teleop.wait_ready(timeout=60)
+        # discovery is not delivery: the episode's first steps need the arm's streams in the bag already
+        streams = (bag_format.IMAGE_TOPIC, "/tf", bag_format.JOINT_STATE_TOPIC, bag_format.EE_POSE_TOPIC)
+        wait_for(lambda: all(rate(t) > 0 for t in streams), 30, what="the recorder hearing the arm's streams")
         ep = teleop.run_episode("reach", 3)
-        # /diagnostics: a status per recorded topic with its rate
-        def camera_status():
-            found = [s for a in arrays for s in a.status if s.name == "lapa_recorder: /camera/image_raw"]
-            return found[-1] if found else None
-        wait_for(lambda: camera_status() is not None, 10, what="the recorder's diagnostics")
-        assert float({kv.key: kv.value for kv in camera_status().values}["rate_hz"]) > 3
+        assert rate(bag_format.IMAGE_TOPIC) > 3
     finally:
         teleop.destroy_subscription(sub)
         assert rec.stop() == 0, rec.output()
